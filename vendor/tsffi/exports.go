@@ -1,0 +1,174 @@
+// Package main is tailgres's embedded Tailscale node, built as a C archive
+// (go build -buildmode=c-archive) and linked into the Rust binary. The C API
+// is documented in tsffi.h; this file only converts between C and Go and
+// keeps the handle table. The work happens in node.go, listen.go, watch.go.
+package main
+
+/*
+#include <stdlib.h>
+#include <string.h>
+#include "tsffi.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"sync"
+	"unsafe"
+)
+
+func main() {} // required by -buildmode=c-archive; never runs
+
+var (
+	handlesMu  sync.Mutex
+	handles          = map[C.int]*node{}
+	nextHandle C.int = 1
+)
+
+func lookup(h C.int) (*node, error) {
+	handlesMu.Lock()
+	defer handlesMu.Unlock()
+	n, ok := handles[h]
+	if !ok {
+		return nil, errors.New("tsffi: unknown or closed node handle")
+	}
+	return n, nil
+}
+
+// fail writes msg into the caller's buffer (always NUL-terminated) and
+// returns -1, the C API's failure value.
+func fail(err error, buf *C.char, n C.size_t) C.int {
+	if buf != nil && n > 0 {
+		msg := err.Error()
+		if len(msg) > int(n)-1 {
+			msg = msg[:int(n)-1]
+		}
+		dst := unsafe.Slice((*byte)(unsafe.Pointer(buf)), int(n))
+		copy(dst, msg)
+		dst[len(msg)] = 0
+	}
+	return -1
+}
+
+//export tsffi_new
+func tsffi_new(config *C.char, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := newNode(C.GoString(config))
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	handlesMu.Lock()
+	defer handlesMu.Unlock()
+	h := nextHandle
+	nextHandle++
+	handles[h] = n
+	return h
+}
+
+//export tsffi_start
+func tsffi_start(h C.int, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	if err == nil {
+		err = n.start()
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	return 0
+}
+
+//export tsffi_status
+func tsffi_status(h C.int, out **C.char, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	var js []byte
+	if err == nil {
+		js, err = n.status()
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*out = C.CString(string(js))
+	return 0
+}
+
+//export tsffi_listen
+func tsffi_listen(h C.int, network, addr *C.char, outFD *C.int, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	fd := -1
+	if err == nil {
+		fd, err = n.listen(C.GoString(network), C.GoString(addr))
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*outFD = C.int(fd)
+	return 0
+}
+
+//export tsffi_whois
+func tsffi_whois(h C.int, addr *C.char, out **C.char, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	var js []byte
+	if err == nil {
+		js, err = n.whois(C.GoString(addr))
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*out = C.CString(string(js))
+	return 0
+}
+
+//export tsffi_cert_pair
+func tsffi_cert_pair(h C.int, domain *C.char, certOut, keyOut **C.char, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	var cert, key []byte
+	if err == nil {
+		cert, key, err = n.certPair(C.GoString(domain))
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*certOut = C.CString(string(cert))
+	*keyOut = C.CString(string(key))
+	clear(key)
+	return 0
+}
+
+//export tsffi_watch
+func tsffi_watch(h C.int, outFD *C.int, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	fd := -1
+	if err == nil {
+		fd, err = n.watch()
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*outFD = C.int(fd)
+	return 0
+}
+
+//export tsffi_close
+func tsffi_close(h C.int) C.int {
+	handlesMu.Lock()
+	n, ok := handles[h]
+	delete(handles, h)
+	handlesMu.Unlock()
+	if ok {
+		n.close()
+	}
+	return 0
+}
+
+//export tsffi_free
+func tsffi_free(p *C.char) {
+	C.free(unsafe.Pointer(p))
+}
+
+//export tsffi_free_secret
+func tsffi_free_secret(p *C.char) {
+	if p != nil {
+		C.memset(unsafe.Pointer(p), 0, C.strlen(p))
+	}
+	C.free(unsafe.Pointer(p))
+}

@@ -1,0 +1,95 @@
+/*
+ * tsffi.h — the C API of tailgres's embedded Tailscale node.
+ *
+ * This one header is read by cgo (the Go side includes it, so the compiler
+ * checks the exported functions against it) and by bindgen (the Rust side).
+ * Types are deliberately plain `char *` (not const): cgo generates exactly
+ * these prototypes for the exported Go functions.
+ *
+ * Conventions:
+ *   - Every function that can fail returns 0 on success and -1 on failure,
+ *     and then writes a NUL-terminated, human-readable reason into
+ *     `err[0..errlen)` (truncated if needed).
+ *   - Strings returned through `char **out` are allocated with malloc and
+ *     must be released with tsffi_free (or tsffi_free_secret for key
+ *     material, which zeroes the memory first).
+ *   - A node is an int handle (> 0) returned by tsffi_new.
+ *   - File descriptors returned to the caller are owned by the caller
+ *     (close them when done); they are close-on-exec.
+ */
+#ifndef TAILGRES_TSFFI_H
+#define TAILGRES_TSFFI_H
+
+#include <stddef.h>
+
+/*
+ * tsffi_new creates (but does not start) a node from a JSON configuration:
+ *   {"dir": "/var/lib/tailgres",           state directory (required)
+ *    "hostname": "pg",                     tailnet hostname (required)
+ *    "auth_key": "tskey-...",             optional; empty = interactive login
+ *    "control_url": "https://...",        optional; empty = Tailscale's
+ *    "ephemeral": false,
+ *    "advertise_tags": ["tag:db-proxy"],
+ *    "log": "" | "stderr" | "/path/file", where tsnet's verbose log goes
+ *    "env": {"TS_NO_LOGS_NO_SUPPORT": "true"}  set with Go's os.Setenv
+ *   }                                         before the node starts
+ * Returns the handle, or -1.
+ */
+int tsffi_new(char *config_json, char *err, size_t errlen);
+
+/* tsffi_start begins connecting to the tailnet and returns at once; poll
+ * tsffi_status until BackendState is "Running" (or "NeedsLogin": the
+ * AuthURL field then holds the interactive login URL). */
+int tsffi_start(int node, char *err, size_t errlen);
+
+/* tsffi_status returns a JSON object:
+ *   {"backend_state": "Running", "auth_url": "", "tailscale_ips": [...],
+ *    "dns_name": "pg.example.ts.net", "magic_dns_suffix": "example.ts.net",
+ *    "cert_domains": [...], "stable_id": "...", "home_derp": "...",
+ *    "health": [...], "last_error": "backend error, e.g. a rejected auth key"} */
+int tsffi_status(int node, char **out_json, char *err, size_t errlen);
+
+/* tsffi_listen listens on the tailnet ("tcp", ":5432") and returns, in
+ * *out_fd, one end of an AF_UNIX SOCK_SEQPACKET socketpair. Each accepted
+ * connection arrives there as ONE message whose payload is the peer's
+ * "ip:port" (IPv6 as "[ip]:port") and whose SCM_RIGHTS control message
+ * carries exactly one fd: a non-blocking AF_UNIX SOCK_STREAM socket relayed
+ * to the tailnet connection. Shutting down the write side of that socket
+ * half-closes the tailnet connection, and EOF means the peer half-closed.
+ * Closing *out_fd closes the tailnet listener. */
+int tsffi_listen(int node, char *network, char *addr, int *out_fd,
+                 char *err, size_t errlen);
+
+/* tsffi_whois identifies the tailnet peer at "ip:port" (in-process, no
+ * LocalAPI socket) and returns a JSON object:
+ *   {"stable_id", "node_name" (no trailing dot), "user_login",
+ *    "user_display_name", "tags": [...], "addresses": [...], "os",
+ *    "shared_in": bool, "key_expiry": RFC 3339 or null, "expired": bool,
+ *    "cap_map": {"example.com/cap/x": [json, ...]}}
+ * Fails when the address is not a known peer. */
+int tsffi_whois(int node, char *addr, char **out_json, char *err,
+                size_t errlen);
+
+/* tsffi_cert_pair fetches (or renews) the HTTPS certificate and key for a
+ * domain in the node's cert_domains, as PEM. Release *key_pem with
+ * tsffi_free_secret. */
+int tsffi_cert_pair(int node, char *domain, char **cert_pem, char **key_pem,
+                    char *err, size_t errlen);
+
+/* tsffi_watch returns, in *out_fd, the read end of a stream socket on which
+ * the node writes one JSON line per network-map change:
+ *   {"seq": n, "peers": [{"stable_id", "node_name", "addresses", "tags",
+ *    "user_id", "expired"}, ...]}
+ * Capability grants travel in the packet filter and are not listed; a
+ * consumer re-checks identities (tsffi_whois) on every line. */
+int tsffi_watch(int node, int *out_fd, char *err, size_t errlen);
+
+/* tsffi_close shuts the node down. Safe in every state: before start,
+ * while starting (it cancels the start), running, or already closed.
+ * Listener and watch fds handed out earlier see EOF. */
+int tsffi_close(int node);
+
+void tsffi_free(char *p);
+void tsffi_free_secret(char *p);
+
+#endif
