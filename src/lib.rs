@@ -1,0 +1,19 @@
+//! tailgres: a PostgreSQL proxy that is its own node on a Tailscale tailnet.
+//!
+//! The session pipeline, one module per stage, in order (see
+//! `shared/design/architecture.md`):
+//!
+//! 1. accept    — [`tailnet::TailnetListener`] yields `(stream, peer address)`
+//! 2. identify  — [`tailnet::Tailnet::whois`] turns the address into a
+//!    [`tailnet::PeerIdentity`]
+//! 3. negotiate, 4. authorize, 5. upstream, 6. authenticate, 7. relay,
+//!    8. audit — the proxy proper (built on this foundation)
+//!
+//! The tailnet is reached only through the [`tailnet::Tailnet`] trait, whose
+//! one implementation today is the embedded Go node ([`tailnet::EmbeddedNode`]).
+//! `unsafe` lives only in `tailnet::ffi` and `sys`.
+#![deny(unsafe_code)]
+
+pub mod signals;
+pub mod sys;
+pub mod tailnet;

@@ -1,0 +1,260 @@
+//! [`EmbeddedNode`]: the [`Tailnet`] implemented by the Go shim in this
+//! process. Calls into Go may block (they are in-process LocalAPI calls with
+//! their own timeouts), so they run on tokio's blocking pool.
+#![forbid(unsafe_code)]
+
+use super::ffi::Handle;
+use super::{
+    CertPair, NetmapEvent, NodeConfig, PeerIdentity, Status, Tailnet, TailnetError, TsnetLog,
+};
+use crate::sys;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::net::UnixStream;
+use zeroize::Zeroizing;
+
+/// How often `start` polls the node's state while it comes up.
+const START_POLL: Duration = Duration::from_millis(200);
+
+/// A tailnet node running inside this process.
+#[derive(Clone)]
+pub struct EmbeddedNode {
+    handle: Arc<Handle>,
+}
+
+/// The JSON document `tsffi_new` takes; borrowed so the auth key is not
+/// copied around (the serialized text is zeroized after use).
+#[derive(Serialize)]
+struct ShimConfig<'a> {
+    dir: &'a str,
+    hostname: &'a str,
+    auth_key: &'a str,
+    control_url: &'a str,
+    ephemeral: bool,
+    advertise_tags: &'a [String],
+    log: String,
+    env: std::collections::BTreeMap<&'a str, &'a str>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("tailnet shim call panicked")
+}
+
+impl EmbeddedNode {
+    /// Joins the tailnet and waits until the node is running
+    /// ([`EmbeddedNode::launch`] then [`EmbeddedNode::wait_running`]).
+    pub async fn start(cfg: NodeConfig) -> Result<EmbeddedNode, TailnetError> {
+        let node = Self::launch(&cfg).await?;
+        node.wait_running(&cfg).await?;
+        Ok(node)
+    }
+
+    /// Creates the node and starts connecting, without waiting.
+    pub async fn launch(cfg: &NodeConfig) -> Result<EmbeddedNode, TailnetError> {
+        let dir = cfg
+            .state_dir
+            .to_str()
+            .ok_or_else(|| TailnetError::Config("state directory path is not UTF-8".into()))?;
+        let shim = ShimConfig {
+            dir,
+            hostname: &cfg.hostname,
+            auth_key: cfg.auth_key.as_ref().map(|k| k.as_str()).unwrap_or(""),
+            control_url: cfg.control_url.as_deref().unwrap_or(""),
+            ephemeral: cfg.ephemeral,
+            advertise_tags: &cfg.advertise_tags,
+            log: match &cfg.tsnet_log {
+                None => String::new(),
+                Some(TsnetLog::Stderr) => "stderr".into(),
+                Some(TsnetLog::File(p)) => p.display().to_string(),
+            },
+            env: cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        };
+        let json = Zeroizing::new(serde_json::to_string(&shim).map_err(|e| {
+            TailnetError::Config(format!("cannot encode node configuration: {e}"))
+        })?);
+        let handle =
+            blocking(move || Handle::new(&json)).await.map_err(TailnetError::Config)?;
+        let node = EmbeddedNode { handle: Arc::new(handle) };
+        let h = node.handle.clone();
+        blocking(move || h.start()).await.map_err(TailnetError::Start)?;
+        Ok(node)
+    }
+
+    /// Waits until the node is running (within `cfg.start_timeout`). While
+    /// the control server asks for an interactive login, its URL is logged
+    /// (warn) as soon as it is known and whenever it changes; it is also in
+    /// [`Tailnet::status`].
+    pub async fn wait_running(&self, cfg: &NodeConfig) -> Result<(), TailnetError> {
+        let started = Instant::now();
+        let mut shown_url = String::new();
+        let control = cfg.control_url.clone().unwrap_or_else(|| "(Tailscale's)".into());
+        loop {
+            let st = self.status().await?;
+            if st.is_running() && !st.tailscale_ips.is_empty() {
+                tracing::info!(
+                    name = %st.dns_name,
+                    ips = ?st.tailscale_ips,
+                    stable_id = %st.stable_id,
+                    "tailnet node running"
+                );
+                return Ok(());
+            }
+            if !st.last_error.is_empty() {
+                return Err(TailnetError::Login { message: st.last_error, control });
+            }
+            if st.backend_state == "NeedsLogin" && !st.auth_url.is_empty() && st.auth_url != shown_url
+            {
+                tracing::warn!(
+                    login_url = %st.auth_url,
+                    "tailnet login required: open this URL to add the node to your tailnet"
+                );
+                shown_url = st.auth_url.clone();
+            }
+            if let Some(limit) = cfg.start_timeout {
+                if started.elapsed() >= limit {
+                    let mut detail = String::new();
+                    if !st.health.is_empty() {
+                        detail = format!("; health: {}", st.health.join("; "));
+                    }
+                    return Err(TailnetError::StartTimeout {
+                        waited: limit,
+                        state: st.backend_state,
+                        detail,
+                        control,
+                    });
+                }
+            }
+            tokio::time::sleep(START_POLL).await;
+        }
+    }
+}
+
+impl Tailnet for EmbeddedNode {
+    async fn status(&self) -> Result<Status, TailnetError> {
+        let h = self.handle.clone();
+        let js = blocking(move || h.status_json()).await.map_err(TailnetError::Status)?;
+        serde_json::from_str(&js).map_err(|e| TailnetError::Decode(format!("status: {e}")))
+    }
+
+    fn listen(&self, port: u16) -> Result<TailnetListener, TailnetError> {
+        let addr = format!(":{port}");
+        let fd = self
+            .handle
+            .listen("tcp", &addr)
+            .map_err(|reason| TailnetError::Listen { addr: addr.clone(), reason })?;
+        TailnetListener::new(fd, port)
+    }
+
+    async fn whois(&self, addr: SocketAddr) -> Result<PeerIdentity, TailnetError> {
+        let h = self.handle.clone();
+        let js = blocking(move || h.whois_json(&addr.to_string()))
+            .await
+            .map_err(|reason| TailnetError::WhoIs { addr, reason })?;
+        serde_json::from_str(&js).map_err(|e| TailnetError::Decode(format!("whois {addr}: {e}")))
+    }
+
+    async fn cert_pair(&self, domain: &str) -> Result<CertPair, TailnetError> {
+        let h = self.handle.clone();
+        let d = domain.to_string();
+        let (cert_pem, key_pem) = blocking(move || h.cert_pair(&d))
+            .await
+            .map_err(|reason| TailnetError::Cert { domain: domain.to_string(), reason })?;
+        Ok(CertPair { cert_pem, key_pem })
+    }
+
+    fn watch(&self) -> Result<NetmapWatch, TailnetError> {
+        let fd = self.handle.watch().map_err(TailnetError::Watch)?;
+        NetmapWatch::new(fd)
+    }
+
+    async fn shutdown(&self) {
+        let h = self.handle.clone();
+        blocking(move || h.close()).await;
+    }
+}
+
+/// Accepted tailnet connections, each with its peer's address.
+pub struct TailnetListener {
+    fd: AsyncFd<OwnedFd>,
+    port: u16,
+}
+
+impl TailnetListener {
+    fn new(fd: OwnedFd, port: u16) -> Result<Self, TailnetError> {
+        let fd = sys::async_fd(fd).map_err(TailnetError::Accept)?;
+        Ok(TailnetListener { fd, port })
+    }
+
+    /// The tailnet port this listener serves.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The next connection and its peer's tailnet address. The address and
+    /// the connection arrive in one message, so they always belong together.
+    ///
+    /// An error for one malformed hand-over does not end the listener: call
+    /// again. [`TailnetError::Closed`] means the node shut down.
+    pub async fn accept(&self) -> Result<(UnixStream, SocketAddr), TailnetError> {
+        loop {
+            let mut guard = self.fd.readable().await.map_err(TailnetError::Accept)?;
+            let msg = match guard.try_io(|fd| sys::recv_with_fds(fd.get_ref().as_fd())) {
+                Ok(Ok(Some(msg))) => msg,
+                Ok(Ok(None)) => return Err(TailnetError::Closed),
+                Ok(Err(e)) => return Err(TailnetError::Accept(e)),
+                Err(_would_block) => continue,
+            };
+            return Self::connection(msg);
+        }
+    }
+
+    fn connection(msg: sys::FdMessage) -> Result<(UnixStream, SocketAddr), TailnetError> {
+        let bad = |why: String| {
+            TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
+        };
+        let mut fds = msg.fds;
+        if fds.len() != 1 {
+            return Err(bad(format!("hand-over carried {} descriptors, not 1", fds.len())));
+        }
+        let text = std::str::from_utf8(&msg.payload)
+            .map_err(|_| bad("hand-over address is not UTF-8".into()))?;
+        let addr: SocketAddr =
+            text.parse().map_err(|_| bad(format!("hand-over address {text:?} is not ip:port")))?;
+        let fd = fds.pop().expect("checked length");
+        sys::set_nonblocking(fd.as_fd()).map_err(TailnetError::Accept)?;
+        let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+            .map_err(TailnetError::Accept)?;
+        Ok((stream, addr))
+    }
+}
+
+/// Network-map changes, one event per change.
+pub struct NetmapWatch {
+    lines: Lines<BufReader<UnixStream>>,
+}
+
+impl NetmapWatch {
+    fn new(fd: OwnedFd) -> Result<Self, TailnetError> {
+        sys::set_nonblocking(fd.as_fd()).map_err(|e| TailnetError::Watch(e.to_string()))?;
+        let s = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+            .map_err(|e| TailnetError::Watch(e.to_string()))?;
+        Ok(NetmapWatch { lines: BufReader::new(s).lines() })
+    }
+
+    /// The next change; `None` once the node is shut down.
+    pub async fn next(&mut self) -> Option<Result<NetmapEvent, TailnetError>> {
+        match self.lines.next_line().await {
+            Ok(Some(line)) => Some(
+                serde_json::from_str(&line)
+                    .map_err(|e| TailnetError::Decode(format!("netmap event: {e}"))),
+            ),
+            Ok(None) => None,
+            Err(e) => Some(Err(TailnetError::Watch(e.to_string()))),
+        }
+    }
+}

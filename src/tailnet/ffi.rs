@@ -1,0 +1,157 @@
+//! The only place that calls the Go shim's C API (`vendor/tsffi/tsffi.h`).
+//!
+//! Every call goes through [`check`], which turns the C convention (return
+//! -1 and write a reason into a buffer) into `Result<_, String>`. Strings the
+//! shim allocates are copied out and freed here; descriptors become
+//! [`OwnedFd`]s. A [`Handle`] closes its node when dropped.
+#![allow(unsafe_code)]
+#![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::os::fd::{FromRawFd, OwnedFd};
+use zeroize::Zeroizing;
+
+mod bindings {
+    #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
+    include!(concat!(env!("OUT_DIR"), "/tsffi_bindings.rs"));
+}
+
+/// Room for the shim's error messages (they are truncated to fit).
+const ERR_LEN: usize = 1024;
+
+/// Calls `f` with an error buffer and turns a -1 return into the message.
+fn check(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<c_int, String> {
+    let mut err = [0 as c_char; ERR_LEN];
+    let ret = f(err.as_mut_ptr(), err.len());
+    if ret < 0 {
+        // SAFETY: the shim always NUL-terminates within ERR_LEN, and the
+        // buffer was zeroed, so a NUL exists either way.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        return Err(if msg.is_empty() { "unknown error in the tailnet shim".into() } else { msg });
+    }
+    Ok(ret)
+}
+
+fn cstring(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("argument contains a NUL byte: {s:?}"))
+}
+
+/// Copies and frees a string the shim allocated.
+///
+/// SAFETY (caller): `p` is null or a malloc'd NUL-terminated string from the
+/// shim that nobody else frees.
+unsafe fn take_string(p: *mut c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+    bindings::tsffi_free(p);
+    s
+}
+
+/// Like [`take_string`] for key material: zeroed on both sides.
+unsafe fn take_secret(p: *mut c_char) -> Zeroizing<String> {
+    if p.is_null() {
+        return Zeroizing::new(String::new());
+    }
+    let s = Zeroizing::new(CStr::from_ptr(p).to_string_lossy().into_owned());
+    bindings::tsffi_free_secret(p);
+    s
+}
+
+/// An embedded node; dropping it closes the node (safe in every state).
+#[derive(Debug)]
+pub struct Handle(c_int);
+
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Handle {
+    /// Creates a node from its JSON configuration (see tsffi.h).
+    pub fn new(config_json: &Zeroizing<String>) -> Result<Handle, String> {
+        let c = Zeroizing::new(cstring(config_json)?.into_bytes_with_nul());
+        // SAFETY: c is NUL-terminated and outlives the call.
+        let h = check(|e, n| unsafe { bindings::tsffi_new(c.as_ptr() as *mut c_char, e, n) })?;
+        Ok(Handle(h))
+    }
+
+    /// Shuts the node down. Handles are never reused and closing is
+    /// idempotent in the shim, so calling this more than once is fine.
+    pub fn close(&self) {
+        // SAFETY: tsffi_close is valid in every state, on any handle value.
+        unsafe { bindings::tsffi_close(self.0) };
+    }
+
+    pub fn start(&self) -> Result<(), String> {
+        // SAFETY: plain call on our handle.
+        check(|e, n| unsafe { bindings::tsffi_start(self.0, e, n) }).map(drop)
+    }
+
+    pub fn status_json(&self) -> Result<String, String> {
+        let mut out: *mut c_char = std::ptr::null_mut();
+        // SAFETY: out is written only on success, with a string we then own.
+        check(|e, n| unsafe { bindings::tsffi_status(self.0, &mut out, e, n) })?;
+        // SAFETY: see take_string.
+        Ok(unsafe { take_string(out) })
+    }
+
+    pub fn listen(&self, network: &str, addr: &str) -> Result<OwnedFd, String> {
+        let (network, addr) = (cstring(network)?, cstring(addr)?);
+        let mut fd: c_int = -1;
+        // SAFETY: strings outlive the call; fd is written on success.
+        check(|e, n| unsafe {
+            bindings::tsffi_listen(
+                self.0,
+                network.as_ptr() as *mut c_char,
+                addr.as_ptr() as *mut c_char,
+                &mut fd,
+                e,
+                n,
+            )
+        })?;
+        // SAFETY: on success the shim hands us a fresh descriptor we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    pub fn whois_json(&self, addr: &str) -> Result<String, String> {
+        let addr = cstring(addr)?;
+        let mut out: *mut c_char = std::ptr::null_mut();
+        // SAFETY: as in status_json.
+        check(|e, n| unsafe {
+            bindings::tsffi_whois(self.0, addr.as_ptr() as *mut c_char, &mut out, e, n)
+        })?;
+        // SAFETY: see take_string.
+        Ok(unsafe { take_string(out) })
+    }
+
+    pub fn cert_pair(&self, domain: &str) -> Result<(String, Zeroizing<String>), String> {
+        let domain = cstring(domain)?;
+        let (mut cert, mut key): (*mut c_char, *mut c_char) =
+            (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: both outputs are written on success and owned by us.
+        check(|e, n| unsafe {
+            bindings::tsffi_cert_pair(
+                self.0,
+                domain.as_ptr() as *mut c_char,
+                &mut cert,
+                &mut key,
+                e,
+                n,
+            )
+        })?;
+        // SAFETY: see take_string / take_secret.
+        Ok(unsafe { (take_string(cert), take_secret(key)) })
+    }
+
+    pub fn watch(&self) -> Result<OwnedFd, String> {
+        let mut fd: c_int = -1;
+        // SAFETY: fd is written on success.
+        check(|e, n| unsafe { bindings::tsffi_watch(self.0, &mut fd, e, n) })?;
+        // SAFETY: a fresh descriptor we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}

@@ -1,0 +1,161 @@
+//! The tailnet: joining it, listening on it, and asking who a peer is.
+//!
+//! The session pipeline sees only the [`Tailnet`] trait and the plain types
+//! here; the one implementation today is [`EmbeddedNode`], our Go shim over
+//! tsnet linked into the binary (see `vendor/tsffi`). A pure-Rust Tailscale
+//! could replace it without touching the pipeline.
+
+mod embedded;
+mod ffi;
+mod identity;
+
+pub use embedded::{EmbeddedNode, NetmapWatch, TailnetListener};
+pub use identity::PeerIdentity;
+
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// How to join the tailnet.
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// Where the node keeps its keys and state (reused across restarts).
+    pub state_dir: PathBuf,
+    pub hostname: String,
+    /// Pre-authorised key; `None` means interactive login (the URL is logged).
+    pub auth_key: Option<Zeroizing<String>>,
+    /// Coordination server; `None` means Tailscale's.
+    pub control_url: Option<String>,
+    pub ephemeral: bool,
+    pub advertise_tags: Vec<String>,
+    /// Where tsnet's verbose log goes: `None` discards it.
+    pub tsnet_log: Option<TsnetLog>,
+    /// `TS_*` knobs set inside Go before the node starts.
+    pub env: Vec<(String, String)>,
+    /// Give up if the node is not running by then (`None`: wait forever,
+    /// e.g. for a person to complete an interactive login).
+    pub start_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("state_dir", &self.state_dir)
+            .field("hostname", &self.hostname)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("control_url", &self.control_url)
+            .field("ephemeral", &self.ephemeral)
+            .field("advertise_tags", &self.advertise_tags)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum TsnetLog {
+    Stderr,
+    File(PathBuf),
+}
+
+/// A snapshot of the node's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// "NoState", "NeedsLogin", "NeedsMachineAuth", "Starting", "Running", ...
+    pub backend_state: String,
+    /// Interactive login URL while `backend_state` is "NeedsLogin".
+    pub auth_url: String,
+    pub tailscale_ips: Vec<IpAddr>,
+    /// Our MagicDNS name, without the trailing dot.
+    pub dns_name: String,
+    pub magic_dns_suffix: String,
+    /// Names for which the tailnet can issue HTTPS certificates.
+    pub cert_domains: Vec<String>,
+    pub stable_id: String,
+    /// Home DERP region code, once connected to it.
+    pub home_derp: String,
+    pub health: Vec<String>,
+    /// The backend's latest error (e.g. a rejected auth key).
+    pub last_error: String,
+}
+
+impl Status {
+    pub fn is_running(&self) -> bool {
+        self.backend_state == "Running"
+    }
+}
+
+/// A certificate chain and key for one of our names, as PEM.
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: Zeroizing<String>,
+}
+
+/// One network-map change: the peers as they are now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetmapEvent {
+    pub seq: u64,
+    pub peers: Vec<NetmapPeer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetmapPeer {
+    pub stable_id: String,
+    pub node_name: String,
+    pub addresses: Vec<IpAddr>,
+    pub tags: Vec<String>,
+    pub user_id: i64,
+    pub expired: bool,
+}
+
+/// Everything that can go wrong on the tailnet side, each saying what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TailnetError {
+    #[error("tailnet node configuration rejected: {0}")]
+    Config(String),
+    #[error("tailnet node failed to start: {0}")]
+    Start(String),
+    #[error(
+        "tailnet login at {control} failed: {message} (check that the auth key is valid, \
+         unexpired and meant for this control server)"
+    )]
+    Login { message: String, control: String },
+    #[error(
+        "tailnet node not running after {waited:?} (state {state}{detail}); check that the \
+         control server {control} is reachable"
+    )]
+    StartTimeout { waited: Duration, state: String, detail: String, control: String },
+    #[error("tailnet status: {0}")]
+    Status(String),
+    #[error("listening on the tailnet at {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("accepting a tailnet connection: {0}")]
+    Accept(#[source] std::io::Error),
+    #[error("peer {addr} is not identified by the tailnet: {reason}")]
+    WhoIs { addr: SocketAddr, reason: String },
+    #[error("HTTPS certificate for {domain}: {reason}")]
+    Cert { domain: String, reason: String },
+    #[error("watching the network map: {0}")]
+    Watch(String),
+    #[error("the tailnet returned data tailgres cannot read: {0}")]
+    Decode(String),
+    #[error("the tailnet node is shut down")]
+    Closed,
+}
+
+/// The backend boundary: what the proxy needs from a tailnet.
+pub trait Tailnet: Send + Sync + 'static {
+    fn status(&self) -> impl Future<Output = Result<Status, TailnetError>> + Send;
+    /// Listens on a TCP port of our tailnet addresses.
+    fn listen(&self, port: u16) -> Result<TailnetListener, TailnetError>;
+    /// Identifies the peer at `addr` (the accepted connection's remote).
+    fn whois(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = Result<PeerIdentity, TailnetError>> + Send;
+    fn cert_pair(&self, domain: &str)
+        -> impl Future<Output = Result<CertPair, TailnetError>> + Send;
+    fn watch(&self) -> Result<NetmapWatch, TailnetError>;
+    fn shutdown(&self) -> impl Future<Output = ()> + Send;
+}
