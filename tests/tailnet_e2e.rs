@@ -1,0 +1,381 @@
+//! End-to-end tests of the embedded tailnet node over a real (loopback)
+//! tailnet: Tailscale's test control server, DERP and STUN from the lab, an
+//! embedded node built with `tailgres::tailnet`, and independent client
+//! nodes (`tslab node`) that forward loopback ports through the tailnet.
+//!
+//! Run with scripts/test (a fresh network namespace with only `lo`).
+
+mod common;
+
+use common::{forward_addr, Lab};
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tailgres::tailnet::{EmbeddedNode, PeerIdentity, Tailnet, TailnetError};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+
+const PG_PORT: u16 = 5432;
+/// Generous bound for one step over the tailnet (first packets go via DERP).
+const STEP: Duration = Duration::from_secs(60);
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Reads the `TSLAB-SRC ip:port` line the forwarding node puts first on each
+/// tailnet connection: the address the client node itself dialed from.
+async fn read_src_line(r: &mut BufReader<UnixStream>) -> SocketAddr {
+    let mut line = String::new();
+    within("src line", r.read_line(&mut line)).await.unwrap();
+    let addr = line.trim().strip_prefix("TSLAB-SRC ").unwrap_or_else(|| panic!("got {line:?}"));
+    addr.parse().unwrap()
+}
+
+async fn read_line(r: &mut BufReader<UnixStream>) -> String {
+    let mut line = String::new();
+    within("line", r.read_line(&mut line)).await.unwrap();
+    line.trim_end().to_string()
+}
+
+/// Two users and a tagged device reach the embedded node by MagicDNS name;
+/// each accepted connection is identified correctly, bytes flow both ways,
+/// and a close on either side reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whois_bytes_and_close_for_users_and_tags() {
+    let lab = Lab::start(None).await;
+    let proxy = lab.embedded("proxy").await;
+    let listener = proxy.listen(PG_PORT).unwrap();
+    let status = proxy.status().await.unwrap();
+    assert_eq!(status.dns_name, format!("proxy.{}", lab.suffix));
+
+    let target = format!("--forward=127.0.0.1:0=proxy.{}:{PG_PORT}", lab.suffix);
+    let alice = lab.node("alice", &[&target, "--announce-src"]).await;
+    let bob = lab.node("bob", &[&target, "--announce-src"]).await;
+    let ci = lab.node("ci", &[&target, "--announce-src", "--advertise-tags=tag:ci"]).await;
+
+    let mut logins = HashMap::new();
+    for (name, node) in [("alice", &alice), ("bob", &bob), ("ci", &ci)] {
+        // Client -> proxy, with the client closing its write side first.
+        let mut client = TcpStream::connect(forward_addr(node, 0)).await.unwrap();
+        client.write_all(format!("hello from {name}\n").as_bytes()).await.unwrap();
+
+        let (stream, addr) = within("accept", listener.accept()).await.unwrap();
+        let mut server = BufReader::new(stream);
+        assert_eq!(read_src_line(&mut server).await, addr, "hand-over address is the dialer's");
+        let id: PeerIdentity = proxy.whois(addr).await.unwrap();
+        assert_eq!(id.node_name, format!("{name}.{}", lab.suffix));
+        assert!(id.addresses.contains(&addr.ip()), "{addr} not in {:?}", id.addresses);
+        assert!(!id.stable_id.is_empty());
+        assert_eq!(id.os, "linux");
+        assert!(!id.shared_in);
+        if name == "ci" {
+            assert_eq!(id.tags, vec!["tag:ci".to_string()]);
+            assert!(id.is_tagged());
+            assert_eq!(id.principal(), "tag:ci");
+        } else {
+            assert!(id.tags.is_empty(), "{name} has tags {:?}", id.tags);
+            assert!(id.user_login.contains('@'), "login {:?}", id.user_login);
+            logins.insert(name, id.user_login.clone());
+        }
+        assert_eq!(read_line(&mut server).await, format!("hello from {name}"));
+
+        // Client half-closes: the proxy side sees EOF but can still answer.
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        within("eof at proxy", server.read_to_end(&mut rest)).await.unwrap();
+        assert!(rest.is_empty());
+        let mut stream = server.into_inner();
+        stream.write_all(b"goodbye\n").await.unwrap();
+        stream.shutdown().await.unwrap(); // proxy closes: client sees EOF
+        let mut got = String::new();
+        within("eof at client", client.read_to_string(&mut got)).await.unwrap();
+        assert_eq!(got, "goodbye\n");
+    }
+    assert_ne!(logins["alice"], logins["bob"], "two nodes, two users");
+
+    // Close in the other direction: the proxy closes first, then the client.
+    let mut client = TcpStream::connect(forward_addr(&alice, 0)).await.unwrap();
+    client.write_all(b"x\n").await.unwrap();
+    let (stream, _) = within("accept", listener.accept()).await.unwrap();
+    drop(stream);
+    let mut got = Vec::new();
+    within("client sees proxy close", client.read_to_end(&mut got)).await.unwrap();
+
+    // The tailnet listing agrees with what whois said.
+    let nodes = lab.admin("GET", "/nodes", None).await;
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["hostname"].as_str().unwrap()).collect();
+    for n in ["proxy", "alice", "bob", "ci"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    proxy.shutdown().await;
+}
+
+/// 200 connections accepted concurrently from three nodes: each gets its
+/// own peer address and identity (upstream libtailscale can mix them up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_accepts_each_get_their_own_identity() {
+    const CONNS: usize = 200;
+    let lab = Lab::start(None).await;
+    let proxy = Arc::new(lab.embedded("proxy").await);
+    let listener = proxy.listen(PG_PORT).unwrap();
+    let target = format!("--forward=127.0.0.1:0=proxy:{PG_PORT}");
+    let names = ["alice", "bob", "carol"];
+    let mut nodes = Vec::new();
+    for n in names {
+        nodes.push(lab.node(n, &[&target, "--announce-src"]).await);
+    }
+    let forwards: Vec<String> = nodes.iter().map(|n| forward_addr(n, 0)).collect();
+
+    // Server: accept everything first, concurrently identify each.
+    let server = {
+        let proxy = proxy.clone();
+        let suffix = lab.suffix.clone();
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for _ in 0..CONNS {
+                let (stream, addr) = within("accept", listener.accept()).await.unwrap();
+                let proxy = proxy.clone();
+                let suffix = suffix.clone();
+                tasks.push(tokio::spawn(async move {
+                    let id = proxy.whois(addr).await.unwrap();
+                    let mut r = BufReader::new(stream);
+                    let src = read_src_line(&mut r).await;
+                    let claim = read_line(&mut r).await; // "<node> <i>"
+                    let (node, i) = claim.split_once(' ').unwrap();
+                    assert_eq!(src, addr, "connection {i}: address handed over with another fd");
+                    assert_eq!(id.node_name, format!("{node}.{suffix}"), "connection {i}");
+                    let mut s = r.into_inner();
+                    s.write_all(format!("{i} {}\n", id.user_login).as_bytes()).await.unwrap();
+                    s.shutdown().await.unwrap();
+                    (node.to_string(), id.user_login)
+                }));
+            }
+            let mut users: HashMap<String, String> = HashMap::new();
+            for t in tasks {
+                let (node, login) = t.await.unwrap();
+                let prev = users.insert(node.clone(), login.clone());
+                assert!(prev.is_none() || prev == Some(login), "{node} changed user");
+            }
+            users
+        })
+    };
+
+    let mut clients = Vec::new();
+    for i in 0..CONNS {
+        let node = names[i % names.len()];
+        let fwd = forwards[i % names.len()].clone();
+        clients.push(tokio::spawn(async move {
+            let mut c = TcpStream::connect(fwd).await.unwrap();
+            c.write_all(format!("{node} {i}\n").as_bytes()).await.unwrap();
+            let mut got = String::new();
+            within("reply", c.read_to_string(&mut got)).await.unwrap();
+            assert!(got.starts_with(&format!("{i} ")), "conn {i} got {got:?}");
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let users = server.await.unwrap();
+    assert_eq!(users.len(), 3);
+    let distinct: std::collections::HashSet<_> = users.values().collect();
+    assert_eq!(distinct.len(), 3, "three nodes, three users: {users:?}");
+    proxy.shutdown().await;
+}
+
+/// One connection attempt through a forwarding node: `Some(peer)` if it
+/// reached the listener, `None` if the forwarder's tailnet dial failed (the
+/// local connection closes without reaching the listener).
+async fn attempt(
+    proxy: &EmbeddedNode,
+    listener: &tailgres::tailnet::TailnetListener,
+    forward: &str,
+) -> Option<PeerIdentity> {
+    let mut c = TcpStream::connect(forward).await.unwrap();
+    let _ = c.write_all(b"knock\n").await;
+    tokio::select! {
+        r = listener.accept() => {
+            let (_stream, addr) = r.unwrap();
+            Some(proxy.whois(addr).await.unwrap())
+        }
+        _ = async {
+            let mut b = Vec::new();
+            let _ = within("forwarder closes", c.read_to_end(&mut b)).await;
+        } => None,
+    }
+}
+
+/// A peer that the proxy's packet filter denies never reaches the listener,
+/// while an allowed peer does; lifting the denial lets it in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn packet_filter_denied_peer_never_reaches_listener() {
+    let lab = Lab::start(None).await;
+    let proxy = lab.embedded("proxy").await;
+    let listener = proxy.listen(PG_PORT).unwrap();
+    let target = format!("--forward=127.0.0.1:0=proxy:{PG_PORT}");
+    let alice = lab.node("alice", &[&target, "--dial-timeout=5s"]).await;
+    let mallory = lab.node("mallory", &[&target, "--dial-timeout=5s"]).await;
+    let (to_alice, to_mallory) = (forward_addr(&alice, 0), forward_addr(&mallory, 0));
+
+    // Before any policy, everyone is let through (testcontrol's default).
+    let id = attempt(&proxy, &listener, &to_mallory).await.expect("open tailnet lets mallory in");
+    assert!(id.node_name.starts_with("mallory."));
+
+    // Only alice may reach the proxy on 5432.
+    let grants = json!({"grants": [{"src": ["alice"], "dst": ["proxy"], "ip": [format!("tcp:{PG_PORT}")]}]});
+    lab.admin("PUT", "/policy", Some(grants)).await;
+    // The new filter reaches the proxy node asynchronously: wait for the
+    // first refused attempt (an accepted one before that is the old filter).
+    let mut tries = 0;
+    while attempt(&proxy, &listener, &to_mallory).await.is_some() {
+        tries += 1;
+        assert!(tries < 30, "the deny policy never took effect");
+    }
+    // From now on mallory never reaches the listener, and alice does.
+    for _ in 0..2 {
+        assert!(attempt(&proxy, &listener, &to_mallory).await.is_none(), "denied peer got through");
+        let id = attempt(&proxy, &listener, &to_alice).await.expect("alice is allowed");
+        assert!(id.node_name.starts_with("alice."), "accepted {}", id.node_name);
+    }
+
+    // Lifting the policy lets mallory in again: the denial was the filter.
+    lab.admin("DELETE", "/policy", None).await;
+    let mut tries = 0;
+    let id = loop {
+        if let Some(id) = attempt(&proxy, &listener, &to_mallory).await {
+            break id;
+        }
+        tries += 1;
+        assert!(tries < 30, "lifting the policy never took effect");
+    };
+    assert!(id.node_name.starts_with("mallory."));
+    proxy.shutdown().await;
+}
+
+/// Launches an embedded node against a `--require-login` lab, waits for the
+/// interactive login URL in its status, completes the login as a person
+/// would, and waits until it runs.
+async fn login_interactively(lab: &Lab, cfg: &tailgres::tailnet::NodeConfig) -> EmbeddedNode {
+    let node = EmbeddedNode::launch(cfg).await.expect("launch");
+    let url = within("login URL", async {
+        loop {
+            let st = node.status().await.unwrap();
+            if st.backend_state == "NeedsLogin" && !st.auth_url.is_empty() {
+                return st.auth_url;
+            }
+            assert!(!st.is_running(), "ran without a login");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(url.starts_with(&lab.control_url), "login URL {url} is on the control server");
+    lab.admin("POST", "/auth/complete", Some(json!({ "url": url }))).await;
+    node.wait_running(cfg).await.expect("running after login");
+    node
+}
+
+/// The node keeps its tailnet identity across a restart with the same state
+/// directory, without a new login or auth key; a fresh state directory is a
+/// new node that must log in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_keeps_identity_without_new_login() {
+    let lab = Lab::start_with(&["--require-login"]).await;
+    let dir = lab.dir.path().join("proxy-state");
+    let cfg = lab.node_config("proxy", &dir);
+    let first = login_interactively(&lab, &cfg).await;
+    let before = first.status().await.unwrap();
+    first.shutdown().await;
+    drop(first);
+
+    let second = EmbeddedNode::start(cfg).await.expect("restart without a new login");
+    let after = second.status().await.unwrap();
+    assert_eq!(before.stable_id, after.stable_id);
+    assert_eq!(before.tailscale_ips, after.tailscale_ips);
+    assert_eq!(before.dns_name, after.dns_name);
+    second.shutdown().await;
+
+    // Control: a different state directory is a different node, and the
+    // control server asks it to log in.
+    let mut other = lab.node_config("proxy", &lab.dir.path().join("other-state"));
+    other.start_timeout = Some(Duration::from_secs(3));
+    match EmbeddedNode::start(other).await {
+        Err(TailnetError::StartTimeout { state, .. }) => assert_eq!(state, "NeedsLogin"),
+        Err(e) => panic!("expected to wait for login, got {e}"),
+        Ok(_) => panic!("a new state directory ran without logging in"),
+    }
+}
+
+/// A rejected auth key is reported as a login failure that says what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_auth_key_is_a_clear_error() {
+    let lab = Lab::start(Some("tskey-the-right-one")).await;
+    let mut cfg = lab.node_config("proxy", &lab.dir.path().join("bad-key"));
+    cfg.auth_key = Some(zeroize::Zeroizing::new("tskey-wrong".into()));
+    match EmbeddedNode::start(cfg).await {
+        Err(e @ TailnetError::Login { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("auth key"), "{msg}");
+            assert!(!msg.contains("tskey-wrong"), "the key must not be echoed: {msg}");
+        }
+        Err(e) => panic!("expected a login error, got: {e}"),
+        Ok(_) => panic!("a wrong auth key was accepted"),
+    }
+}
+
+/// An unreachable control server ends in a timeout that names the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_control_server_times_out_clearly() {
+    common::require_sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    // A loopback port with nothing listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = tailgres::tailnet::NodeConfig {
+        state_dir: dir.path().join("state"),
+        hostname: "proxy".into(),
+        auth_key: Some(zeroize::Zeroizing::new("tskey-x".into())),
+        control_url: Some(format!("http://127.0.0.1:{port}")),
+        ephemeral: false,
+        advertise_tags: vec![],
+        tsnet_log: None,
+        env: vec![],
+        start_timeout: Some(Duration::from_secs(5)),
+    };
+    match EmbeddedNode::start(cfg).await {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+        }
+        Ok(_) => panic!("started without a control server"),
+    }
+}
+
+/// A state directory that cannot be created is refused before any network
+/// activity, with the path in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_state_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let cfg = tailgres::tailnet::NodeConfig {
+        state_dir: file.join("state"),
+        hostname: "proxy".into(),
+        auth_key: None,
+        control_url: Some("http://127.0.0.1:9".into()),
+        ephemeral: false,
+        advertise_tags: vec![],
+        tsnet_log: None,
+        env: vec![],
+        start_timeout: Some(Duration::from_secs(5)),
+    };
+    match EmbeddedNode::start(cfg).await {
+        Err(e @ TailnetError::Config(_)) => {
+            let msg = e.to_string();
+            assert!(msg.contains("not-a-dir/state"), "{msg}");
+            assert!(msg.contains("state directory"), "{msg}");
+        }
+        Err(e) => panic!("expected a configuration error, got: {e}"),
+        Ok(_) => panic!("started with an unusable state directory"),
+    }
+}
