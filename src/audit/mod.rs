@@ -1,0 +1,201 @@
+//! Stage 8, audit: the JSON-lines audit log.
+//!
+//! One JSON object per line ([`Record`], described by `audit-schema.json` at
+//! the repository root), written by one writer task and acknowledged to the
+//! caller only once the line has reached the OS (and the disk, with
+//! [`AuditOptions::sync`]).
+//!
+//! The log fails closed: callers refuse a new session when
+//! [`AuditLog::record`] of its `session_start` fails or when
+//! [`AuditLog::is_healthy`] is false. While unhealthy, callers should still
+//! try to record the `session_denied` (`audit_unavailable`) line: it is
+//! the probe, and its success makes the log healthy again. The writer never
+//! drops a record (callers wait for room in the bounded channel) and never
+//! panics on I/O errors: a failed write is retried once on a reopened file,
+//! then reported.
+//!
+//! Rotation: rename the file and send SIGHUP ([`AuditLog::reopen`]), or use
+//! `copytruncate` (the file is opened with `O_APPEND`).
+#![forbid(unsafe_code)]
+
+mod record;
+mod time;
+mod writer;
+
+pub use record::{
+    AuthFailure, AuthMethod, CancelOutcome, ClientTransport, Denial, DenyReason, EndReason, Event, Peer,
+    PostgresInfo, ProtocolVersion, Record, SessionEnd, Side, SqlState, TlsVersion, UpstreamInfo,
+};
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use writer::{Msg, Sink, Writer};
+
+/// Records that may wait for the writer before [`AuditLog::record`] waits.
+pub const DEFAULT_CAPACITY: usize = 4096;
+
+/// Where the log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditDest {
+    /// Appended to; created with mode 0600.
+    File(PathBuf),
+    Stdout,
+}
+
+impl fmt::Display for AuditDest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuditDest::File(path) => write!(f, "{}", path.display()),
+            AuditDest::Stdout => f.write_str("stdout"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditOptions {
+    /// fdatasync after every record (a record is acknowledged once on disk).
+    pub sync: bool,
+    /// Channel capacity, in records (at least 1).
+    pub capacity: usize,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions { sync: false, capacity: DEFAULT_CAPACITY }
+    }
+}
+
+/// Audit failures; all of them are the proxy's own (no client or upstream
+/// causes one).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write audit log {dest}: {source}")]
+    Write {
+        dest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot encode audit record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("audit log is closed")]
+    Closed,
+}
+
+/// State shared between the handles and the writer.
+struct Shared {
+    /// What the log is written to, for messages.
+    dest: String,
+    healthy: AtomicBool,
+    /// A reopen was asked for and not yet done.
+    reopen: AtomicBool,
+    /// Wakes an idle writer for a reopen.
+    wake: Notify,
+}
+
+/// A handle to the audit log; clones are cheap and share one writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("dest", &self.shared.dest)
+            .field("healthy", &self.is_healthy())
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Opens the log with [`AuditOptions::default`] and spawns its writer.
+    pub async fn open(dest: AuditDest) -> Result<(AuditLog, JoinHandle<()>), AuditError> {
+        AuditLog::open_with(dest, AuditOptions::default()).await
+    }
+
+    /// Opens the log (a file now, so that a bad path stops the proxy at
+    /// start with a message naming it) and spawns its writer.
+    pub async fn open_with(
+        dest: AuditDest,
+        options: AuditOptions,
+    ) -> Result<(AuditLog, JoinHandle<()>), AuditError> {
+        let label = dest.to_string();
+        let sink = match dest {
+            AuditDest::File(path) => {
+                let p = path.clone();
+                let file = tokio::task::spawn_blocking(move || writer::open_append(&p))
+                    .await
+                    .unwrap_or_else(|join| Err(io::Error::other(join)))
+                    .map_err(|source| AuditError::Open { path: path.clone(), source })?;
+                Sink::File { path, file: Some(Arc::new(file)) }
+            }
+            AuditDest::Stdout => Sink::Stdout,
+        };
+        let shared = Arc::new(Shared {
+            dest: label,
+            healthy: AtomicBool::new(true),
+            reopen: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(options.capacity.max(1));
+        let writer = Writer { sink, shared: shared.clone(), sync: options.sync, rx, torn: false };
+        let handle = tokio::spawn(writer.run());
+        Ok((AuditLog { tx, shared }, handle))
+    }
+
+    /// Writes one record; resolves once the line is written and flushed.
+    /// Waits while the writer is behind (records are never dropped).
+    ///
+    /// If this future is dropped after the record was queued, the record is
+    /// still written.
+    pub async fn record(&self, r: &Record) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(r)?;
+        line.push(b'\n');
+        let (ack, acked) = oneshot::channel();
+        self.tx.send(Msg::Write { line, ack }).await.map_err(|_| AuditError::Closed)?;
+        acked.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// False after a write failed (or a reopen failed, or the writer
+    /// stopped), until a later write succeeds.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// Asks the writer to close and reopen the file (log rotation, SIGHUP).
+    /// Records sent after this call go to the reopened file. A failed
+    /// reopen makes the log unhealthy and is logged with the path and error.
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+
+    /// Writes every record already queued, then stops the writer. Records
+    /// sent afterwards through other clones fail with [`AuditError::Closed`].
+    pub async fn close(self) {
+        let (done, stopped) = oneshot::channel();
+        if self.tx.send(Msg::Close { done }).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+}
+
+/// A fresh session id: 16 lowercase hex characters (64 random bits).
+pub fn new_session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,707 @@
+//! The audit record: what one JSON line says, typed so that a record the
+//! schema (`audit-schema.json`) would reject is hard to build.
+//!
+//! Closed sets (events, reasons, auth methods, transports) are enums whose
+//! serialized names are the schema's `enum` values; who is to blame for a
+//! denial or an end is derived from the reason, never chosen separately.
+//! No type here has a place for a password, a key or a token: the only free
+//! text is `detail`, and callers must put operator-facing explanations there,
+//! never client-supplied secrets.
+#![forbid(unsafe_code)]
+
+use super::time::rfc3339;
+use serde::ser::{SerializeStruct, Serializer};
+use serde::Serialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+/// One audit line. Build it with [`Record::new`] and the `with_*` setters.
+///
+/// Serialized field order: `ts`, `event` and the event's own fields, then
+/// the session context (`session_id`, `peer_addr`, `peer`, `postgres`,
+/// `client_transport`, `upstream`), so the line reads left to right as
+/// "when, what, who".
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Record {
+    /// When the event happened (RFC 3339 UTC with microseconds).
+    #[serde(serialize_with = "ser_ts_micros")]
+    pub ts: SystemTime,
+    #[serde(flatten)]
+    pub event: Event,
+    /// The session this record belongs to ([`super::new_session_id`]).
+    pub session_id: String,
+    /// The tailnet address the connection came from.
+    pub peer_addr: SocketAddr,
+    /// Who the tailnet says the peer is; `None` before (or without) WhoIs.
+    pub peer: Option<Peer>,
+    /// What the client asked for in its StartupMessage; `None` before it.
+    pub postgres: Option<PostgresInfo>,
+    pub client_transport: Option<ClientTransport>,
+    /// The verified upstream connection; `None` before TLS is established.
+    pub upstream: Option<UpstreamInfo>,
+}
+
+impl Record {
+    /// A record stamped now, with no peer, startup, transport or upstream
+    /// information yet.
+    pub fn new(session_id: impl Into<String>, peer_addr: SocketAddr, event: Event) -> Record {
+        Record {
+            ts: SystemTime::now(),
+            event,
+            session_id: session_id.into(),
+            peer_addr,
+            peer: None,
+            postgres: None,
+            client_transport: None,
+            upstream: None,
+        }
+    }
+
+    pub fn with_ts(mut self, ts: SystemTime) -> Record {
+        self.ts = ts;
+        self
+    }
+
+    pub fn with_peer(mut self, peer: Peer) -> Record {
+        self.peer = Some(peer);
+        self
+    }
+
+    pub fn with_postgres(mut self, postgres: PostgresInfo) -> Record {
+        self.postgres = Some(postgres);
+        self
+    }
+
+    pub fn with_client_transport(mut self, transport: ClientTransport) -> Record {
+        self.client_transport = Some(transport);
+        self
+    }
+
+    pub fn with_upstream(mut self, upstream: UpstreamInfo) -> Record {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// The same session context with another event, stamped now: a session
+    /// keeps one base record and derives each of its lines from it.
+    pub fn with_event(&self, event: Event) -> Record {
+        Record { ts: SystemTime::now(), event, ..self.clone() }
+    }
+
+    /// The JSON line (without the trailing newline).
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+}
+
+/// What happened. The `event` field of the line, plus that event's fields.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The session passed identification, authorization and the upstream
+    /// handshake and is about to be relayed.
+    SessionStart,
+    /// The connection was refused before a session started.
+    SessionDenied(Denial),
+    /// The upstream accepted the client's authentication.
+    AuthOk { auth_method: AuthMethod },
+    /// The upstream (or the proxy's relay of it) rejected authentication.
+    AuthFailed(AuthFailure),
+    /// A CancelRequest arrived on this connection.
+    Cancel(CancelOutcome),
+    /// A relayed session ended.
+    SessionEnd(SessionEnd),
+}
+
+impl Event {
+    /// The `event` value this variant serializes as.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::SessionStart => "session_start",
+            Event::SessionDenied(_) => "session_denied",
+            Event::AuthOk { .. } => "auth_ok",
+            Event::AuthFailed(_) => "auth_failed",
+            Event::Cancel(_) => "cancel",
+            Event::SessionEnd(_) => "session_end",
+        }
+    }
+
+    pub fn denied(reason: DenyReason, detail: impl Into<String>) -> Event {
+        Event::SessionDenied(Denial { reason, detail: detail.into() })
+    }
+
+    pub fn auth_ok(auth_method: AuthMethod) -> Event {
+        Event::AuthOk { auth_method }
+    }
+
+    pub fn auth_failed(
+        auth_method: AuthMethod,
+        sqlstate: Option<SqlState>,
+        detail: impl Into<String>,
+    ) -> Event {
+        Event::AuthFailed(AuthFailure { auth_method, sqlstate, detail: detail.into() })
+    }
+}
+
+/// A refusal. Serialized as `reason`, `detail` and `side` (derived from
+/// the reason).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denial {
+    pub reason: DenyReason,
+    /// What an operator needs to know (never a secret).
+    pub detail: String,
+}
+
+impl Serialize for Denial {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Denial", 3)?;
+        st.serialize_field("reason", &self.reason)?;
+        st.serialize_field("detail", &self.detail)?;
+        st.serialize_field("side", &self.reason.side())?;
+        st.end()
+    }
+}
+
+/// Whose doing something was: the audit log's answer to "who broke it".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    /// WhoIs knows no node at the peer address.
+    UnknownPeer,
+    /// WhoIs itself failed (tailnet node not ready, internal error).
+    WhoisFailed,
+    /// The audit log cannot be written: fail closed.
+    AuditUnavailable,
+    /// The client broke the pre-startup or startup protocol.
+    ProtocolError,
+    /// The client did not finish negotiation in time.
+    HandshakeTimeout,
+    UpstreamUntrustedCertificate,
+    UpstreamNameMismatch,
+    UpstreamCertificateExpired,
+    /// The upstream answered 'N' to SSLRequest.
+    UpstreamNoTls,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// Any other TLS failure with the upstream.
+    UpstreamTls,
+    /// The upstream broke the protocol before the session started.
+    UpstreamProtocolError,
+    /// The live-session limit is reached.
+    TooManySessions,
+    /// The peer's grants do not allow this role or database.
+    NotAuthorized,
+}
+
+impl DenyReason {
+    /// Every reason, in declaration order (tests cover each one against
+    /// the schema, so the two cannot drift apart).
+    pub const ALL: [DenyReason; 15] = [
+        DenyReason::UnknownPeer,
+        DenyReason::WhoisFailed,
+        DenyReason::AuditUnavailable,
+        DenyReason::ProtocolError,
+        DenyReason::HandshakeTimeout,
+        DenyReason::UpstreamUntrustedCertificate,
+        DenyReason::UpstreamNameMismatch,
+        DenyReason::UpstreamCertificateExpired,
+        DenyReason::UpstreamNoTls,
+        DenyReason::UpstreamUnreachable,
+        DenyReason::UpstreamTimeout,
+        DenyReason::UpstreamTls,
+        DenyReason::UpstreamProtocolError,
+        DenyReason::TooManySessions,
+        DenyReason::NotAuthorized,
+    ];
+
+    /// Who caused the refusal.
+    pub fn side(self) -> Side {
+        use DenyReason::*;
+        match self {
+            UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized => Side::Client,
+            UpstreamUntrustedCertificate
+            | UpstreamNameMismatch
+            | UpstreamCertificateExpired
+            | UpstreamNoTls
+            | UpstreamUnreachable
+            | UpstreamTimeout
+            | UpstreamTls
+            | UpstreamProtocolError => Side::Upstream,
+            WhoisFailed | AuditUnavailable | TooManySessions => Side::Proxy,
+        }
+    }
+}
+
+/// How the client was authenticated to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// The proxy took the password from the client and ran
+    /// SCRAM-SHA-256-PLUS (channel binding) upstream.
+    #[serde(rename = "password_relay_scram_sha_256_plus")]
+    PasswordRelayScramSha256Plus,
+    /// As above without channel binding.
+    #[serde(rename = "password_relay_scram_sha_256")]
+    PasswordRelayScramSha256,
+    /// SCRAM-SHA-256 relayed message by message.
+    #[serde(rename = "scram_sha_256")]
+    ScramSha256,
+    Md5,
+    Cleartext,
+    /// The upstream asked for no authentication.
+    Trust,
+    Other,
+}
+
+impl AuthMethod {
+    pub const ALL: [AuthMethod; 7] = [
+        AuthMethod::PasswordRelayScramSha256Plus,
+        AuthMethod::PasswordRelayScramSha256,
+        AuthMethod::ScramSha256,
+        AuthMethod::Md5,
+        AuthMethod::Cleartext,
+        AuthMethod::Trust,
+        AuthMethod::Other,
+    ];
+}
+
+/// Failed authentication: `auth_method`, `sqlstate`, `detail`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuthFailure {
+    pub auth_method: AuthMethod,
+    /// From the upstream's ErrorResponse, when there was one.
+    pub sqlstate: Option<SqlState>,
+    pub detail: String,
+}
+
+/// A five-character SQLSTATE code (digits and upper-case letters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlState([u8; 5]);
+
+impl SqlState {
+    /// `None` unless `code` is exactly five of `0-9A-Z`.
+    pub fn parse(code: &str) -> Option<SqlState> {
+        let bytes: [u8; 5] = code.as_bytes().try_into().ok()?;
+        bytes.iter().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()).then_some(SqlState(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (checked in `parse`).
+        std::str::from_utf8(&self.0).unwrap_or("?????")
+    }
+}
+
+impl fmt::Display for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for SqlState {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// What became of a CancelRequest. Serialized as `forwarded`,
+/// `target_session_id` and `reason`; the combinations the schema allows are
+/// exactly these variants.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// Sent to the upstream of a live session from the same node.
+    Forwarded { target_session_id: String },
+    /// No live session has that (pid, secret key) pair.
+    UnknownKey,
+    /// The key belongs to a live session of another tailnet node: refused.
+    OtherNode { target_session_id: String },
+    /// The key was valid but the upstream could not be reached.
+    UpstreamError { target_session_id: String },
+}
+
+impl CancelOutcome {
+    pub fn forwarded(&self) -> bool {
+        matches!(self, CancelOutcome::Forwarded { .. })
+    }
+
+    pub fn target_session_id(&self) -> Option<&str> {
+        match self {
+            CancelOutcome::Forwarded { target_session_id }
+            | CancelOutcome::OtherNode { target_session_id }
+            | CancelOutcome::UpstreamError { target_session_id } => Some(target_session_id),
+            CancelOutcome::UnknownKey => None,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CancelOutcome::Forwarded { .. } => "forwarded",
+            CancelOutcome::UnknownKey => "unknown_key",
+            CancelOutcome::OtherNode { .. } => "other_node",
+            CancelOutcome::UpstreamError { .. } => "upstream_error",
+        }
+    }
+}
+
+impl Serialize for CancelOutcome {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("CancelOutcome", 3)?;
+        st.serialize_field("forwarded", &self.forwarded())?;
+        st.serialize_field("target_session_id", &self.target_session_id())?;
+        st.serialize_field("reason", self.reason())?;
+        st.end()
+    }
+}
+
+/// The end of a relayed session. Serialized with `ended_by` derived from
+/// the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionEnd {
+    pub duration: Duration,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    pub reason: EndReason,
+    pub detail: Option<String>,
+}
+
+impl Serialize for SessionEnd {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // u64 milliseconds cover 584 million years; saturate anyway.
+        let duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX);
+        let mut st = s.serialize_struct("SessionEnd", 6)?;
+        st.serialize_field("duration_ms", &duration_ms)?;
+        st.serialize_field("bytes_client_to_upstream", &self.bytes_client_to_upstream)?;
+        st.serialize_field("bytes_upstream_to_client", &self.bytes_upstream_to_client)?;
+        st.serialize_field("ended_by", &self.reason.ended_by())?;
+        st.serialize_field("reason", &self.reason)?;
+        st.serialize_field("detail", &self.detail)?;
+        st.end()
+    }
+}
+
+/// Why a relayed session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The client closed its connection without a Terminate message.
+    ClientClosed,
+    /// The client sent Terminate ('X').
+    ClientTerminated,
+    /// Reading from or writing to the client failed.
+    ClientError,
+    /// The upstream closed its connection.
+    UpstreamClosed,
+    /// Reading from or writing to the upstream failed.
+    UpstreamError,
+    /// The upstream rejected authentication and closed the session.
+    AuthFailed,
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The peer's access was revoked (node removed, grant withdrawn).
+    Revoked,
+    IdleTimeout,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 9] = [
+        EndReason::ClientClosed,
+        EndReason::ClientTerminated,
+        EndReason::ClientError,
+        EndReason::UpstreamClosed,
+        EndReason::UpstreamError,
+        EndReason::AuthFailed,
+        EndReason::Shutdown,
+        EndReason::Revoked,
+        EndReason::IdleTimeout,
+    ];
+
+    /// Who ended the session.
+    pub fn ended_by(self) -> Side {
+        use EndReason::*;
+        match self {
+            ClientClosed | ClientTerminated | ClientError => Side::Client,
+            UpstreamClosed | UpstreamError | AuthFailed => Side::Upstream,
+            Shutdown | Revoked | IdleTimeout => Side::Proxy,
+        }
+    }
+}
+
+/// The tailnet identity of the peer, as WhoIs reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    pub stable_id: String,
+    pub node_name: String,
+    pub user_login: String,
+    pub user_display_name: String,
+    pub tags: Vec<String>,
+    /// The peer's tailnet address the connection came from.
+    pub tailnet_ip: IpAddr,
+    pub os: String,
+    pub shared_in: bool,
+}
+
+/// What the StartupMessage asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PostgresInfo {
+    pub user: String,
+    pub database: String,
+    pub application_name: Option<String>,
+    pub protocol: ProtocolVersion,
+}
+
+/// Frontend/backend protocol version of the StartupMessage ("3.0",
+/// "3.2"; a client may ask for a newer minor, which the upstream then
+/// negotiates down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtocolVersion {
+    pub major: u16,
+    pub minor: u16,
+}
+
+impl ProtocolVersion {
+    pub const V3_0: ProtocolVersion = ProtocolVersion { major: 3, minor: 0 };
+    pub const V3_2: ProtocolVersion = ProtocolVersion { major: 3, minor: 2 };
+
+    /// From the StartupMessage's version code (major << 16 | minor).
+    pub fn from_code(code: u32) -> ProtocolVersion {
+        ProtocolVersion { major: (code >> 16) as u16, minor: (code & 0xffff) as u16 }
+    }
+}
+
+impl Serialize for ProtocolVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}.{}", self.major, self.minor))
+    }
+}
+
+/// How the client leg is carried (inside WireGuard in every case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientTransport {
+    Plaintext,
+    /// TLS after an SSLRequest.
+    Tls,
+    /// TLS from the first byte (PostgreSQL 17 `sslnegotiation=direct`).
+    DirectTls,
+}
+
+/// The verified upstream connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamInfo {
+    /// The dial address as configured ("host:port").
+    pub address: String,
+    /// The name the certificate was verified against.
+    pub server_name: String,
+    pub tls_version: TlsVersion,
+    /// The negotiated suite, rustls spelling ("TLS13_AES_256_GCM_SHA384").
+    pub cipher: String,
+    /// SHA-256 of the end-entity certificate (DER), serialized as hex.
+    #[serde(serialize_with = "ser_hex")]
+    pub cert_sha256: [u8; 32],
+    /// The end-entity certificate's notAfter (RFC 3339, seconds).
+    #[serde(serialize_with = "ser_opt_ts_seconds")]
+    pub cert_not_after: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSv1.2")]
+    Tls12,
+    #[serde(rename = "TLSv1.3")]
+    Tls13,
+}
+
+fn ser_ts_micros<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t, true))
+}
+
+fn ser_opt_ts_seconds<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&rfc3339(*t, false)),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_hex<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    use fmt::Write;
+    let mut hex = String::with_capacity(64);
+    for b in bytes {
+        let _ = write!(hex, "{b:02x}");
+    }
+    s.serialize_str(&hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use std::time::UNIX_EPOCH;
+
+    /// `secs` seconds and `micros` microseconds after the epoch.
+    fn at(secs: u64, micros: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
+    }
+
+    #[test]
+    fn sqlstate_parse() {
+        for ok in ["28P01", "57014", "XX000", "00000"] {
+            assert_eq!(SqlState::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in ["", "28p01", "28P0", "28P011", "28P0\u{e9}", "28 01"] {
+            assert!(SqlState::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        "100.64.0.3:41234".parse().unwrap()
+    }
+
+    #[test]
+    fn minimal_record_has_every_common_field() {
+        let r =
+            Record::new("0123456789abcdef", addr(), Event::SessionStart).with_ts(at(1_795_442_587, 123_456));
+        let v: Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "ts": "2026-11-23T14:03:07.123456Z",
+                "event": "session_start",
+                "session_id": "0123456789abcdef",
+                "peer_addr": "100.64.0.3:41234",
+                "peer": null,
+                "postgres": null,
+                "client_transport": null,
+                "upstream": null,
+            })
+        );
+        // "event" comes second on the line.
+        assert!(r
+            .to_json()
+            .unwrap()
+            .starts_with(r#"{"ts":"2026-11-23T14:03:07.123456Z","event":"session_start","#));
+    }
+
+    #[test]
+    fn event_fields_are_derived_consistently() {
+        let cases: Vec<(Event, Value)> = vec![
+            (
+                Event::denied(DenyReason::UpstreamNameMismatch, "cert is for db2"),
+                json!({"event": "session_denied", "reason": "upstream_name_mismatch",
+                       "detail": "cert is for db2", "side": "upstream"}),
+            ),
+            (
+                Event::denied(DenyReason::TooManySessions, "limit 100"),
+                json!({"event": "session_denied", "reason": "too_many_sessions",
+                       "detail": "limit 100", "side": "proxy"}),
+            ),
+            (
+                Event::auth_ok(AuthMethod::PasswordRelayScramSha256Plus),
+                json!({"event": "auth_ok", "auth_method": "password_relay_scram_sha_256_plus"}),
+            ),
+            (
+                Event::auth_failed(AuthMethod::Md5, SqlState::parse("28P01"), "bad password"),
+                json!({"event": "auth_failed", "auth_method": "md5", "sqlstate": "28P01",
+                       "detail": "bad password"}),
+            ),
+            (
+                Event::Cancel(CancelOutcome::UnknownKey),
+                json!({"event": "cancel", "forwarded": false, "target_session_id": null,
+                       "reason": "unknown_key"}),
+            ),
+            (
+                Event::Cancel(CancelOutcome::Forwarded { target_session_id: "00000000000000ff".into() }),
+                json!({"event": "cancel", "forwarded": true,
+                       "target_session_id": "00000000000000ff", "reason": "forwarded"}),
+            ),
+            (
+                Event::SessionEnd(SessionEnd {
+                    duration: Duration::from_micros(1_234_567),
+                    bytes_client_to_upstream: 10,
+                    bytes_upstream_to_client: 20,
+                    reason: EndReason::ClientTerminated,
+                    detail: None,
+                }),
+                json!({"event": "session_end", "duration_ms": 1234,
+                       "bytes_client_to_upstream": 10, "bytes_upstream_to_client": 20,
+                       "ended_by": "client", "reason": "client_terminated", "detail": null}),
+            ),
+        ];
+        for (event, want) in cases {
+            let name = event.name();
+            let v: Value = serde_json::to_value(Record::new("0123456789abcdef", addr(), event)).unwrap();
+            assert_eq!(v["event"], name);
+            for (k, want_v) in want.as_object().unwrap() {
+                assert_eq!(&v[k], want_v, "{name}.{k}");
+            }
+            // 8 common fields plus exactly the event's own.
+            assert_eq!(v.as_object().unwrap().len(), 7 + want.as_object().unwrap().len(), "{v}");
+        }
+    }
+
+    #[test]
+    fn filled_context_serializes_as_specified() {
+        let r =
+            Record::new("0123456789abcdef", "[fd7a:115c:a1e0::3]:5000".parse().unwrap(), Event::SessionStart)
+                .with_peer(Peer {
+                    stable_id: "nXYZ".into(),
+                    node_name: "laptop.tail1234.ts.net".into(),
+                    user_login: "alice@example.com".into(),
+                    user_display_name: "Alice".into(),
+                    tags: vec!["tag:dev".into()],
+                    tailnet_ip: "fd7a:115c:a1e0::3".parse().unwrap(),
+                    os: "linux".into(),
+                    shared_in: false,
+                })
+                .with_postgres(PostgresInfo {
+                    user: "alice".into(),
+                    database: "app".into(),
+                    application_name: None,
+                    protocol: ProtocolVersion::V3_2,
+                })
+                .with_client_transport(ClientTransport::DirectTls)
+                .with_upstream(UpstreamInfo {
+                    address: "db.internal:5432".into(),
+                    server_name: "db.internal".into(),
+                    tls_version: TlsVersion::Tls13,
+                    cipher: "TLS13_AES_256_GCM_SHA384".into(),
+                    cert_sha256: [0xab; 32],
+                    cert_not_after: Some(at(1_795_442_587, 5)),
+                });
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["peer_addr"], "[fd7a:115c:a1e0::3]:5000");
+        assert_eq!(v["peer"]["tailnet_ip"], "fd7a:115c:a1e0::3");
+        assert_eq!(v["postgres"]["protocol"], "3.2");
+        assert_eq!(v["postgres"]["application_name"], Value::Null);
+        assert_eq!(v["client_transport"], "direct_tls");
+        assert_eq!(v["upstream"]["tls_version"], "TLSv1.3");
+        assert_eq!(v["upstream"]["cert_sha256"], "ab".repeat(32));
+        assert_eq!(v["upstream"]["cert_not_after"], "2026-11-23T14:03:07Z");
+        let again = r.with_event(Event::auth_ok(AuthMethod::Trust));
+        assert_eq!(again.peer, r.peer);
+        assert_eq!(again.upstream, r.upstream);
+    }
+
+    #[test]
+    fn sides_are_derived_from_reasons() {
+        assert_eq!(DenyReason::UnknownPeer.side(), Side::Client);
+        assert_eq!(DenyReason::AuditUnavailable.side(), Side::Proxy);
+        assert_eq!(DenyReason::UpstreamNoTls.side(), Side::Upstream);
+        assert_eq!(EndReason::UpstreamClosed.ended_by(), Side::Upstream);
+        assert_eq!(EndReason::Revoked.ended_by(), Side::Proxy);
+        // Every reason's name is snake_case (the schema's pattern).
+        for r in DenyReason::ALL {
+            let s = serde_json::to_value(r).unwrap();
+            let s = s.as_str().unwrap();
+            assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{s}");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Writer tests against real files (no mocks: a temp dir and /dev/full).
+
+use super::*;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+fn addr() -> SocketAddr {
+    "100.64.0.3:41234".parse().unwrap()
+}
+
+fn denied(detail: impl Into<String>) -> Record {
+    Record::new(new_session_id(), addr(), Event::denied(DenyReason::UnknownPeer, detail))
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "last line unterminated: {text:?}");
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect()
+}
+
+#[test]
+fn session_ids_are_16_lowercase_hex() {
+    let ids: Vec<String> = (0..100).map(|_| new_session_id()).collect();
+    for id in &ids {
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+    }
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_records_are_whole_lines_in_per_task_order() {
+    const TASKS: usize = 32;
+    const EACH: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // A tiny channel so that callers really wait for the writer.
+    let options = AuditOptions { sync: false, capacity: 4 };
+    let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    // Long enough that a torn write would show.
+                    let detail = format!("task={t} seq={i} {}", "x".repeat(1000));
+                    log.record(&denied(detail)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(log.is_healthy());
+    log.close().await;
+    writer.await.unwrap();
+
+    let got = lines(&path);
+    assert_eq!(got.len(), TASKS * EACH);
+    let mut next: HashMap<usize, usize> = HashMap::new();
+    for v in got {
+        let detail = v["detail"].as_str().unwrap();
+        let mut words = detail.split(' ');
+        let t: usize = words.next().unwrap().strip_prefix("task=").unwrap().parse().unwrap();
+        let i: usize = words.next().unwrap().strip_prefix("seq=").unwrap().parse().unwrap();
+        let want = next.entry(t).or_default();
+        assert_eq!(i, *want, "task {t} out of order");
+        *want += 1;
+    }
+    assert!(next.values().all(|&n| n == EACH));
+}
+
+#[tokio::test]
+async fn unopenable_path_fails_at_open_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("audit.jsonl");
+    let err = AuditLog::open(AuditDest::File(missing.clone())).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AuditError::Open { .. }), "{err:?}");
+    assert!(msg.contains(&missing.display().to_string()), "{msg}");
+    assert!(msg.contains("No such file or directory"), "{msg}");
+
+    // A directory is not a log file either.
+    let err = AuditLog::open(AuditDest::File(dir.path().to_path_buf())).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    assert!(msg.contains("Is a directory"), "{msg}");
+}
+
+#[tokio::test]
+async fn new_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    log.close().await;
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn write_failure_is_reported_and_makes_the_log_unhealthy() {
+    let (log, writer) = AuditLog::open(AuditDest::File("/dev/full".into())).await.unwrap();
+    assert!(log.is_healthy());
+    let err = log.record(&denied("disk full")).await.unwrap_err();
+    assert!(matches!(err, AuditError::Write { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("/dev/full"), "{msg}");
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert!(!log.is_healthy());
+    // Still failing, still unhealthy, never a panic.
+    assert!(log.record(&denied("again")).await.is_err());
+    assert!(!log.is_healthy());
+    log.close().await;
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn unhealthy_until_a_reopened_file_takes_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    assert!(log.record(&denied("lost")).await.is_err());
+    assert!(!log.is_healthy());
+
+    // The operator fixes the path and sends SIGHUP.
+    std::fs::remove_file(&path).unwrap();
+    log.reopen();
+    log.record(&denied("kept")).await.unwrap();
+    assert!(log.is_healthy());
+    log.close().await;
+    writer.await.unwrap();
+    let got = lines(&path);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["detail"], "kept");
+}
+
+#[tokio::test]
+async fn reopen_after_rotation_writes_to_the_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    log.record(&denied("before")).await.unwrap();
+    std::fs::rename(&path, &rotated).unwrap();
+    log.reopen();
+    log.record(&denied("after")).await.unwrap();
+    log.close().await;
+    writer.await.unwrap();
+
+    let old = lines(&rotated);
+    let new = lines(&path);
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0]["detail"], "before");
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0]["detail"], "after");
+}
+
+#[tokio::test]
+async fn reopen_on_an_idle_writer_happens_without_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+    log.reopen();
+    // The writer recreates the file on its own; poll for it (no fixed sleep).
+    for _ in 0..1000 {
+        if path.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(path.exists(), "reopen did not recreate {}", path.display());
+    log.close().await;
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn failed_reopen_is_unhealthy_and_recovers_when_the_path_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let path = logs.join("audit.jsonl");
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    log.record(&denied("one")).await.unwrap();
+
+    std::fs::rename(&logs, dir.path().join("logs.old")).unwrap();
+    log.reopen();
+    let err = log.record(&denied("nowhere")).await.unwrap_err();
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(!log.is_healthy());
+
+    std::fs::create_dir(&logs).unwrap();
+    log.record(&denied("two")).await.unwrap();
+    assert!(log.is_healthy());
+    log.close().await;
+    writer.await.unwrap();
+    let got = lines(&path);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["detail"], "two");
+}
+
+#[tokio::test]
+async fn sync_option_writes_and_close_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let options = AuditOptions { sync: true, ..AuditOptions::default() };
+    let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
+    let other = log.clone();
+    // Queue records without awaiting their acks, then close: all are written.
+    let pending: Vec<_> = (0..20)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.record(&denied(format!("{i}"))).await })
+        })
+        .collect();
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+    log.close().await;
+    writer.await.unwrap();
+    assert_eq!(lines(&path).len(), 20);
+    assert!(matches!(other.record(&denied("late")).await, Err(AuditError::Closed)));
+    assert!(!other.is_healthy());
+}
+
+#[tokio::test]
+async fn appends_to_an_existing_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    for round in 0..2 {
+        let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+        log.record(&denied(format!("round {round}"))).await.unwrap();
+        log.close().await;
+        writer.await.unwrap();
+    }
+    let got = lines(&path);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1]["detail"], "round 1");
+}
+
+#[tokio::test]
+async fn dropping_every_handle_stops_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, writer) = AuditLog::open(AuditDest::File(dir.path().join("a.jsonl"))).await.unwrap();
+    drop(log.clone());
+    drop(log);
+    writer.await.unwrap();
+}

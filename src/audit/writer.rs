@@ -1,0 +1,270 @@
+//! The one task that writes the audit log.
+//!
+//! Every line is written with `write(2)` on an `O_APPEND` descriptor (so
+//! `copytruncate` rotation works too) and acknowledged only once it has
+//! reached the OS (and the disk, with `sync`). File calls run on the
+//! blocking pool; the task itself only sequences them, so a slow disk
+//! back-pressures callers through the bounded channel instead of stalling
+//! a runtime worker.
+#![forbid(unsafe_code)]
+
+use super::{AuditError, Shared};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Mode of a newly created log: the log names users and machines.
+const NEW_FILE_MODE: u32 = 0o600;
+
+pub(super) enum Msg {
+    /// One serialized record, newline included.
+    Write { line: Vec<u8>, ack: oneshot::Sender<Result<(), AuditError>> },
+    /// Write what is queued, then stop.
+    Close { done: oneshot::Sender<()> },
+}
+
+/// Where lines go.
+pub(super) enum Sink {
+    File {
+        path: PathBuf,
+        /// `None` after a failed reopen: the next write opens the path.
+        file: Option<Arc<File>>,
+    },
+    Stdout,
+}
+
+/// Opens `path` for appending, creating it with mode 0600.
+pub(super) fn open_append(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new().create(true).append(true).mode(NEW_FILE_MODE).open(path)?;
+    // An existing file keeps its mode; say so when others can read it.
+    if let Ok(meta) = file.metadata() {
+        let mode = meta.permissions().mode();
+        if meta.is_file() && mode & 0o077 != 0 {
+            tracing::warn!(
+                audit_log = %path.display(),
+                mode = format_args!("{:o}", mode & 0o777),
+                "audit log is accessible to group or others"
+            );
+        }
+    }
+    Ok(file)
+}
+
+pub(super) struct Writer {
+    pub(super) sink: Sink,
+    pub(super) shared: Arc<Shared>,
+    pub(super) sync: bool,
+    pub(super) rx: mpsc::Receiver<Msg>,
+    /// A failed write left part of a line that could not be cut off: the
+    /// next line starts with a newline so it stands on its own.
+    pub(super) torn: bool,
+}
+
+/// What a blocking write reports.
+struct Attempt {
+    result: io::Result<()>,
+    torn: bool,
+}
+
+impl Writer {
+    pub(super) async fn run(mut self) {
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.shared.wake.notified() => {
+                    self.reopen_if_requested().await;
+                    continue;
+                }
+                msg = self.rx.recv() => msg,
+            };
+            match msg {
+                None => break,
+                Some(Msg::Write { line, ack }) => {
+                    let result = self.write(line).await;
+                    // The caller may have given up waiting; the line is
+                    // written all the same.
+                    let _ = ack.send(result);
+                }
+                Some(Msg::Close { done }) => {
+                    self.drain().await;
+                    let _ = done.send(());
+                    break;
+                }
+            }
+        }
+        // No writer, no audit: fail closed from here on.
+        self.shared.healthy.store(false, Ordering::Release);
+        tracing::debug!(audit_log = %self.shared.dest, "audit writer stopped");
+    }
+
+    /// Refuses new messages and writes those already queued.
+    async fn drain(&mut self) {
+        self.rx.close();
+        while let Some(msg) = self.rx.recv().await {
+            match msg {
+                Msg::Write { line, ack } => {
+                    let result = self.write(line).await;
+                    let _ = ack.send(result);
+                }
+                Msg::Close { done } => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    async fn reopen_if_requested(&mut self) {
+        if !self.shared.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Sink::File { path, file } = &mut self.sink else {
+            tracing::debug!("audit log is stdout; nothing to reopen");
+            return;
+        };
+        // Close first: after a rename, the old name is gone anyway, and
+        // keeping a handle to the rotated file would hide a failed reopen.
+        *file = None;
+        match open_blocking(path.clone()).await {
+            Ok(f) => {
+                *file = Some(Arc::new(f));
+                self.torn = false;
+                tracing::info!(audit_log = %path.display(), "audit log reopened");
+            }
+            Err(error) => {
+                self.shared.healthy.store(false, Ordering::Release);
+                tracing::error!(
+                    audit_log = %path.display(), %error,
+                    "cannot reopen audit log; refusing new sessions until it can be written"
+                );
+            }
+        }
+    }
+
+    /// Writes one line: on failure reopens once and writes it again.
+    async fn write(&mut self, line: Vec<u8>) -> Result<(), AuditError> {
+        self.reopen_if_requested().await;
+        let line: Arc<[u8]> = line.into();
+        let first = match self.attempt(line.clone()).await {
+            Ok(()) => return self.succeeded(),
+            Err(e) => e,
+        };
+        tracing::warn!(
+            audit_log = %self.shared.dest, error = %first,
+            "audit write failed; reopening and retrying once"
+        );
+        if let Sink::File { path, file } = &mut self.sink {
+            *file = None;
+            match open_blocking(path.clone()).await {
+                Ok(f) => {
+                    *file = Some(Arc::new(f));
+                    self.torn = false;
+                }
+                Err(error) => return Err(self.failed(error)),
+            }
+        }
+        match self.attempt(line).await {
+            Ok(()) => self.succeeded(),
+            Err(error) => Err(self.failed(error)),
+        }
+    }
+
+    fn succeeded(&self) -> Result<(), AuditError> {
+        self.shared.healthy.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn failed(&self, error: io::Error) -> AuditError {
+        self.shared.healthy.store(false, Ordering::Release);
+        tracing::error!(
+            audit_log = %self.shared.dest, %error,
+            "cannot write audit log; refusing new sessions until it can be written"
+        );
+        AuditError::Write { dest: self.shared.dest.to_string(), source: error }
+    }
+
+    /// One write (plus fdatasync with `sync`), opening the file first if a
+    /// reopen had failed.
+    async fn attempt(&mut self, line: Arc<[u8]>) -> io::Result<()> {
+        let (torn, sync) = (self.torn, self.sync);
+        let target = match &mut self.sink {
+            Sink::File { path, file } => {
+                let f = match file {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = Arc::new(open_blocking(path.clone()).await?);
+                        *file = Some(f.clone());
+                        f
+                    }
+                };
+                Some(f)
+            }
+            Sink::Stdout => None,
+        };
+        let attempt = tokio::task::spawn_blocking(move || match target {
+            Some(f) => write_file(&f, &line, torn, sync),
+            None => write_stdout(&line, torn),
+        })
+        .await
+        .unwrap_or_else(|join| Attempt { result: Err(io::Error::other(join)), torn });
+        self.torn = attempt.torn;
+        attempt.result
+    }
+}
+
+async fn open_blocking(path: PathBuf) -> io::Result<File> {
+    tokio::task::spawn_blocking(move || open_append(&path))
+        .await
+        .unwrap_or_else(|join| Err(io::Error::other(join)))
+}
+
+/// Writes `line` as one or more `write(2)` calls, counting what got out.
+fn write_counted(out: &mut impl Write, line: &[u8]) -> (usize, io::Result<()>) {
+    let mut written = 0;
+    while written < line.len() {
+        match out.write(&line[written..]) {
+            Ok(0) => return (written, Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (written, Err(e)),
+        }
+    }
+    (written, Ok(()))
+}
+
+fn write_file(file: &File, line: &[u8], torn: bool, sync: bool) -> Attempt {
+    let mut out = file;
+    if torn {
+        if let (_, Err(e)) = write_counted(&mut out, b"\n") {
+            return Attempt { result: Err(e), torn: true };
+        }
+    }
+    let (written, result) = write_counted(&mut out, line);
+    if let Err(e) = result {
+        // Cut off a partial line (we are the only writer, so it is the
+        // file's tail); if that fails too, the next line starts afresh.
+        let torn = written > 0
+            && file.metadata().and_then(|m| file.set_len(m.len().saturating_sub(written as u64))).is_err();
+        return Attempt { result: Err(e), torn };
+    }
+    // With `sync`, a line counts as written once it is on disk: a failed
+    // fdatasync is a failed write (retrying may duplicate the line, which
+    // a reader can tell; losing it would go unnoticed).
+    let result = if sync { file.sync_data() } else { Ok(()) };
+    Attempt { result, torn: false }
+}
+
+fn write_stdout(line: &[u8], torn: bool) -> Attempt {
+    let mut out = io::stdout().lock();
+    if torn {
+        if let (_, Err(e)) = write_counted(&mut out, b"\n") {
+            return Attempt { result: Err(e), torn: true };
+        }
+    }
+    let (written, result) = write_counted(&mut out, line);
+    let result = result.and_then(|()| out.flush());
+    Attempt { torn: result.is_err() && written > 0, result }
+}

@@ -1,0 +1,310 @@
+//! `audit-schema.json` against the real writer: every kind of record the
+//! Rust types can build, written through `AuditLog` to a file and read
+//! back, validates; and records the schema must refuse (unknown or
+//! secret-looking fields, missing fields, inconsistent combinations) fail.
+
+#[path = "common/audit.rs"]
+mod audit_check;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tailgres::audit::{
+    new_session_id, AuditDest, AuditLog, AuthMethod, CancelOutcome, ClientTransport, DenyReason, EndReason,
+    Event, Peer, PostgresInfo, ProtocolVersion, Record, SessionEnd, SqlState, TlsVersion, UpstreamInfo,
+};
+
+/// Every event the types can express, each closed set walked in full.
+fn all_events() -> Vec<Event> {
+    let mut events = vec![Event::SessionStart];
+    for reason in DenyReason::ALL {
+        events.push(Event::denied(reason, format!("denied: {reason:?}")));
+    }
+    for method in AuthMethod::ALL {
+        events.push(Event::auth_ok(method));
+        events.push(Event::auth_failed(method, SqlState::parse("28P01"), "password authentication failed"));
+        events.push(Event::auth_failed(method, None, "upstream closed during authentication"));
+    }
+    events.push(Event::Cancel(CancelOutcome::Forwarded { target_session_id: new_session_id() }));
+    events.push(Event::Cancel(CancelOutcome::UnknownKey));
+    events.push(Event::Cancel(CancelOutcome::OtherNode { target_session_id: new_session_id() }));
+    events.push(Event::Cancel(CancelOutcome::UpstreamError { target_session_id: new_session_id() }));
+    for reason in EndReason::ALL {
+        for detail in [None, Some("connection reset by peer".to_string())] {
+            events.push(Event::SessionEnd(SessionEnd {
+                duration: Duration::from_millis(12_345),
+                bytes_client_to_upstream: 1_234,
+                bytes_upstream_to_client: u64::MAX,
+                reason,
+                detail,
+            }));
+        }
+    }
+    events
+}
+
+fn peer(tags: &[&str], ip: &str) -> Peer {
+    Peer {
+        stable_id: "nQ8tVb3CNTRL".into(),
+        node_name: "laptop.tail1234.ts.net".into(),
+        user_login: "alice@example.com".into(),
+        user_display_name: "Alice Example".into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        tailnet_ip: ip.parse().unwrap(),
+        os: "linux".into(),
+        shared_in: !tags.is_empty(),
+    }
+}
+
+fn upstream(not_after: Option<SystemTime>) -> UpstreamInfo {
+    UpstreamInfo {
+        address: "db.internal:5432".into(),
+        server_name: "db.internal".into(),
+        tls_version: TlsVersion::Tls13,
+        cipher: "TLS13_AES_256_GCM_SHA384".into(),
+        cert_sha256: [0x5a; 32],
+        cert_not_after: not_after,
+    }
+}
+
+/// Each event with every optional part null, and with every part filled
+/// (alternating the variants of the filled parts).
+fn all_records() -> Vec<Record> {
+    let v4: SocketAddr = "100.64.0.3:41234".parse().unwrap();
+    let v6: SocketAddr = "[fd7a:115c:a1e0::3]:41234".parse().unwrap();
+    let mut records = Vec::new();
+    for (i, event) in all_events().into_iter().enumerate() {
+        records.push(Record::new(new_session_id(), v4, event.clone()));
+        let odd = i % 2 == 1;
+        let filled = Record::new(new_session_id(), if odd { v6 } else { v4 }, event)
+            .with_peer(if odd {
+                peer(&["tag:ci", "tag:prod-db"], "fd7a:115c:a1e0::3")
+            } else {
+                peer(&[], "100.64.0.3")
+            })
+            .with_postgres(PostgresInfo {
+                user: "alice".into(),
+                database: "app".into(),
+                application_name: odd.then(|| "psql \"quoted\"\n\u{1F418}".to_string()),
+                protocol: if odd { ProtocolVersion::V3_2 } else { ProtocolVersion::V3_0 },
+            })
+            .with_client_transport(
+                [ClientTransport::Plaintext, ClientTransport::Tls, ClientTransport::DirectTls][i % 3],
+            )
+            .with_upstream(upstream(odd.then(|| UNIX_EPOCH + Duration::from_secs(253_402_300_799))));
+        records.push(filled);
+    }
+    records
+}
+
+/// The records, written by the real writer to a file, read back validated.
+async fn written(records: &[Record]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    for r in records {
+        log.record(r).await.unwrap();
+    }
+    log.close().await;
+    writer.await.unwrap();
+    audit_check::validate_lines(&path)
+}
+
+#[tokio::test]
+async fn every_record_kind_written_by_the_writer_validates() {
+    let records = all_records();
+    let lines = written(&records).await;
+    assert_eq!(lines.len(), records.len());
+    for (record, line) in records.iter().zip(&lines) {
+        // What reached the file is exactly what the record serializes to.
+        assert_eq!(line, &serde_json::to_value(record).unwrap());
+    }
+    let kinds: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["auth_failed", "auth_ok", "cancel", "session_denied", "session_end", "session_start"]
+    );
+    // Both the null and the filled shapes are covered.
+    for part in ["peer", "postgres", "client_transport", "upstream"] {
+        assert!(lines.iter().any(|l| l[part].is_null()), "{part} never null");
+        assert!(lines.iter().any(|l| !l[part].is_null()), "{part} never filled");
+    }
+}
+
+/// One filled, valid record of each event kind, as JSON, to break.
+fn samples() -> Vec<Value> {
+    let mut seen = std::collections::HashSet::new();
+    all_records()
+        .into_iter()
+        .filter(|r| r.peer.is_some() && seen.insert(r.event.name()))
+        .map(|r| serde_json::to_value(r).unwrap())
+        .inspect(|v| audit_check::validate_value(v, "sample"))
+        .collect()
+}
+
+fn sample(event: &str) -> Value {
+    samples().into_iter().find(|v| v["event"] == event).unwrap()
+}
+
+#[track_caller]
+fn assert_rejected(v: &Value, why: &str) {
+    assert!(!audit_check::errors(v).is_empty(), "audit-schema.json accepts a record with {why}:\n{v}");
+}
+
+#[test]
+fn unknown_and_secret_looking_fields_are_rejected_everywhere() {
+    for s in samples() {
+        let event = s["event"].as_str().unwrap().to_string();
+        for field in ["unknown_field", "password", "auth_key", "secret_key", "token"] {
+            let mut v = s.clone();
+            v[field] = json!("hunter2");
+            assert_rejected(&v, &format!("extra top-level {field:?} on {event}"));
+            for part in ["peer", "postgres", "upstream"] {
+                let mut v = s.clone();
+                v[part][field] = json!("hunter2");
+                assert_rejected(&v, &format!("extra {part}.{field} on {event}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_field_is_required() {
+    for s in samples() {
+        let event = s["event"].as_str().unwrap();
+        for key in s.as_object().unwrap().keys() {
+            let mut v = s.clone();
+            v.as_object_mut().unwrap().remove(key);
+            assert_rejected(&v, &format!("no {key:?} on {event}"));
+        }
+        for part in ["peer", "postgres", "upstream"] {
+            for key in s[part].as_object().unwrap().keys() {
+                let mut v = s.clone();
+                v[part].as_object_mut().unwrap().remove(key);
+                assert_rejected(&v, &format!("no {part}.{key} on {event}"));
+            }
+        }
+    }
+    let mut denied = sample("session_denied");
+    denied.as_object_mut().unwrap().remove("reason");
+    assert_rejected(&denied, "a session_denied without reason");
+}
+
+#[test]
+fn fields_of_one_event_are_refused_on_another() {
+    let foreign: &[(&str, &str, Value)] = &[
+        ("session_start", "reason", json!("unknown_peer")),
+        ("auth_ok", "reason", json!("client_closed")),
+        ("auth_ok", "sqlstate", json!(null)),
+        ("session_denied", "auth_method", json!("md5")),
+        ("cancel", "duration_ms", json!(1)),
+        ("session_end", "forwarded", json!(false)),
+    ];
+    for (event, key, value) in foreign {
+        let mut v = sample(event);
+        v[*key] = value.clone();
+        assert_rejected(&v, &format!("{key} on {event}"));
+    }
+}
+
+#[test]
+fn malformed_values_are_rejected() {
+    let cases: &[(&str, &str, Value)] = &[
+        ("session_start", "event", json!("session_begin")),
+        ("session_start", "ts", json!("2026-11-23T14:03:07Z")),
+        ("session_start", "ts", json!("2026-11-23T14:03:07.123456")),
+        ("session_start", "ts", json!("2026-11-23T14:03:07.123456+00:00")),
+        ("session_start", "ts", json!("2026-13-23T14:03:07.123456Z")),
+        ("session_start", "session_id", json!("0123456789ABCDEF")),
+        ("session_start", "session_id", json!("0123456789abcde")),
+        ("session_start", "peer_addr", json!("laptop:5432")),
+        ("session_start", "client_transport", json!("ssl")),
+        ("session_denied", "reason", json!("because")),
+        ("session_denied", "side", json!("nobody")),
+        ("auth_ok", "auth_method", json!("kerberos")),
+        ("auth_failed", "sqlstate", json!("28p01")),
+        ("cancel", "target_session_id", json!("not-a-session")),
+        ("session_end", "duration_ms", json!(-1)),
+        ("session_end", "duration_ms", json!(1.5)),
+        ("session_end", "bytes_client_to_upstream", json!("12")),
+        ("session_end", "reason", json!("bored")),
+    ];
+    for (event, key, value) in cases {
+        let mut v = sample(event);
+        v[*key] = value.clone();
+        assert_rejected(&v, &format!("{key} = {value} on {event}"));
+    }
+    let nested: &[(&str, &str, Value)] = &[
+        ("peer", "tailnet_ip", json!("999.0.0.1")),
+        ("peer", "tags", json!(["prod"])),
+        ("peer", "shared_in", json!("yes")),
+        ("postgres", "protocol", json!("3.1")),
+        ("postgres", "user", json!("")),
+        ("upstream", "tls_version", json!("TLSv1.1")),
+        ("upstream", "cert_sha256", json!("AB".repeat(32))),
+        ("upstream", "cert_not_after", json!("tomorrow")),
+    ];
+    for (part, key, value) in nested {
+        let mut v = sample("session_start");
+        v[*part][*key] = value.clone();
+        assert_rejected(&v, &format!("{part}.{key} = {value}"));
+    }
+}
+
+#[test]
+fn inconsistent_combinations_are_rejected() {
+    let mut v = sample("session_denied");
+    v["reason"] = json!("upstream_tls");
+    v["side"] = json!("client");
+    assert_rejected(&v, "an upstream reason blamed on the client");
+
+    let mut v = sample("session_end");
+    v["reason"] = json!("client_terminated");
+    v["ended_by"] = json!("proxy");
+    assert_rejected(&v, "a client Terminate ended by the proxy");
+
+    let mut v = sample("cancel");
+    v["reason"] = json!("unknown_key");
+    v["forwarded"] = json!(true);
+    assert_rejected(&v, "a forwarded cancel for an unknown key");
+
+    let mut v = sample("cancel");
+    v["reason"] = json!("forwarded");
+    v["forwarded"] = json!(true);
+    v["target_session_id"] = json!(null);
+    assert_rejected(&v, "a forwarded cancel without a target");
+
+    let mut v = sample("cancel");
+    v["reason"] = json!("unknown_key");
+    v["forwarded"] = json!(false);
+    v["target_session_id"] = json!(new_session_id());
+    assert_rejected(&v, "an unknown key that names a session");
+
+    let mut v = sample("cancel");
+    v["reason"] = json!("other_node");
+    v["forwarded"] = json!(true);
+    assert_rejected(&v, "a cancel from another node marked forwarded");
+}
+
+#[test]
+#[should_panic(expected = "audit.jsonl:2")]
+fn validate_lines_names_the_offending_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let good = sample("session_start");
+    let mut bad = good.clone();
+    bad["password"] = json!("hunter2");
+    std::fs::write(&path, format!("{good}\n{bad}\n")).unwrap();
+    audit_check::validate_lines(&path);
+}
+
+#[test]
+#[should_panic(expected = "unterminated line")]
+fn validate_lines_refuses_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let good = sample("session_start").to_string();
+    std::fs::write(&path, format!("{good}\n{}", &good[..20])).unwrap();
+    audit_check::validate_lines(&path);
+}

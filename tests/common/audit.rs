@@ -1,0 +1,70 @@
+//! Audit log checks for integration and end-to-end tests: every line of a
+//! JSON-lines audit log must validate against `audit-schema.json`.
+//!
+//! Tests assert on audit JSON, never on log text (house style): read the
+//! log with [`validate_lines`], then look at the values.
+#![allow(dead_code)]
+
+use jsonschema::Validator;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// `audit-schema.json` at the repository root.
+pub fn schema_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("audit-schema.json")
+}
+
+/// The compiled schema, with `format` asserted (2020-12 only annotates it
+/// by default). Panics if the schema is not itself valid JSON Schema.
+pub fn validator() -> &'static Validator {
+    static VALIDATOR: OnceLock<Validator> = OnceLock::new();
+    VALIDATOR.get_or_init(|| {
+        let path = schema_path();
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let schema: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        if let Err(e) = jsonschema::meta::validate(&schema) {
+            panic!("{} is not a valid JSON Schema: {e} at {}", path.display(), e.instance_path);
+        }
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap_or_else(|e| panic!("compiling {}: {e}", path.display()))
+    })
+}
+
+/// Every way `record` breaks the schema, as "path: message" (empty: valid).
+pub fn errors(record: &Value) -> Vec<String> {
+    validator().iter_errors(record).map(|e| format!("{}: {e}", e.instance_path)).collect()
+}
+
+/// Panics, naming `what` and each error, unless `record` is valid.
+pub fn validate_value(record: &Value, what: &str) {
+    let errs = errors(record);
+    assert!(errs.is_empty(), "{what} breaks audit-schema.json:\n  {}\n{record}", errs.join("\n  "));
+}
+
+/// Reads a JSON-lines audit log, validates every line against the schema
+/// and returns the records in file order. Panics with the line number and
+/// the offending line on any failure: a line that is not JSON, breaks the
+/// schema, is blank, or is the file's unterminated tail.
+pub fn validate_lines(path: &Path) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading audit log {}: {e}", path.display()));
+    if !text.is_empty() && !text.ends_with('\n') {
+        let tail = text.rsplit('\n').next().unwrap_or_default();
+        panic!("audit log {} ends with an unterminated line: {tail}", path.display());
+    }
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let what = format!("{}:{}", path.display(), i + 1);
+            let value: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {line}"));
+            validate_value(&value, &what);
+            value
+        })
+        .collect()
+}
