@@ -1,0 +1,343 @@
+//! Stage 3, negotiate: the packets a client sends before its
+//! StartupMessage (shared/design/postgres-protocol.md, "Before the
+//! StartupMessage"). Yields the client stream (plaintext or TLS) and the
+//! parsed StartupMessage, or a CancelRequest.
+//!
+//! Every refusal is answered with a FATAL ErrorResponse (08P01) on the
+//! transport the client is on, then the connection is closed. The caller
+//! bounds the whole exchange with a timeout.
+#![forbid(unsafe_code)]
+
+use crate::pgwire::{self, sqlstate};
+use crate::stream::{ClientStream, Rewind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_rustls::TlsAcceptor;
+
+/// How the client reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientTransport {
+    Plaintext,
+    Tls,
+    DirectTls,
+}
+
+impl ClientTransport {
+    pub fn is_tls(self) -> bool {
+        self != ClientTransport::Plaintext
+    }
+}
+
+/// A parsed StartupMessage.
+#[derive(Debug, Clone)]
+pub struct Startup {
+    /// The protocol version code (3.0 = 196608, 3.2 = 196610, ...).
+    pub version: u32,
+    /// Parameters in the order the client sent them.
+    pub params: Vec<(String, String)>,
+}
+
+impl Startup {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        // The server takes the last occurrence; so do we.
+        self.params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    pub fn user(&self) -> &str {
+        self.param("user").unwrap_or("")
+    }
+    /// The database, defaulting to the user name as the server does.
+    pub fn database(&self) -> &str {
+        self.param("database").unwrap_or_else(|| self.user())
+    }
+    pub fn application_name(&self) -> Option<&str> {
+        self.param("application_name")
+    }
+    pub fn protocol_label(&self) -> String {
+        format!("{}.{}", self.version >> 16, self.version & 0xffff)
+    }
+    /// The packet to send upstream (re-encoded from the parsed parameters).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut body = self.version.to_be_bytes().to_vec();
+        for (k, v) in &self.params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+}
+
+/// A CancelRequest as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelRequest {
+    pub pid: u32,
+    pub key: Vec<u8>,
+}
+
+pub enum Negotiated<S> {
+    Startup { stream: ClientStream<S>, startup: Startup, transport: ClientTransport },
+    Cancel { request: CancelRequest, transport: ClientTransport },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiateError {
+    #[error("client closed the connection during negotiation")]
+    Closed,
+    #[error("reading from the client: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("client protocol error: {0}")]
+    Protocol(String),
+    #[error("client TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+}
+
+impl NegotiateError {
+    /// Snake-case reason for the audit log.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            NegotiateError::Closed => "client_closed",
+            NegotiateError::Io(_) => "client_error",
+            NegotiateError::Protocol(_) => "protocol_error",
+            NegotiateError::Tls(_) => "client_tls_failed",
+        }
+    }
+}
+
+/// At most this many pre-startup requests (SSL, GSSENC) before a
+/// StartupMessage; a client looping on them is refused.
+const MAX_PRE_STARTUP: usize = 4;
+
+fn io_err(e: std::io::Error) -> NegotiateError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe => NegotiateError::Closed,
+        _ => NegotiateError::Io(e),
+    }
+}
+
+/// Runs negotiation on a fresh client connection. `tls` is the acceptor for
+/// clients that ask for TLS (SSLRequest or direct TLS); `None` answers 'N'.
+pub async fn negotiate<S>(
+    stream: S,
+    tls: Option<&TlsAcceptor>,
+) -> Result<Negotiated<S>, NegotiateError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut plain = Rewind::new(stream);
+    let mut first = [0u8; 4];
+    plain.read_exact(&mut first).await.map_err(io_err)?;
+
+    if first[0] == pgwire::TLS_HANDSHAKE_BYTE {
+        // Direct TLS (PostgreSQL 17+ sslnegotiation=direct): the bytes are
+        // the start of a ClientHello; replay them into the TLS handshake.
+        let Some(acceptor) = tls else {
+            return Err(NegotiateError::Protocol("direct TLS requested but TLS is disabled".into()));
+        };
+        let rewound = Rewind::with_prefix(plain.into_inner(), first.to_vec());
+        let tls_stream = acceptor.accept(rewound).await.map_err(NegotiateError::Tls)?;
+        if tls_stream.get_ref().1.alpn_protocol() != Some(b"postgresql") {
+            // PostgreSQL requires ALPN "postgresql" on direct TLS so that a
+            // TLS connection meant for another protocol is never taken for
+            // ours; so do we.
+            let mut s = ClientStream::Tls(Box::new(tls_stream));
+            return refuse(&mut s, "direct TLS connection without ALPN \"postgresql\"").await;
+        }
+        let mut s = ClientStream::Tls(Box::new(tls_stream));
+        return read_packets(&mut s, ClientTransport::DirectTls, None, 0)
+            .await
+            .map(|r| r.finish(s, ClientTransport::DirectTls));
+    }
+
+    let mut s = ClientStream::Plain(plain);
+    let mut transport = ClientTransport::Plaintext;
+    let mut header = Some(first);
+    let mut requests = 0;
+    loop {
+        match read_packets(&mut s, transport, header.take(), requests).await? {
+            Step::SslRequest => {
+                requests += 1;
+                let acceptor = match (transport, tls) {
+                    (ClientTransport::Plaintext, Some(a)) => a,
+                    // No TLS configured, or a second SSLRequest inside TLS.
+                    _ => {
+                        write(&mut s, b"N").await?;
+                        continue;
+                    }
+                };
+                let ClientStream::Plain(plain) = s else { unreachable!("plaintext stream") };
+                let mut plain = plain;
+                // CVE-2021-23214: a client must wait for our 'S' before it
+                // sends anything. Bytes already here were sent in the clear
+                // and must never be read as if they had come through TLS.
+                if has_buffered_bytes(&mut plain) {
+                    let mut p = ClientStream::Plain(plain);
+                    return refuse(&mut p, "received unencrypted data after SSL request").await;
+                }
+                plain.write_all(b"S").await.map_err(io_err)?;
+                plain.flush().await.map_err(io_err)?;
+                let tls_stream = acceptor.accept(plain).await.map_err(NegotiateError::Tls)?;
+                s = ClientStream::Tls(Box::new(tls_stream));
+                transport = ClientTransport::Tls;
+            }
+            Step::GssEncRequest => {
+                requests += 1;
+                // No GSSAPI encryption here: 'N', and the client continues
+                // on the same connection (closing it breaks Kerberos users).
+                write(&mut s, b"N").await?;
+            }
+            done => return Ok(done.finish(s, transport)),
+        }
+    }
+}
+
+enum Step {
+    SslRequest,
+    GssEncRequest,
+    Startup(Startup),
+    Cancel(CancelRequest),
+}
+
+impl Step {
+    fn finish<S>(self, stream: ClientStream<S>, transport: ClientTransport) -> Negotiated<S> {
+        match self {
+            Step::Startup(startup) => Negotiated::Startup { stream, startup, transport },
+            Step::Cancel(request) => Negotiated::Cancel { request, transport },
+            _ => unreachable!("only final steps finish"),
+        }
+    }
+}
+
+async fn write<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut ClientStream<S>,
+    bytes: &[u8],
+) -> Result<(), NegotiateError> {
+    s.write_all(bytes).await.map_err(io_err)?;
+    s.flush().await.map_err(io_err)
+}
+
+/// Sends FATAL 08P01 with `why` and returns the matching error.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin, T>(
+    s: &mut ClientStream<S>,
+    why: &str,
+) -> Result<T, NegotiateError> {
+    let _ = s.write_all(&pgwire::fatal(sqlstate::PROTOCOL_VIOLATION, why)).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+    Err(NegotiateError::Protocol(why.to_string()))
+}
+
+/// Reads one pre-startup packet (its first 4 bytes may already be read).
+async fn read_packets<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut ClientStream<S>,
+    transport: ClientTransport,
+    header: Option<[u8; 4]>,
+    requests: usize,
+) -> Result<Step, NegotiateError> {
+    let len_bytes = match header {
+        Some(h) => h,
+        None => {
+            let mut h = [0u8; 4];
+            s.read_exact(&mut h).await.map_err(io_err)?;
+            h
+        }
+    };
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    if len < 8 {
+        return refuse(s, &format!("invalid startup packet length {len}")).await;
+    }
+    if len > pgwire::MAX_STARTUP_PACKET {
+        return refuse(s, &format!("startup packet too long ({len} bytes, limit {})", pgwire::MAX_STARTUP_PACKET)).await;
+    }
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await.map_err(io_err)?;
+    let code = u32::from_be_bytes(body[..4].try_into().unwrap());
+    let rest = &body[4..];
+    match code {
+        pgwire::SSL_REQUEST | pgwire::GSSENC_REQUEST => {
+            if len != 8 {
+                return refuse(s, "invalid length of SSL/GSSENC request").await;
+            }
+            if requests >= MAX_PRE_STARTUP {
+                return refuse(s, "too many SSL/GSSENC requests").await;
+            }
+            Ok(if code == pgwire::SSL_REQUEST { Step::SslRequest } else { Step::GssEncRequest })
+        }
+        pgwire::CANCEL_REQUEST => {
+            // pid (4) + key (4 in 3.0, 4..=256 in 3.2)
+            if rest.len() < 8 || rest.len() > 4 + pgwire::MAX_CANCEL_KEY {
+                return refuse(s, "invalid length of cancel request").await;
+            }
+            let pid = u32::from_be_bytes(rest[..4].try_into().unwrap());
+            let _ = transport;
+            Ok(Step::Cancel(CancelRequest { pid, key: rest[4..].to_vec() }))
+        }
+        v if v >> 16 == 3 => match parse_params(rest) {
+            Ok(params) => {
+                let startup = Startup { version: v, params };
+                if startup.user().is_empty() {
+                    return refuse(s, "no PostgreSQL user name specified in startup packet").await;
+                }
+                Ok(Step::Startup(startup))
+            }
+            Err(why) => refuse(s, &why).await,
+        },
+        v => {
+            refuse(s, &format!("unsupported frontend protocol {}.{}: tailgres supports 3.x", v >> 16, v & 0xffff)).await
+        }
+    }
+}
+
+/// `name\0value\0 ... \0`, names non-empty, UTF-8.
+fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let bad = || "invalid startup packet layout: expected terminator as last byte".to_string();
+    let mut params = Vec::new();
+    loop {
+        let end = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
+        if end == 0 {
+            if rest.len() != 1 {
+                return Err(bad());
+            }
+            return Ok(params);
+        }
+        let name = std::str::from_utf8(&rest[..end]).map_err(|_| "startup parameter name is not UTF-8".to_string())?;
+        rest = &rest[end + 1..];
+        let vend = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
+        let value = std::str::from_utf8(&rest[..vend]).map_err(|_| format!("startup parameter {name:?} is not UTF-8"))?;
+        params.push((name.to_string(), value.to_string()));
+        rest = &rest[vend + 1..];
+    }
+}
+
+/// Whether bytes are already readable on the stream without waiting: a
+/// single poll with a no-op waker (nothing is consumed if Pending; if
+/// Ready, the bytes were sent in the clear before our answer).
+fn has_buffered_bytes<S: AsyncRead + Unpin>(s: &mut Rewind<S>) -> bool {
+    if s.has_prefix() {
+        return true;
+    }
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    match Pin::new(s).poll_read(&mut cx, &mut buf) {
+        Poll::Ready(Ok(())) => !buf.filled().is_empty(),
+        Poll::Ready(Err(_)) => false, // the error resurfaces on the next read
+        Poll::Pending => false,
+    }
+}
+
+/// Shared TLS acceptor for clients, built once (session resumption on).
+pub fn acceptor(config: Arc<rustls::ServerConfig>) -> TlsAcceptor {
+    TlsAcceptor::from(config)
+}
+
+#[cfg(test)]
+mod tests;
