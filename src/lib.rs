@@ -14,6 +14,19 @@
 //! `unsafe` lives only in `tailnet::ffi` and `sys`.
 #![deny(unsafe_code)]
 
+pub mod app;
+pub mod audit;
+pub mod authenticate;
+pub mod cancel;
+pub mod config;
+pub mod negotiate;
+pub mod pgwire;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod scram;
 pub mod signals;
+pub mod stream;
 pub mod sys;
 pub mod tailnet;
+pub mod upstream;

@@ -1,0 +1,361 @@
+//! Stage 6, authenticate: send the StartupMessage upstream and carry the
+//! authentication exchange to AuthenticationOk and ReadyForQuery.
+//!
+//! The adaptive password relay (shared/design/postgres-protocol.md, "SCRAM
+//! channel binding through a TLS-terminating proxy"), decided by what the
+//! upstream asks for:
+//! - AuthenticationOk, cleartext, MD5, GSS...: relayed unchanged.
+//! - SASL with a plaintext client (or `--auth passthrough`): relayed, with
+//!   `-PLUS` mechanisms removed (the client then sends gs2 flag `n`).
+//! - SASL with a TLS client (default): the client is asked for its password
+//!   in cleartext (inside TLS inside WireGuard), and the proxy runs
+//!   SCRAM-SHA-256-PLUS to the upstream, bound to the upstream's real
+//!   certificate. The password is zeroized after use and never logged.
+#![forbid(unsafe_code)]
+
+use crate::negotiate::Startup;
+use crate::pgwire::{self, auth, sqlstate, Message};
+use crate::scram;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use zeroize::Zeroizing;
+
+/// The largest message accepted from either side before ReadyForQuery
+/// (GSSAPI tokens and ParameterStatus values are the big ones).
+const MAX_AUTH_MESSAGE: usize = 1 << 20;
+/// A password message is small; anything bigger is not a password.
+const MAX_PASSWORD_MESSAGE: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Relay passwords for TLS clients so SCRAM channel binding works with
+    /// every client's defaults (the proxy sees the password, inside TLS).
+    PasswordRelay,
+    /// Never see passwords; TLS clients must set channel_binding=disable.
+    Passthrough,
+}
+
+/// What authentication established.
+#[derive(Debug)]
+pub struct AuthOutcome {
+    /// Audit name of the method ("password_relay_scram_sha_256_plus", ...).
+    pub method: &'static str,
+    /// BackendKeyData (pid, key) for cancel, when the upstream sent one.
+    pub backend_key: Option<(u32, Vec<u8>)>,
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The upstream refused (its ErrorResponse was forwarded to the client).
+    #[error("upstream refused the session: {sqlstate} {message}")]
+    Rejected { method: &'static str, sqlstate: String, message: String },
+    #[error("client went away during authentication: {0}")]
+    ClientClosed(#[source] std::io::Error),
+    #[error("client protocol error during authentication: {0}")]
+    ClientProtocol(String),
+    #[error("upstream connection failed during authentication: {0}")]
+    Upstream(#[source] std::io::Error),
+    #[error("upstream protocol error during authentication: {0}")]
+    UpstreamProtocol(String),
+    #[error("SCRAM with the upstream failed: {0}")]
+    Scram(String),
+}
+
+impl AuthError {
+    pub fn method(&self) -> &'static str {
+        match self {
+            AuthError::Rejected { method, .. } => method,
+            _ => "other",
+        }
+    }
+}
+
+struct Exchange<'a, C, U> {
+    client: &'a mut C,
+    upstream: &'a mut U,
+    c2u: u64,
+    u2c: u64,
+}
+
+impl<C, U> Exchange<'_, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn to_client(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
+        self.client.write_all(bytes).await.map_err(AuthError::ClientClosed)?;
+        self.client.flush().await.map_err(AuthError::ClientClosed)?;
+        self.u2c += bytes.len() as u64;
+        Ok(())
+    }
+    async fn to_upstream(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
+        self.upstream.write_all(bytes).await.map_err(AuthError::Upstream)?;
+        self.upstream.flush().await.map_err(AuthError::Upstream)?;
+        self.c2u += bytes.len() as u64;
+        Ok(())
+    }
+    async fn from_upstream(&mut self) -> Result<Message, AuthError> {
+        pgwire::read_message(self.upstream, MAX_AUTH_MESSAGE).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                AuthError::UpstreamProtocol(e.to_string())
+            } else {
+                AuthError::Upstream(e)
+            }
+        })
+    }
+    /// The client's answer to an authentication request: a 'p' message.
+    async fn from_client(&mut self, max: usize) -> Result<Message, AuthError> {
+        let m = pgwire::read_message(self.client, max).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                AuthError::ClientProtocol(e.to_string())
+            } else {
+                AuthError::ClientClosed(e)
+            }
+        })?;
+        match m.tag {
+            b'p' => Ok(m),
+            b'X' => Err(AuthError::ClientClosed(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client sent Terminate",
+            ))),
+            t => Err(AuthError::ClientProtocol(format!(
+                "expected a password message, got '{}'",
+                t as char
+            ))),
+        }
+    }
+    /// Forwards an upstream ErrorResponse and turns it into the error.
+    async fn rejected(&mut self, m: &Message, method: &'static str) -> AuthError {
+        let _ = self.to_client(&m.to_bytes()).await;
+        let (code, msg) = pgwire::error_fields(&m.body);
+        AuthError::Rejected {
+            method,
+            sqlstate: code.unwrap_or_default(),
+            message: msg.unwrap_or_default(),
+        }
+    }
+}
+
+/// Runs the whole exchange. `client_tls` says whether the client's leg is
+/// TLS; `binding` is the upstream's tls-server-end-point data.
+pub async fn authenticate<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    startup: &Startup,
+    client_tls: bool,
+    mode: AuthMode,
+    binding: Option<&[u8]>,
+) -> Result<AuthOutcome, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut x = Exchange { client, upstream, c2u: 0, u2c: 0 };
+    x.to_upstream(&startup.to_bytes()).await?;
+    let mut method: Option<&'static str> = None;
+
+    // Authentication requests until AuthenticationOk.
+    loop {
+        let m = x.from_upstream().await?;
+        match m.tag {
+            b'R' => {
+                let code = m.code().ok_or_else(|| {
+                    AuthError::UpstreamProtocol("authentication request without a code".into())
+                })?;
+                match code {
+                    auth::OK => {
+                        x.to_client(&m.to_bytes()).await?;
+                        method.get_or_insert("trust");
+                        break;
+                    }
+                    auth::SASL if client_tls && mode == AuthMode::PasswordRelay => {
+                        method = Some(password_relay(&mut x, &m, binding).await?);
+                    }
+                    auth::SASL => {
+                        method = Some("scram_sha_256");
+                        let stripped = strip_plus(&m.body[4..]).ok_or_else(|| {
+                            AuthError::UpstreamProtocol("malformed SASL mechanism list".into())
+                        })?;
+                        if stripped.is_empty() {
+                            let msg = "the database only offers SCRAM-SHA-256-PLUS, which needs the \
+                                       password relay: connect with TLS (sslmode=require)";
+                            let _ = x.to_client(&pgwire::fatal(sqlstate::FEATURE_NOT_SUPPORTED, msg)).await;
+                            return Err(AuthError::UpstreamProtocol(msg.into()));
+                        }
+                        x.to_client(&pgwire::auth_request(auth::SASL, &stripped)).await?;
+                        let answer = x.from_client(MAX_AUTH_MESSAGE).await?;
+                        x.to_upstream(&answer.to_bytes()).await?;
+                    }
+                    auth::SASL_FINAL => {
+                        // Relayed SASL: the final message needs no answer.
+                        x.to_client(&m.to_bytes()).await?;
+                    }
+                    other => {
+                        // Cleartext, MD5, SASL continue, GSS, SSPI: relay the
+                        // request and the client's answer unchanged.
+                        method.get_or_insert(match other {
+                            auth::CLEARTEXT => "cleartext",
+                            auth::MD5 => "md5",
+                            _ => "other",
+                        });
+                        x.to_client(&m.to_bytes()).await?;
+                        let answer = x.from_client(MAX_AUTH_MESSAGE).await?;
+                        x.to_upstream(&answer.to_bytes()).await?;
+                    }
+                }
+            }
+            b'E' => return Err(x.rejected(&m, method.unwrap_or("other")).await),
+            // NegotiateProtocolVersion and notices reach the client unchanged.
+            b'v' | b'N' => x.to_client(&m.to_bytes()).await?,
+            t => {
+                return Err(AuthError::UpstreamProtocol(format!(
+                    "unexpected message '{}' before authentication completed",
+                    t as char
+                )))
+            }
+        }
+    }
+    let method = method.unwrap_or("trust");
+
+    // After AuthenticationOk: parameters, the cancel key, ReadyForQuery.
+    let mut backend_key = None;
+    loop {
+        let m = x.from_upstream().await?;
+        match m.tag {
+            b'K' => {
+                if m.body.len() < 8 || m.body.len() > 4 + pgwire::MAX_CANCEL_KEY {
+                    return Err(AuthError::UpstreamProtocol("malformed BackendKeyData".into()));
+                }
+                let pid = u32::from_be_bytes(m.body[..4].try_into().unwrap());
+                backend_key = Some((pid, m.body[4..].to_vec()));
+                x.to_client(&m.to_bytes()).await?;
+            }
+            b'Z' => {
+                x.to_client(&m.to_bytes()).await?;
+                return Ok(AuthOutcome {
+                    method,
+                    backend_key,
+                    client_to_upstream: x.c2u,
+                    upstream_to_client: x.u2c,
+                });
+            }
+            b'E' => return Err(x.rejected(&m, method).await),
+            b'S' | b'N' | b'v' => x.to_client(&m.to_bytes()).await?,
+            t => {
+                return Err(AuthError::UpstreamProtocol(format!(
+                    "unexpected message '{}' before ReadyForQuery",
+                    t as char
+                )))
+            }
+        }
+    }
+}
+
+/// Asks the client for its password and runs SCRAM with the upstream.
+async fn password_relay<C, U>(
+    x: &mut Exchange<'_, C, U>,
+    sasl: &Message,
+    binding: Option<&[u8]>,
+) -> Result<&'static str, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let offered = mechanisms(&sasl.body[4..])
+        .ok_or_else(|| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
+    let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
+
+    x.to_client(&pgwire::auth_request(auth::CLEARTEXT, &[])).await?;
+    let answer = x.from_client(MAX_PASSWORD_MESSAGE).await?;
+    let mut password = Zeroizing::new(answer.body);
+    // PasswordMessage: the password and a terminating NUL.
+    if password.last() != Some(&0) {
+        return Err(AuthError::ClientProtocol("password message without terminator".into()));
+    }
+    password.pop();
+
+    // Picks SCRAM-SHA-256-PLUS bound to the upstream's certificate when both
+    // are available, else plain SCRAM with gs2 flag 'n' (never 'y').
+    let mut client = scram::ScramClient::new(&password, &offered, binding)
+        .map_err(|e| AuthError::UpstreamProtocol(format!("{e} (offered {offered:?})")))?;
+    drop(password);
+    let method = if client.channel_bound() {
+        "password_relay_scram_sha_256_plus"
+    } else {
+        "password_relay_scram_sha_256"
+    };
+    x.to_upstream(&client.initial_response()).await?;
+    loop {
+        let m = x.from_upstream().await?;
+        match (m.tag, m.code()) {
+            (b'R', Some(auth::SASL_CONTINUE)) => {
+                let reply = client
+                    .handle_server_first(&m.body[4..])
+                    .map_err(|e| AuthError::Scram(e.to_string()))?;
+                x.to_upstream(&scram::sasl_response(&reply)).await?;
+            }
+            (b'R', Some(auth::SASL_FINAL)) => {
+                // Proves the upstream knew the verifier: a proxy that skipped
+                // this would accept an impostor database.
+                client
+                    .verify_server_final(&m.body[4..])
+                    .map_err(|e| AuthError::Scram(e.to_string()))?;
+                return Ok(method);
+            }
+            (b'E', _) => return Err(x.rejected(&m, method).await),
+            _ => {
+                return Err(AuthError::UpstreamProtocol(format!(
+                    "unexpected message '{}' during SCRAM",
+                    m.tag as char
+                )))
+            }
+        }
+    }
+}
+
+/// The mechanism names of an AuthenticationSASL body (after the code).
+fn mechanisms(list: &[u8]) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut rest = list;
+    loop {
+        let end = rest.iter().position(|&b| b == 0)?;
+        if end == 0 {
+            return Some(out);
+        }
+        out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+        rest = &rest[end + 1..];
+    }
+}
+
+/// The mechanism list without `-PLUS` variants, re-encoded; empty if none
+/// remain.
+fn strip_plus(list: &[u8]) -> Option<Vec<u8>> {
+    let kept: Vec<String> =
+        mechanisms(list)?.into_iter().filter(|m| !m.ends_with("-PLUS")).collect();
+    if kept.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::new();
+    for m in kept {
+        out.extend_from_slice(m.as_bytes());
+        out.push(0);
+    }
+    out.push(0);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plus_is_stripped() {
+        let list = b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
+        assert_eq!(strip_plus(list).unwrap(), b"SCRAM-SHA-256\0\0");
+        assert_eq!(strip_plus(b"SCRAM-SHA-256-PLUS\0\0").unwrap(), b"");
+        assert!(strip_plus(b"SCRAM-SHA-256").is_none());
+        assert_eq!(mechanisms(b"A\0B\0\0").unwrap(), vec!["A", "B"]);
+    }
+}

@@ -1,0 +1,346 @@
+//! One client session, through every stage of the pipeline in order:
+//! identify → negotiate → upstream → authenticate → relay, with an audit
+//! record at start, denial, authentication, cancel and end.
+//!
+//! Fail closed: an unidentified peer, an unwritable audit log or an
+//! unverifiable upstream ends the session with a FATAL the client can act
+//! on, and the details go to the operator's log and the audit record.
+#![forbid(unsafe_code)]
+
+use crate::audit::{self, AuditLog, DenyReason, EndReason, Event, Record, SessionEnd};
+use crate::authenticate::{self, AuthError, AuthMode};
+use crate::cancel::{CancelDecision, CancelOwner, CancelRegistry};
+use crate::negotiate::{self, ClientTransport, Negotiated, NegotiateError, Startup};
+use crate::pgwire::{self, sqlstate};
+use crate::relay;
+use crate::tailnet::{PeerIdentity, Tailnet};
+use crate::upstream::{UpstreamError, UpstreamFacts, UpstreamTls};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+/// What every session shares (built once at start).
+pub struct Shared {
+    pub upstream: UpstreamTls,
+    /// TLS for clients that ask for it; `None` answers 'N'.
+    pub client_tls: Option<TlsAcceptor>,
+    pub audit: AuditLog,
+    pub cancels: CancelRegistry,
+    pub auth_mode: AuthMode,
+    pub handshake_timeout: Duration,
+    /// Becomes true when the proxy shuts down: live sessions end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Runs one session to its end. Never panics on peer input; every outcome
+/// is audited (or, if the audit log itself fails, logged as an error).
+pub async fn run<S, T>(stream: S, peer_addr: SocketAddr, tailnet: &T, shared: &Shared)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    T: Tailnet,
+{
+    let id = audit::new_session_id();
+    let span = tracing::info_span!("session", id = %id, peer = %peer_addr);
+    Session { base: Record::new(id, peer_addr, Event::SessionStart), shared, started: Instant::now() }
+        .run(stream, tailnet)
+        .instrument(span)
+        .await
+}
+
+struct Session<'a> {
+    /// Identity, connection facts; each audit record starts from this.
+    base: Record,
+    shared: &'a Shared,
+    started: Instant,
+}
+
+impl Session<'_> {
+    async fn audit(&self, event: Event) -> bool {
+        let mut r = self.base.with_event(event);
+        r.ts = SystemTime::now();
+        match self.shared.audit.record(&r).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, event = r.event.name(), "audit record not written");
+                false
+            }
+        }
+    }
+
+    async fn deny(&self, reason: DenyReason, detail: impl Into<String>) {
+        let detail = detail.into();
+        tracing::info!(?reason, %detail, "session denied");
+        self.audit(Event::denied(reason, detail)).await;
+    }
+
+    async fn end(&self, reason: EndReason, c2u: u64, u2c: u64, detail: Option<String>) {
+        tracing::info!(?reason, c2u, u2c, "session ended");
+        self.audit(Event::SessionEnd(SessionEnd {
+            duration: self.started.elapsed(),
+            bytes_client_to_upstream: c2u,
+            bytes_upstream_to_client: u2c,
+            reason,
+            detail,
+        }))
+        .await;
+    }
+
+    async fn run<S, T>(mut self, stream: S, tailnet: &T)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        T: Tailnet,
+    {
+        let peer_addr = self.base.peer_addr;
+        // 2. identify
+        let identity = match tailnet.whois(peer_addr).await {
+            Ok(id) => id,
+            Err(e) => {
+                // Still speak the protocol, so the client shows a message.
+                self.deny(DenyReason::UnknownPeer, e.to_string()).await;
+                let msg = "tailgres could not identify this tailnet peer, so it refuses the connection";
+                refuse_unnegotiated(stream, self.shared, sqlstate::INVALID_AUTHORIZATION, msg).await;
+                return;
+            }
+        };
+        self.base.peer = Some(audit_peer(&identity, peer_addr));
+        tracing::debug!(node = %identity.node_name, principal = %identity.principal(), "identified");
+
+        // 3. negotiate
+        let negotiated =
+            tokio::time::timeout(self.shared.handshake_timeout, negotiate::negotiate(stream, self.shared.client_tls.as_ref()))
+                .await;
+        let (mut client, startup, transport) = match negotiated {
+            Err(_) => {
+                let d = format!("no startup within {:?}", self.shared.handshake_timeout);
+                return self.deny(DenyReason::HandshakeTimeout, d).await;
+            }
+            Ok(Err(e)) => return self.deny(negotiate_reason(&e), e.to_string()).await,
+            Ok(Ok(Negotiated::Cancel { request, transport })) => {
+                self.base.client_transport = Some(audit_transport(transport));
+                return self.cancel(request.pid, &request.key, &identity).await;
+            }
+            Ok(Ok(Negotiated::Startup { stream, startup, transport })) => (stream, startup, transport),
+        };
+        self.base.client_transport = Some(audit_transport(transport));
+        self.base.postgres = Some(audit_postgres(&startup));
+
+        // Fail closed: no session that cannot be audited.
+        if !self.shared.audit.is_healthy() || !self.audit(Event::SessionStart).await {
+            let msg = "tailgres cannot write its audit log, so it refuses new sessions; \
+                       the operator's log says why";
+            tracing::error!("session refused: audit log unavailable");
+            return fatal(&mut client, sqlstate::CANNOT_CONNECT_NOW, msg).await;
+        }
+
+        // 5. upstream
+        let upstream = tokio::select! {
+            r = self.shared.upstream.connect() => r,
+            _ = shutdown_signalled(self.shared.shutdown.clone()) => {
+                fatal(&mut client, sqlstate::ADMIN_SHUTDOWN, "tailgres is shutting down").await;
+                return self.end(EndReason::Shutdown, 0, 0, None).await;
+            }
+        };
+        let mut upstream = match upstream {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream refused");
+                fatal(&mut client, e.sqlstate(), &e.client_message()).await;
+                return self.deny(upstream_reason(&e), e.to_string()).await;
+            }
+        };
+        self.base.upstream = Some(audit_upstream(&upstream.facts));
+
+        // 6. authenticate
+        let auth = authenticate::authenticate(
+            &mut client,
+            &mut upstream.stream,
+            &startup,
+            transport.is_tls(),
+            self.shared.auth_mode,
+            upstream.channel_binding.as_deref(),
+        )
+        .await;
+        let out = match auth {
+            Ok(out) => out,
+            Err(e) => return self.auth_failed(e).await,
+        };
+        self.audit(Event::auth_ok(audit_method(out.method))).await;
+
+        // Only now may a cancel for this session be forwarded.
+        let _registration = out.backend_key.clone().map(|(pid, key)| {
+            let owner = CancelOwner { session_id: self.base.session_id.clone(), node: identity.stable_id.clone() };
+            self.shared.cancels.register(pid, key, owner)
+        });
+
+        // 7. relay
+        let stop = {
+            let rx = self.shared.shutdown.clone();
+            async move {
+                shutdown_signalled(rx).await;
+                EndReason::Shutdown
+            }
+        };
+        let r = relay::relay(client, upstream.stream, stop).await;
+        self.end(
+            r.reason,
+            out.client_to_upstream + r.client_to_upstream,
+            out.upstream_to_client + r.upstream_to_client,
+            r.detail,
+        )
+        .await;
+    }
+
+    async fn auth_failed(&self, e: AuthError) {
+        let method = audit_method(e.method());
+        match e {
+            AuthError::Rejected { sqlstate, message, .. } => {
+                self.audit(Event::auth_failed(method, audit::SqlState::parse(&sqlstate), message.clone())).await;
+                self.end(EndReason::AuthFailed, 0, 0, Some(message)).await;
+            }
+            AuthError::ClientClosed(_) => self.end(EndReason::ClientClosed, 0, 0, Some(e.to_string())).await,
+            AuthError::ClientProtocol(_) => self.end(EndReason::ClientError, 0, 0, Some(e.to_string())).await,
+            _ => {
+                self.audit(Event::auth_failed(method, None, e.to_string())).await;
+                self.end(EndReason::UpstreamError, 0, 0, Some(e.to_string())).await;
+            }
+        }
+    }
+
+    /// Identity-bound cancel: forwarded over a new verified TLS connection
+    /// only for a live session of the same tailnet node.
+    async fn cancel(&self, pid: u32, key: &[u8], identity: &PeerIdentity) {
+        let outcome = match self.shared.cancels.decide(pid, key, &identity.stable_id) {
+            CancelDecision::UnknownKey => audit::CancelOutcome::UnknownKey,
+            CancelDecision::OtherNode { target_session_id } => audit::CancelOutcome::OtherNode { target_session_id },
+            CancelDecision::Forward { target_session_id } => match self.forward_cancel(pid, key).await {
+                Ok(()) => audit::CancelOutcome::Forwarded { target_session_id },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cancel not delivered");
+                    audit::CancelOutcome::UpstreamError { target_session_id }
+                }
+            },
+        };
+        tracing::info!(reason = outcome.reason(), "cancel request");
+        self.audit(Event::Cancel(outcome)).await;
+    }
+
+    async fn forward_cancel(&self, pid: u32, key: &[u8]) -> Result<(), UpstreamError> {
+        let mut up = self.shared.upstream.connect().await?;
+        let addr = up.facts.address.clone();
+        let io = |e| UpstreamError::Io { addr: addr.clone(), phase: crate::upstream::Phase::Handshake, source: e };
+        up.stream.write_all(&pgwire::cancel_request(pid, key)).await.map_err(io)?;
+        up.stream.flush().await.map_err(io)?;
+        // The server closes after reading a cancel; we need not wait.
+        let _ = up.stream.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn shutdown_signalled(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+async fn fatal<S: AsyncWrite + Unpin>(s: &mut S, code: &str, msg: &str) {
+    let _ = s.write_all(&pgwire::fatal(code, msg)).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+}
+
+/// Refuses a peer before negotiation finished: negotiates briefly (so the
+/// client is on the transport it expects) and sends the FATAL there.
+pub async fn refuse_unnegotiated<S>(stream: S, shared: &Shared, code: &str, msg: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limit = shared.handshake_timeout.min(Duration::from_secs(5));
+    if let Ok(Ok(Negotiated::Startup { mut stream, .. })) =
+        tokio::time::timeout(limit, negotiate::negotiate(stream, shared.client_tls.as_ref())).await
+    {
+        fatal(&mut stream, code, msg).await;
+    }
+}
+
+fn negotiate_reason(_e: &NegotiateError) -> DenyReason {
+    DenyReason::ProtocolError
+}
+
+fn upstream_reason(e: &UpstreamError) -> DenyReason {
+    match e.reason_code() {
+        "upstream_untrusted_certificate" => DenyReason::UpstreamUntrustedCertificate,
+        "upstream_name_mismatch" => DenyReason::UpstreamNameMismatch,
+        "upstream_certificate_expired" => DenyReason::UpstreamCertificateExpired,
+        "upstream_no_tls" => DenyReason::UpstreamNoTls,
+        "upstream_unreachable" | "upstream_resolve" | "upstream_io" => DenyReason::UpstreamUnreachable,
+        "upstream_timeout" => DenyReason::UpstreamTimeout,
+        "upstream_error_before_tls" | "upstream_protocol" | "upstream_alpn" => DenyReason::UpstreamProtocolError,
+        _ => DenyReason::UpstreamTls,
+    }
+}
+
+fn audit_peer(id: &PeerIdentity, addr: SocketAddr) -> audit::Peer {
+    audit::Peer {
+        stable_id: id.stable_id.clone(),
+        node_name: id.node_name.clone(),
+        user_login: id.user_login.clone(),
+        user_display_name: id.user_display_name.clone(),
+        tags: id.tags.clone(),
+        tailnet_ip: addr.ip(),
+        os: id.os.clone(),
+        shared_in: id.shared_in,
+    }
+}
+
+fn audit_transport(t: ClientTransport) -> audit::ClientTransport {
+    match t {
+        ClientTransport::Plaintext => audit::ClientTransport::Plaintext,
+        ClientTransport::Tls => audit::ClientTransport::Tls,
+        ClientTransport::DirectTls => audit::ClientTransport::DirectTls,
+    }
+}
+
+fn audit_postgres(s: &Startup) -> audit::PostgresInfo {
+    audit::PostgresInfo {
+        user: s.user().to_string(),
+        database: s.database().to_string(),
+        application_name: s.application_name().map(str::to_string),
+        protocol: audit::ProtocolVersion::from_code(s.version),
+    }
+}
+
+fn audit_method(m: &str) -> audit::AuthMethod {
+    use audit::AuthMethod::*;
+    match m {
+        "password_relay_scram_sha_256_plus" => PasswordRelayScramSha256Plus,
+        "password_relay_scram_sha_256" => PasswordRelayScramSha256,
+        "scram_sha_256" => ScramSha256,
+        "md5" => Md5,
+        "cleartext" => Cleartext,
+        "trust" => Trust,
+        _ => Other,
+    }
+}
+
+fn audit_upstream(f: &UpstreamFacts) -> audit::UpstreamInfo {
+    let mut sha = [0u8; 32];
+    for (i, b) in sha.iter_mut().enumerate() {
+        *b = f.cert_sha256.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+    }
+    audit::UpstreamInfo {
+        address: f.address.clone(),
+        server_name: f.server_name.clone(),
+        tls_version: if f.tls_version == "TLSv1.2" { audit::TlsVersion::Tls12 } else { audit::TlsVersion::Tls13 },
+        cipher: f.cipher.clone(),
+        cert_sha256: sha,
+        cert_not_after: f
+            .cert_not_after
+            .as_deref()
+            .and_then(|s| humantime::parse_rfc3339(s).ok()),
+    }
+}
