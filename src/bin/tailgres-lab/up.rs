@@ -1,0 +1,335 @@
+//! `tailgres-lab up`: the whole world on loopback, in the current network
+//! namespace — the loopback tailnet (tslab control), a TLS PostgreSQL from
+//! a throwaway CA (or the one given), the real `tailgres` binary joined to
+//! the tailnet, and client nodes forwarding loopback ports through the
+//! tailnet to the proxy's MagicDNS name. Writes a JSON description and runs
+//! until SIGINT/SIGTERM or until one of its children dies.
+
+use crate::pg::{self, Pg, PgOptions, UpstreamCert};
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// The knobs every tailnet process of the lab runs with (tailnet.md): no
+/// log upload, no port mapping, no LAN addresses, and never Tailscale's
+/// own control plane.
+pub const TS_LAB_ENV: &[(&str, &str)] = &[
+    ("TS_NO_LOGS_NO_SUPPORT", "true"),
+    ("TS_DISABLE_PORTMAPPER", "1"),
+    ("TS_DEBUG_OMIT_LOCAL_ADDRS", "1"),
+    ("TS_ASSUME_NETWORK_UP_FOR_TEST", "1"),
+    ("TS_PANIC_IF_HIT_MAIN_CONTROL", "1"),
+];
+
+/// The proxy's tailnet hostname in the lab.
+pub const PROXY_HOSTNAME: &str = "pg";
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Working directory (state, logs, audit log); default: a new temporary one.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Write the endpoints as JSON here (also printed as one line on stdout).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// A client node: NAME, or NAME=tag:a,tag:b for a tagged device. Each
+    /// forwards a loopback port to the proxy. Default: one client "laptop".
+    #[arg(long = "client")]
+    pub clients: Vec<String>,
+    /// Loopback port of the first client's forward (0 = any).
+    #[arg(long, default_value_t = 0)]
+    pub forward_port: u16,
+    /// Use this database instead of starting one (HOST:PORT).
+    #[arg(long)]
+    pub upstream: Option<String>,
+    #[arg(long, requires = "upstream")]
+    pub upstream_ca: Option<PathBuf>,
+    #[arg(long, requires = "upstream")]
+    pub upstream_server_name: Option<String>,
+    /// Certificate of the lab's own database (to see tailgres refuse it).
+    #[arg(long, value_enum, default_value_t = UpstreamCert::Good)]
+    pub upstream_cert: UpstreamCert,
+    /// Start the lab's database with log_connections = on.
+    #[arg(long)]
+    pub log_connections: bool,
+    /// The tailgres binary (default: next to this one).
+    #[arg(long)]
+    pub tailgres: Option<PathBuf>,
+    /// The tslab binary (default: $TAILGRES_TSLAB, else target/tslab).
+    #[arg(long)]
+    pub tslab: Option<PathBuf>,
+    /// Extra arguments for tailgres, after `--`.
+    #[arg(last = true)]
+    pub tailgres_args: Vec<String>,
+}
+
+/// A child whose stdout's first line is its ready JSON; stderr to a file.
+struct Proc {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    async fn spawn(name: &str, mut cmd: Command, dir: &Path, ready_line: bool) -> anyhow::Result<(Proc, Value)> {
+        let stderr = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&stderr).with_context(|| format!("create {}", stderr.display()))?;
+        cmd.stdin(Stdio::null()).stderr(file).kill_on_drop(true);
+        for (k, v) in TS_LAB_ENV {
+            cmd.env(k, v);
+        }
+        cmd.stdout(if ready_line { Stdio::piped() } else { Stdio::null() });
+        let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
+        let mut ready = Value::Null;
+        if ready_line {
+            let out = child.stdout.take().expect("piped");
+            let mut lines = BufReader::new(out).lines();
+            let line = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
+            let line = match line {
+                Ok(Ok(Some(l))) => l,
+                other => {
+                    let _ = child.start_kill();
+                    bail!("{name} did not report ready ({other:?}); its log:\n{}", tail(&stderr));
+                }
+            };
+            ready = serde_json::from_str(&line).with_context(|| format!("{name} ready line {line:?}"))?;
+        }
+        Ok((Proc { child, stderr }, ready))
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").args(["-s", "TERM", &pid.to_string()]).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.parent().ok_or_else(|| anyhow!("no parent of {}", exe.display()))?.join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!("{} not found: build it (cargo build) or pass its path", p.display())
+    }
+}
+
+fn tslab_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given.or_else(|| std::env::var_os("TAILGRES_TSLAB").map(PathBuf::from)) {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    // target/debug/tailgres-lab -> target/tslab
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join("tslab");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("tslab not found: build it (cd vendor && go build -o ../target/tslab ./cmd/tslab) or pass --tslab")
+}
+
+/// Refuses to run where tailnet traffic could leave the machine.
+fn require_loopback_only_namespace() -> anyhow::Result<()> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev")?;
+    let ifaces: Vec<&str> = dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    if ifaces.iter().any(|i| *i != "lo") {
+        bail!(
+            "tailgres-lab runs only in a network namespace with nothing but loopback (found {ifaces:?}); \
+             use scripts/demo, or: unshare --net sh -c 'ip link set lo up && tailgres-lab up'"
+        );
+    }
+    Ok(())
+}
+
+/// Connects through a forward and sends an SSLRequest; the proxy answers
+/// with one byte once the whole path (client node, tailnet, proxy) works.
+async fn probe(forward: &str) -> bool {
+    let attempt = async {
+        let mut s = TcpStream::connect(forward).await.ok()?;
+        let mut req = 8u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&80877103u32.to_be_bytes());
+        s.write_all(&req).await.ok()?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.ok()?;
+        Some(b[0] == b'S' || b[0] == b'N')
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt).await.ok().flatten().unwrap_or(false)
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    require_loopback_only_namespace()?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("tailgres-lab-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let started = Instant::now();
+
+    // 1. The tailnet.
+    let mut cmd = Command::new(tslab_binary(a.tslab.clone())?);
+    cmd.arg("control");
+    let (control, ready) = Proc::spawn("control", cmd, &dir, true).await?;
+    let control_url = ready["control_url"].as_str().context("control_url")?.to_string();
+    let admin_url = ready["admin_url"].as_str().context("admin_url")?.to_string();
+    let suffix = ready["magic_dns_suffix"].as_str().context("suffix")?.to_string();
+
+    // 2. The database.
+    let mut pg: Option<Pg> = None;
+    let (up_addr, up_ca, up_name) = match &a.upstream {
+        Some(u) => (u.clone(), a.upstream_ca.clone(), a.upstream_server_name.clone()),
+        None => {
+            let p = Pg::start(PgOptions {
+                cert: a.upstream_cert,
+                log_connections: a.log_connections,
+                ..PgOptions::new(dir.join("postgres"))
+            })
+            .await?;
+            let v = (format!("{}:{}", p.host, p.port), Some(p.ca_file.clone()), Some(p.server_name.clone()));
+            pg = Some(p);
+            v
+        }
+    };
+
+    // 3. The proxy: the real binary, joined to the lab tailnet.
+    let audit_log = dir.join("audit.jsonl");
+    let tailgres = match &a.tailgres {
+        Some(p) => p.clone(),
+        None => sibling_binary("tailgres")?,
+    };
+    let mut cmd = Command::new(&tailgres);
+    cmd.arg(format!("--upstream={up_addr}"))
+        .arg(format!("--hostname={PROXY_HOSTNAME}"))
+        .arg(format!("--state-dir={}", dir.join("proxy-state").display()))
+        .arg(format!("--control-url={control_url}"))
+        .arg(format!("--audit-log={}", audit_log.display()));
+    if let Some(ca) = &up_ca {
+        cmd.arg(format!("--upstream-ca={}", ca.display()));
+    }
+    if let Some(n) = &up_name {
+        cmd.arg(format!("--upstream-server-name={n}"));
+    }
+    cmd.args(&a.tailgres_args);
+    let (proxy, _) = Proc::spawn("tailgres", cmd, &dir, false).await?;
+
+    // 4. Client nodes, each forwarding a loopback port to the proxy.
+    let specs = if a.clients.is_empty() { vec!["laptop".to_string()] } else { a.clients.clone() };
+    let mut clients = Vec::new();
+    let mut client_json = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let (name, tags) = spec.split_once('=').unwrap_or((spec.as_str(), ""));
+        let port = if i == 0 { a.forward_port } else { 0 };
+        let mut cmd = Command::new(tslab_binary(a.tslab.clone())?);
+        cmd.arg("node")
+            .arg(format!("--control-url={control_url}"))
+            .arg(format!("--hostname={name}"))
+            .arg(format!("--state-dir={}", dir.join(format!("client-{name}")).display()))
+            .arg(format!("--forward=127.0.0.1:{port}={PROXY_HOSTNAME}.{suffix}:5432"));
+        if !tags.is_empty() {
+            cmd.arg(format!("--advertise-tags={tags}"));
+        }
+        let (p, ready) = Proc::spawn(&format!("client-{name}"), cmd, &dir, true).await?;
+        let forward = ready["forwards"][0]["listen"].as_str().context("forward")?.to_string();
+        client_json.push(json!({
+            "name": name,
+            "tags": if tags.is_empty() { vec![] } else { tags.split(',').collect::<Vec<_>>() },
+            "tailnet_name": ready["name"],
+            "tailnet_ips": ready["ips"],
+            "forward": forward,
+        }));
+        clients.push(p);
+    }
+
+    // 5. Ready when the proxy answers through the first client's forward.
+    let first = client_json[0]["forward"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut proxy = proxy;
+    loop {
+        if probe(&first).await {
+            break;
+        }
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            bail!("tailgres exited ({status}) during start; its log:\n{}", tail(&proxy.stderr));
+        }
+        if Instant::now() > deadline {
+            bail!("tailgres did not answer through the tailnet in time; its log:\n{}", tail(&proxy.stderr));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (host, port) = up_addr.rsplit_once(':').unwrap_or((up_addr.as_str(), ""));
+    let description = json!({
+        "dir": dir,
+        "control_url": control_url,
+        "admin_url": admin_url,
+        "magic_dns_suffix": suffix,
+        "proxy": {
+            "hostname": PROXY_HOSTNAME,
+            "name": format!("{PROXY_HOSTNAME}.{suffix}"),
+            "log": proxy.stderr,
+            "pid": proxy.child.id(),
+        },
+        "audit_log": audit_log,
+        "clients": client_json,
+        "upstream": {
+            "address": up_addr,
+            "host": host,
+            "port": port.parse::<u16>().ok(),
+            "server_name": up_name,
+            "ca_file": up_ca,
+            "socket_dir": pg.as_ref().map(|p| p.socket_dir.clone()),
+            "superuser": pg.as_ref().map(|p| p.superuser.clone()),
+            "log_file": pg.as_ref().map(|p| p.log_file.clone()),
+            "roles": pg.as_ref().map(|_| pg::ROLES.iter().map(|(r, pw, m)| json!({"role": r, "password": pw, "method": m})).collect::<Vec<_>>()),
+            "database": pg.as_ref().map(|_| pg::DATABASE),
+        },
+        "started_in_ms": started.elapsed().as_millis() as u64,
+    });
+    if let Some(path) = &a.json {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&description)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    println!("{description}");
+    tracing::info!(forward = %first, audit_log = %audit_log.display(), "lab up");
+
+    // 6. Run until stopped, or until a child dies.
+    let mut control = control;
+    let reason = tokio::select! {
+        _ = int.recv() => None,
+        _ = term.recv() => None,
+        s = proxy.child.wait() => Some(format!("tailgres exited ({s:?}); its log:\n{}", tail(&proxy.stderr))),
+        s = control.child.wait() => Some(format!("tslab control exited ({s:?})")),
+        e = async { match pg.as_mut() { Some(p) => p.unexpected_exit().await, None => std::future::pending().await } } => Some(e.to_string()),
+    };
+    for c in clients {
+        c.stop().await;
+    }
+    proxy.stop().await;
+    if let Some(p) = pg {
+        p.stop().await;
+    }
+    control.stop().await;
+    match reason {
+        None => Ok(()),
+        Some(r) => Err(anyhow!(r)),
+    }
+}
