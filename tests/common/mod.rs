@@ -4,6 +4,9 @@
 //! to run otherwise, so no tailnet traffic can ever leave this machine.
 #![allow(dead_code)]
 
+pub mod audit;
+pub mod lab;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -58,6 +58,9 @@ pub struct UpArgs {
     /// Start the lab's database with log_connections = on.
     #[arg(long)]
     pub log_connections: bool,
+    /// The proxy's audit log (default: DIR/audit.jsonl).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
     /// The tailgres binary (default: next to this one).
     #[arg(long)]
     pub tailgres: Option<PathBuf>,
@@ -210,7 +213,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     };
 
     // 3. The proxy: the real binary, joined to the lab tailnet.
-    let audit_log = dir.join("audit.jsonl");
+    let audit_log = a.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl"));
     let tailgres = match &a.tailgres {
         Some(p) => p.clone(),
         None => sibling_binary("tailgres")?,

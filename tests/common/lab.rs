@@ -1,0 +1,156 @@
+//! The whole world for proxy tests: `tailgres-lab up` (loopback tailnet,
+//! Debian PostgreSQL with TLS from a throwaway CA, the real tailgres binary,
+//! client nodes forwarding loopback ports to it), driven from tests.
+
+use super::{require_sandbox, READY_TIMEOUT};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct LabUp {
+    pub dir: tempfile::TempDir,
+    pub info: Value,
+    child: Child,
+}
+
+#[derive(Default)]
+pub struct LabOptions<'a> {
+    /// Client nodes: "name" or "name=tag:a,tag:b" (default: one "laptop").
+    pub clients: Vec<&'a str>,
+    /// --upstream-cert for the lab's database (good, wrong-host, ...).
+    pub upstream_cert: Option<&'a str>,
+    pub log_connections: bool,
+    pub audit_log: Option<PathBuf>,
+    /// Extra tailgres arguments.
+    pub tailgres_args: Vec<&'a str>,
+}
+
+impl LabUp {
+    pub async fn start(o: LabOptions<'_>) -> LabUp {
+        require_sandbox();
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("lab.json");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tailgres-lab"));
+        cmd.arg("up")
+            .arg(format!("--dir={}", dir.path().join("lab").display()))
+            .arg(format!("--json={}", json.display()))
+            .arg(format!("--tailgres={}", env!("CARGO_BIN_EXE_tailgres")))
+            .arg(format!("--tslab={}", super::tslab_bin().display()));
+        for c in &o.clients {
+            cmd.arg(format!("--client={c}"));
+        }
+        if let Some(c) = o.upstream_cert {
+            cmd.arg(format!("--upstream-cert={c}"));
+        }
+        if o.log_connections {
+            cmd.arg("--log-connections");
+        }
+        if let Some(a) = &o.audit_log {
+            cmd.arg(format!("--audit-log={}", a.display()));
+        }
+        if !o.tailgres_args.is_empty() {
+            cmd.arg("--").args(&o.tailgres_args);
+        }
+        let stderr = std::fs::File::create(dir.path().join("lab.stderr")).unwrap();
+        let mut child =
+            cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).kill_on_drop(true).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
+        let info: Value = match line {
+            Ok(Ok(Some(l))) => serde_json::from_str(&l).unwrap(),
+            other => {
+                let err = std::fs::read_to_string(dir.path().join("lab.stderr")).unwrap_or_default();
+                panic!("tailgres-lab up did not come up ({other:?}):\n{err}");
+            }
+        };
+        LabUp { dir, info, child }
+    }
+
+    /// "127.0.0.1:PORT" of client `i`'s forward to the proxy.
+    pub fn forward(&self, i: usize) -> String {
+        self.info["clients"][i]["forward"].as_str().unwrap().to_string()
+    }
+    pub fn forward_host_port(&self, i: usize) -> (String, u16) {
+        let f = self.forward(i);
+        let (h, p) = f.rsplit_once(':').unwrap();
+        (h.to_string(), p.parse().unwrap())
+    }
+    pub fn audit_log(&self) -> PathBuf {
+        PathBuf::from(self.info["audit_log"].as_str().unwrap())
+    }
+    pub fn upstream_log(&self) -> PathBuf {
+        PathBuf::from(self.info["upstream"]["log_file"].as_str().unwrap())
+    }
+    pub fn proxy_log(&self) -> PathBuf {
+        PathBuf::from(self.info["proxy"]["log"].as_str().unwrap())
+    }
+    pub fn admin_url(&self) -> String {
+        self.info["admin_url"].as_str().unwrap().to_string()
+    }
+    /// Runs SQL on the lab database as its superuser (unix socket, not
+    /// through the proxy); returns psql -At output.
+    pub async fn psql_admin(&self, sql: &str) -> String {
+        let up = &self.info["upstream"];
+        let conn = format!(
+            "host={} port={} user={} dbname=postgres",
+            up["socket_dir"].as_str().unwrap(),
+            up["port"],
+            up["superuser"].as_str().unwrap()
+        );
+        let out = Command::new("psql").args(["-X", "-At", "-c", sql, &conn]).output().await.unwrap();
+        assert!(out.status.success(), "psql admin: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Audit records so far, each validated against audit-schema.json.
+    pub fn audit_records(&self) -> Vec<Value> {
+        let p = self.audit_log();
+        if !p.exists() {
+            return vec![];
+        }
+        super::audit::validate_lines(&p)
+    }
+
+    /// Waits until an audit record matches `pred` (records are written
+    /// asynchronously to the client's view).
+    pub async fn wait_record(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(r) = self.audit_records().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no audit record: {what}\n{:#?}", self.audit_records());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait()).await;
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs psql with a connection string; returns (success, stdout, stderr).
+pub async fn psql(conninfo: &str, password: Option<&str>, sql: &str) -> (bool, String, String) {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, conninfo]).env_remove("PGPASSWORD");
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    // Never read ~/.pgpass or service files of the machine running tests.
+    cmd.env("PGPASSFILE", "/dev/null").env("PGSERVICEFILE", "/dev/null").env("PGCONNECT_TIMEOUT", "30");
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output()).await.expect("psql hung").unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
