@@ -1,14 +1,19 @@
 //! tailgres: a PostgreSQL proxy that is its own node on a Tailscale tailnet.
 //!
 //! The session pipeline, one module per stage, in order (see
-//! `shared/design/architecture.md`):
+//! `shared/design/architecture.md`); [`session`] runs them for one client:
 //!
-//! 1. accept    — [`tailnet::TailnetListener`] yields `(stream, peer address)`
-//! 2. identify  — [`tailnet::Tailnet::whois`] turns the address into a
-//!    [`tailnet::PeerIdentity`]
-//! 3. negotiate, 4. authorize, 5. upstream, 6. authenticate, 7. relay,
-//!    8. audit — the proxy proper (built on this foundation)
+//! 1. accept       — [`server`]: the accept loop over a [`tailnet::TailnetListener`]
+//! 2. identify     — [`tailnet::Tailnet::whois`] → [`tailnet::PeerIdentity`]
+//! 3. negotiate    — [`negotiate`]: SSL/GSSENC requests, direct TLS, cancel, startup
+//! 4. authorize    — (capability grants; not yet)
+//! 5. upstream     — [`upstream`]: SSLRequest, one byte, rustls verify-full
+//! 6. authenticate — [`authenticate`]: the adaptive password relay ([`scram`])
+//! 7. relay        — [`relay`]: both ways, close propagated, bytes counted
+//! 8. audit        — [`audit`]: one writer task, JSON lines, fail closed
 //!
+//! Around them: [`config`] (flags, env, TOML), [`app`] (the process),
+//! [`cancel`] (identity-bound cancel), [`pgwire`] and [`stream`] (wire helpers).
 //! The tailnet is reached only through the [`tailnet::Tailnet`] trait, whose
 //! one implementation today is the embedded Go node ([`tailnet::EmbeddedNode`]).
 //! `unsafe` lives only in `tailnet::ffi` and `sys`.

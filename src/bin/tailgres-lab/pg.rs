@@ -575,7 +575,13 @@ async fn initdb(
         .kill_on_drop(true)
         .output()
         .await
-        .context("running initdb")?;
+        .with_context(|| {
+            format!(
+                "running initdb in {} (as root, initdb runs as '{OS_USER}', which must be able to \
+                 reach that directory: every parent directory needs o+x)",
+                dir.display()
+            )
+        })?;
     if !out.status.success() {
         let hint = if run_as.is_some() {
             format!(
