@@ -22,6 +22,52 @@ pub struct RelayOutcome {
     pub detail: Option<String>,
 }
 
+/// Follows message boundaries in the client→server stream without buffering
+/// (type byte + Int32 length), to know the last complete message: a client
+/// that sent Terminate ('X') ended the session even if the server's close
+/// reaches us first.
+#[derive(Default)]
+struct Frames {
+    header: [u8; 5],
+    header_len: usize,
+    remaining: u64,
+    current: u8,
+    last_complete: Option<u8>,
+}
+
+impl Frames {
+    fn feed(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining.min(buf.len() as u64)) as usize;
+                self.remaining -= n as u64;
+                buf = &buf[n..];
+                if self.remaining == 0 {
+                    self.last_complete = Some(self.current);
+                }
+                continue;
+            }
+            let n = (5 - self.header_len).min(buf.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&buf[..n]);
+            self.header_len += n;
+            buf = &buf[n..];
+            if self.header_len == 5 {
+                self.header_len = 0;
+                self.current = self.header[0];
+                let len = u32::from_be_bytes(self.header[1..5].try_into().unwrap());
+                self.remaining = u64::from(len.saturating_sub(4));
+                if self.remaining == 0 {
+                    self.last_complete = Some(self.current);
+                }
+            }
+        }
+    }
+
+    fn terminated(&self) -> bool {
+        self.last_complete == Some(b'X') && self.remaining == 0 && self.header_len == 0
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     c2u: AtomicU64,
@@ -34,7 +80,7 @@ enum DirEnd {
     WriteErr(io::Error),
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> DirEnd
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, mut frames: Option<&mut Frames>) -> DirEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -46,6 +92,9 @@ where
             Ok(n) => n,
             Err(e) => return DirEnd::ReadErr(e),
         };
+        if let Some(f) = frames.as_deref_mut() {
+            f.feed(&buf[..n]);
+        }
         if let Err(e) = w.write_all(&buf[..n]).await {
             return DirEnd::WriteErr(e);
         }
@@ -73,42 +122,47 @@ where
     let counters = Counters::default();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let c2u = pump(&mut cr, &mut uw, &counters.c2u);
-    let u2c = pump(&mut ur, &mut cw, &counters.u2c);
-    tokio::pin!(c2u, u2c, stop);
-
     let outcome = |reason, detail: Option<String>| RelayOutcome {
         client_to_upstream: counters.c2u.load(Ordering::Relaxed),
         upstream_to_client: counters.u2c.load(Ordering::Relaxed),
         reason,
         detail,
     };
-    let (mut c_done, mut u_done) = (false, false);
-    let mut first: Option<EndReason> = None;
-    loop {
-        tokio::select! {
-            end = &mut c2u, if !c_done => {
-                c_done = true;
-                match end {
-                    DirEnd::Eof => { first.get_or_insert(EndReason::ClientClosed); }
-                    DirEnd::ReadErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
-                    DirEnd::WriteErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
+    tokio::pin!(stop);
+    let mut frames = Frames::default();
+    let first = {
+        let c2u = pump(&mut cr, &mut uw, &counters.c2u, Some(&mut frames));
+        let u2c = pump(&mut ur, &mut cw, &counters.u2c, None);
+        tokio::pin!(c2u, u2c);
+        let (mut c_done, mut u_done) = (false, false);
+        let mut first: Option<EndReason> = None;
+        while !(c_done && u_done) {
+            tokio::select! {
+                end = &mut c2u, if !c_done => {
+                    c_done = true;
+                    match end {
+                        DirEnd::Eof => { first.get_or_insert(EndReason::ClientClosed); }
+                        DirEnd::ReadErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
+                        DirEnd::WriteErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
+                    }
                 }
-            }
-            end = &mut u2c, if !u_done => {
-                u_done = true;
-                match end {
-                    DirEnd::Eof => { first.get_or_insert(EndReason::UpstreamClosed); }
-                    DirEnd::ReadErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
-                    DirEnd::WriteErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
+                end = &mut u2c, if !u_done => {
+                    u_done = true;
+                    match end {
+                        DirEnd::Eof => { first.get_or_insert(EndReason::UpstreamClosed); }
+                        DirEnd::ReadErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
+                        DirEnd::WriteErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
+                    }
                 }
+                reason = &mut stop => return outcome(reason, None),
             }
-            reason = &mut stop => return outcome(reason, None),
         }
-        if c_done && u_done {
-            return outcome(first.expect("a direction finished"), None);
-        }
-    }
+        first.expect("a direction finished")
+    };
+    // A client that said Terminate ended the session, whichever close we
+    // saw first.
+    let reason = if frames.terminated() { EndReason::ClientTerminated } else { first };
+    outcome(reason, None)
 }
 
 #[cfg(test)]
@@ -143,6 +197,24 @@ mod tests {
             assert_eq!((out.client_to_upstream, out.upstream_to_client), (5, 3));
             let want = if client_first { EndReason::ClientClosed } else { EndReason::UpstreamClosed };
             assert_eq!(out.reason, want);
+        }
+    }
+
+    #[test]
+    fn frames_follow_boundaries_across_chunks() {
+        let mut msgs = Vec::new();
+        msgs.extend(crate::pgwire::message_bytes(b'Q', b"select 1\0"));
+        msgs.extend(crate::pgwire::message_bytes(b'd', &[b'X'; 300]));
+        msgs.extend(crate::pgwire::message_bytes(b'X', b""));
+        for chunk in [1, 2, 3, 5, 7, 64, msgs.len()] {
+            let mut f = Frames::default();
+            for c in msgs.chunks(chunk) {
+                f.feed(c);
+            }
+            assert!(f.terminated(), "chunk {chunk}");
+            let mut g = Frames::default();
+            g.feed(&msgs[..msgs.len() - 5]);
+            assert!(!g.terminated(), "chunk {chunk}: CopyData full of 'X' is not a Terminate");
         }
     }
 

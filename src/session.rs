@@ -127,12 +127,18 @@ impl Session<'_> {
         self.base.client_transport = Some(audit_transport(transport));
         self.base.postgres = Some(audit_postgres(&startup));
 
-        // Fail closed: no session that cannot be audited.
-        if !self.shared.audit.is_healthy() || !self.audit(Event::SessionStart).await {
+        // Fail closed: no session whose session_start is not written. That
+        // write is also the probe of an unhealthy log (skipping it while
+        // unhealthy would leave nothing to make the log healthy again, and
+        // every session refused after the operator repaired it and sent
+        // SIGHUP). The denial is best effort: it gets through if the failure
+        // was transient.
+        if !self.audit(Event::SessionStart).await {
             let msg = "tailgres cannot write its audit log, so it refuses new sessions; \
                        the operator's log says why";
             tracing::error!("session refused: audit log unavailable");
-            return fatal(&mut client, sqlstate::CANNOT_CONNECT_NOW, msg).await;
+            fatal(&mut client, sqlstate::CANNOT_CONNECT_NOW, msg).await;
+            return self.deny(DenyReason::AuditUnavailable, "the session_start record could not be written").await;
         }
 
         // 5. upstream
@@ -153,19 +159,28 @@ impl Session<'_> {
         };
         self.base.upstream = Some(audit_upstream(&upstream.facts));
 
-        // 6. authenticate
-        let auth = authenticate::authenticate(
-            &mut client,
-            &mut upstream.stream,
-            &startup,
-            transport.is_tls(),
-            self.shared.auth_mode,
-            upstream.channel_binding.as_deref(),
+        // 6. authenticate (bounded: a client that stalls mid-exchange must
+        // not hold an upstream connection open)
+        let auth = tokio::time::timeout(
+            self.shared.handshake_timeout,
+            authenticate::authenticate(
+                &mut client,
+                &mut upstream.stream,
+                &startup,
+                transport.is_tls(),
+                self.shared.auth_mode,
+                upstream.channel_binding.as_deref(),
+            ),
         )
         .await;
         let out = match auth {
-            Ok(out) => out,
-            Err(e) => return self.auth_failed(e).await,
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return self.auth_failed(e).await,
+            Err(_) => {
+                let d = format!("authentication not finished within {:?}", self.shared.handshake_timeout);
+                fatal(&mut client, sqlstate::PROTOCOL_VIOLATION, "authentication took too long").await;
+                return self.end(EndReason::ClientError, 0, 0, Some(d)).await;
+            }
         };
         self.audit(Event::auth_ok(audit_method(out.method))).await;
 

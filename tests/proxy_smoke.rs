@@ -12,7 +12,8 @@ async fn psql_through_the_tailnet_is_audited() {
     assert!(ok, "psql failed: {err}");
     assert_eq!(out.trim(), "role_scram|t", "upstream leg is TLS");
     let end = lab.wait_record("session_end of smoke", |r| r["event"] == "session_end" && r["postgres"]["application_name"] == "smoke").await;
-    assert_eq!(end["reason"], "client_closed");
+    assert_eq!(end["reason"], "client_terminated", "psql sends Terminate");
+    assert_eq!(end["ended_by"], "client");
     assert_eq!(end["client_transport"], "tls");
     assert_eq!(end["peer"]["node_name"], "laptop.tail-lab.ts.net");
     assert_eq!(end["upstream"]["server_name"], "db.lab.test");
