@@ -30,8 +30,10 @@ fn main() {
 
     let target_env = env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
     if target_env == "musl" {
-        fail("Go c-archives crash at initialisation under musl; build for a glibc target \
-              (e.g. x86_64-unknown-linux-gnu)");
+        fail(
+            "Go c-archives crash at initialisation under musl; build for a glibc target \
+              (e.g. x86_64-unknown-linux-gnu)",
+        );
     }
 
     check_go_version(&go);

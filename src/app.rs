@@ -27,7 +27,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut signals = Signals::new().context("installing signal handlers")?;
 
     // Everything that can be checked without the network, first.
-    let dest = if cfg.audit_log == "-" { AuditDest::Stdout } else { AuditDest::File(cfg.audit_log.clone().into()) };
+    let dest =
+        if cfg.audit_log == "-" { AuditDest::Stdout } else { AuditDest::File(cfg.audit_log.clone().into()) };
     let (audit, audit_task) = AuditLog::open(dest).await.context("--audit-log")?;
     let upstream = UpstreamTls::new(&UpstreamOptions {
         addr: cfg.upstream.clone(),
@@ -111,19 +112,25 @@ pub async fn run(cfg: Config) -> Result<()> {
 /// TLS for clients that ask for it: the configured certificate, else the
 /// tailnet's HTTPS certificate for our MagicDNS name, else a self-signed one
 /// (the client leg runs inside WireGuard either way).
-async fn client_tls_config(cfg: &Config, node: &EmbeddedNode, st: &Status) -> Result<Arc<rustls::ServerConfig>> {
+async fn client_tls_config(
+    cfg: &Config,
+    node: &EmbeddedNode,
+    st: &Status,
+) -> Result<Arc<rustls::ServerConfig>> {
     let (certs, key) = if let Some((cert, key)) = &cfg.client_tls {
         let certs = CertificateDer::pem_file_iter(cert)
             .and_then(|i| i.collect::<Result<Vec<_>, _>>())
             .map_err(|e| anyhow::anyhow!("--client-tls-cert {}: {e}", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|_| anyhow::anyhow!("--client-tls-key {}: not a readable PEM private key", key.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|_| {
+            anyhow::anyhow!("--client-tls-key {}: not a readable PEM private key", key.display())
+        })?;
         tracing::info!(cert = %cert.display(), "client TLS: configured certificate");
         (certs, key)
     } else if st.cert_domains.iter().any(|d| d == &st.dns_name) {
         match tokio::time::timeout(CERT_FETCH_TIMEOUT, node.cert_pair(&st.dns_name)).await {
             Ok(Ok(pair)) => {
-                let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+                let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()?;
                 let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
                     .map_err(|_| anyhow::anyhow!("the tailnet's certificate key is not PEM"))?;
                 tracing::info!(name = %st.dns_name, "client TLS: the tailnet's HTTPS certificate");

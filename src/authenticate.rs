@@ -84,19 +84,19 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    async fn to_client(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
+    async fn send_client(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
         self.client.write_all(bytes).await.map_err(AuthError::ClientClosed)?;
         self.client.flush().await.map_err(AuthError::ClientClosed)?;
         self.u2c += bytes.len() as u64;
         Ok(())
     }
-    async fn to_upstream(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
+    async fn send_upstream(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
         self.upstream.write_all(bytes).await.map_err(AuthError::Upstream)?;
         self.upstream.flush().await.map_err(AuthError::Upstream)?;
         self.c2u += bytes.len() as u64;
         Ok(())
     }
-    async fn from_upstream(&mut self) -> Result<Message, AuthError> {
+    async fn recv_upstream(&mut self) -> Result<Message, AuthError> {
         pgwire::read_message(self.upstream, MAX_AUTH_MESSAGE).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 AuthError::UpstreamProtocol(e.to_string())
@@ -106,7 +106,7 @@ where
         })
     }
     /// The client's answer to an authentication request: a 'p' message.
-    async fn from_client(&mut self, max: usize) -> Result<Message, AuthError> {
+    async fn recv_client(&mut self, max: usize) -> Result<Message, AuthError> {
         let m = pgwire::read_message(self.client, max).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 AuthError::ClientProtocol(e.to_string())
@@ -120,21 +120,14 @@ where
                 std::io::ErrorKind::UnexpectedEof,
                 "client sent Terminate",
             ))),
-            t => Err(AuthError::ClientProtocol(format!(
-                "expected a password message, got '{}'",
-                t as char
-            ))),
+            t => Err(AuthError::ClientProtocol(format!("expected a password message, got '{}'", t as char))),
         }
     }
     /// Forwards an upstream ErrorResponse and turns it into the error.
     async fn rejected(&mut self, m: &Message, method: &'static str) -> AuthError {
-        let _ = self.to_client(&m.to_bytes()).await;
+        let _ = self.send_client(&m.to_bytes()).await;
         let (code, msg) = pgwire::error_fields(&m.body);
-        AuthError::Rejected {
-            method,
-            sqlstate: code.unwrap_or_default(),
-            message: msg.unwrap_or_default(),
-        }
+        AuthError::Rejected { method, sqlstate: code.unwrap_or_default(), message: msg.unwrap_or_default() }
     }
 }
 
@@ -153,12 +146,12 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut x = Exchange { client, upstream, c2u: 0, u2c: 0 };
-    x.to_upstream(&startup.to_bytes()).await?;
+    x.send_upstream(&startup.to_bytes()).await?;
     let mut method: Option<&'static str> = None;
 
     // Authentication requests until AuthenticationOk.
     loop {
-        let m = x.from_upstream().await?;
+        let m = x.recv_upstream().await?;
         match m.tag {
             b'R' => {
                 let code = m.code().ok_or_else(|| {
@@ -166,7 +159,7 @@ where
                 })?;
                 match code {
                     auth::OK => {
-                        x.to_client(&m.to_bytes()).await?;
+                        x.send_client(&m.to_bytes()).await?;
                         method.get_or_insert("trust");
                         break;
                     }
@@ -181,16 +174,16 @@ where
                         if stripped.is_empty() {
                             let msg = "the database only offers SCRAM-SHA-256-PLUS, which needs the \
                                        password relay: connect with TLS (sslmode=require)";
-                            let _ = x.to_client(&pgwire::fatal(sqlstate::FEATURE_NOT_SUPPORTED, msg)).await;
+                            let _ = x.send_client(&pgwire::fatal(sqlstate::FEATURE_NOT_SUPPORTED, msg)).await;
                             return Err(AuthError::UpstreamProtocol(msg.into()));
                         }
-                        x.to_client(&pgwire::auth_request(auth::SASL, &stripped)).await?;
-                        let answer = x.from_client(MAX_AUTH_MESSAGE).await?;
-                        x.to_upstream(&answer.to_bytes()).await?;
+                        x.send_client(&pgwire::auth_request(auth::SASL, &stripped)).await?;
+                        let answer = x.recv_client(MAX_AUTH_MESSAGE).await?;
+                        x.send_upstream(&answer.to_bytes()).await?;
                     }
                     auth::SASL_FINAL => {
                         // Relayed SASL: the final message needs no answer.
-                        x.to_client(&m.to_bytes()).await?;
+                        x.send_client(&m.to_bytes()).await?;
                     }
                     other => {
                         // Cleartext, MD5, SASL continue, GSS, SSPI: relay the
@@ -200,15 +193,15 @@ where
                             auth::MD5 => "md5",
                             _ => "other",
                         });
-                        x.to_client(&m.to_bytes()).await?;
-                        let answer = x.from_client(MAX_AUTH_MESSAGE).await?;
-                        x.to_upstream(&answer.to_bytes()).await?;
+                        x.send_client(&m.to_bytes()).await?;
+                        let answer = x.recv_client(MAX_AUTH_MESSAGE).await?;
+                        x.send_upstream(&answer.to_bytes()).await?;
                     }
                 }
             }
             b'E' => return Err(x.rejected(&m, method.unwrap_or("other")).await),
             // NegotiateProtocolVersion and notices reach the client unchanged.
-            b'v' | b'N' => x.to_client(&m.to_bytes()).await?,
+            b'v' | b'N' => x.send_client(&m.to_bytes()).await?,
             t => {
                 return Err(AuthError::UpstreamProtocol(format!(
                     "unexpected message '{}' before authentication completed",
@@ -222,7 +215,7 @@ where
     // After AuthenticationOk: parameters, the cancel key, ReadyForQuery.
     let mut backend_key = None;
     loop {
-        let m = x.from_upstream().await?;
+        let m = x.recv_upstream().await?;
         match m.tag {
             b'K' => {
                 if m.body.len() < 8 || m.body.len() > 4 + pgwire::MAX_CANCEL_KEY {
@@ -230,10 +223,10 @@ where
                 }
                 let pid = u32::from_be_bytes(m.body[..4].try_into().unwrap());
                 backend_key = Some((pid, m.body[4..].to_vec()));
-                x.to_client(&m.to_bytes()).await?;
+                x.send_client(&m.to_bytes()).await?;
             }
             b'Z' => {
-                x.to_client(&m.to_bytes()).await?;
+                x.send_client(&m.to_bytes()).await?;
                 return Ok(AuthOutcome {
                     method,
                     backend_key,
@@ -242,7 +235,7 @@ where
                 });
             }
             b'E' => return Err(x.rejected(&m, method).await),
-            b'S' | b'N' | b'v' => x.to_client(&m.to_bytes()).await?,
+            b'S' | b'N' | b'v' => x.send_client(&m.to_bytes()).await?,
             t => {
                 return Err(AuthError::UpstreamProtocol(format!(
                     "unexpected message '{}' before ReadyForQuery",
@@ -267,8 +260,8 @@ where
         .ok_or_else(|| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
     let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
 
-    x.to_client(&pgwire::auth_request(auth::CLEARTEXT, &[])).await?;
-    let answer = x.from_client(MAX_PASSWORD_MESSAGE).await?;
+    x.send_client(&pgwire::auth_request(auth::CLEARTEXT, &[])).await?;
+    let answer = x.recv_client(MAX_PASSWORD_MESSAGE).await?;
     let mut password = Zeroizing::new(answer.body);
     // PasswordMessage: the password and a terminating NUL.
     if password.last() != Some(&0) {
@@ -286,22 +279,19 @@ where
     } else {
         "password_relay_scram_sha_256"
     };
-    x.to_upstream(&client.initial_response()).await?;
+    x.send_upstream(&client.initial_response()).await?;
     loop {
-        let m = x.from_upstream().await?;
+        let m = x.recv_upstream().await?;
         match (m.tag, m.code()) {
             (b'R', Some(auth::SASL_CONTINUE)) => {
-                let reply = client
-                    .handle_server_first(&m.body[4..])
-                    .map_err(|e| AuthError::Scram(e.to_string()))?;
-                x.to_upstream(&scram::sasl_response(&reply)).await?;
+                let reply =
+                    client.handle_server_first(&m.body[4..]).map_err(|e| AuthError::Scram(e.to_string()))?;
+                x.send_upstream(&scram::sasl_response(&reply)).await?;
             }
             (b'R', Some(auth::SASL_FINAL)) => {
                 // Proves the upstream knew the verifier: a proxy that skipped
                 // this would accept an impostor database.
-                client
-                    .verify_server_final(&m.body[4..])
-                    .map_err(|e| AuthError::Scram(e.to_string()))?;
+                client.verify_server_final(&m.body[4..]).map_err(|e| AuthError::Scram(e.to_string()))?;
                 return Ok(method);
             }
             (b'E', _) => return Err(x.rejected(&m, method).await),
@@ -332,8 +322,7 @@ fn mechanisms(list: &[u8]) -> Option<Vec<String>> {
 /// The mechanism list without `-PLUS` variants, re-encoded; empty if none
 /// remain.
 fn strip_plus(list: &[u8]) -> Option<Vec<u8>> {
-    let kept: Vec<String> =
-        mechanisms(list)?.into_iter().filter(|m| !m.ends_with("-PLUS")).collect();
+    let kept: Vec<String> = mechanisms(list)?.into_iter().filter(|m| !m.ends_with("-PLUS")).collect();
     if kept.is_empty() {
         return Some(Vec::new());
     }

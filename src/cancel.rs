@@ -34,16 +34,19 @@ impl CancelDecision {
     }
 }
 
+/// A backend's (pid, secret key) as BackendKeyData announced it.
+type BackendKey = (u32, Vec<u8>);
+
 /// Live (pid, key) pairs of relayed sessions.
 #[derive(Debug, Default, Clone)]
 pub struct CancelRegistry {
-    inner: Arc<Mutex<HashMap<(u32, Vec<u8>), CancelOwner>>>,
+    inner: Arc<Mutex<HashMap<BackendKey, CancelOwner>>>,
 }
 
 /// Removes the entry when the session ends (drop guard).
 pub struct Registration {
     registry: CancelRegistry,
-    key: (u32, Vec<u8>),
+    key: BackendKey,
 }
 
 impl Drop for Registration {

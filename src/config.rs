@@ -161,13 +161,32 @@ impl Args {
         let Some(path) = self.config.clone() else { return Ok(self) };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
-        let file: Args = toml::from_str(&text)
-            .map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
+        let file: Args =
+            toml::from_str(&text).map_err(|e| err("--config", format!("{}: {e}", path.display())))?;
         macro_rules! fill { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* } }
-        fill!(upstream, upstream_server_name, upstream_client_cert, upstream_client_key,
-              upstream_direct_tls, hostname, state_dir, control_url, auth_key_file, ephemeral,
-              port, tsnet_log, tailscale_log_upload, audit_log, client_tls_cert, client_tls_key,
-              auth, handshake_timeout, connect_timeout, max_sessions, log_format);
+        fill!(
+            upstream,
+            upstream_server_name,
+            upstream_client_cert,
+            upstream_client_key,
+            upstream_direct_tls,
+            hostname,
+            state_dir,
+            control_url,
+            auth_key_file,
+            ephemeral,
+            port,
+            tsnet_log,
+            tailscale_log_upload,
+            audit_log,
+            client_tls_cert,
+            client_tls_key,
+            auth,
+            handshake_timeout,
+            connect_timeout,
+            max_sessions,
+            log_format
+        );
         if self.upstream_ca.is_empty() {
             self.upstream_ca = file.upstream_ca;
         }
@@ -202,7 +221,12 @@ impl Args {
             (Some(_), None) | (None, Some(_)) => Err(err(flag, format!("{flag} and {other} go together"))),
             _ => Ok(()),
         };
-        pair(&self.upstream_client_cert, &self.upstream_client_key, "--upstream-client-cert", "--upstream-client-key")?;
+        pair(
+            &self.upstream_client_cert,
+            &self.upstream_client_key,
+            "--upstream-client-cert",
+            "--upstream-client-key",
+        )?;
         pair(&self.client_tls_cert, &self.client_tls_key, "--client-tls-cert", "--client-tls-key")?;
 
         let hostname = self.hostname.unwrap_or_else(|| DEFAULT_HOSTNAME.into());
@@ -273,7 +297,11 @@ impl Args {
             audit_log,
             client_tls: self.client_tls_cert.zip(self.client_tls_key),
             auth: self.auth.unwrap_or(AuthMode::PasswordRelay),
-            handshake_timeout: duration(self.handshake_timeout, "--handshake-timeout", DEFAULT_HANDSHAKE_TIMEOUT)?,
+            handshake_timeout: duration(
+                self.handshake_timeout,
+                "--handshake-timeout",
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            )?,
             connect_timeout: duration(self.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT)?,
             max_sessions,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
@@ -305,7 +333,10 @@ mod tests {
             (&["--upstream=db:5432", "--audit-log=-", "--handshake-timeout=soon"], "--handshake-timeout"),
             (&["--upstream=db:5432", "--audit-log=-", "--advertise-tags=db"], "--advertise-tags"),
             (&["--upstream=db:5432", "--audit-log=-", "--control-url=ftp://x"], "--control-url"),
-            (&["--upstream=db:5432", "--audit-log=-", "--upstream-server-name=a b"], "--upstream-server-name"),
+            (
+                &["--upstream=db:5432", "--audit-log=-", "--upstream-server-name=a b"],
+                "--upstream-server-name",
+            ),
             (&["--upstream=db:5432", "--audit-log=-", "--auth-key-file=/nonexistent"], "--auth-key-file"),
         ];
         for (args, flag) in cases {

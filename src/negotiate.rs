@@ -125,10 +125,7 @@ fn io_err(e: std::io::Error) -> NegotiateError {
 
 /// Runs negotiation on a fresh client connection. `tls` is the acceptor for
 /// clients that ask for TLS (SSLRequest or direct TLS); `None` answers 'N'.
-pub async fn negotiate<S>(
-    stream: S,
-    tls: Option<&TlsAcceptor>,
-) -> Result<Negotiated<S>, NegotiateError>
+pub async fn negotiate<S>(stream: S, tls: Option<&TlsAcceptor>) -> Result<Negotiated<S>, NegotiateError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -255,7 +252,11 @@ async fn read_packets<S: AsyncRead + AsyncWrite + Unpin>(
         return refuse(s, &format!("invalid startup packet length {len}")).await;
     }
     if len > pgwire::MAX_STARTUP_PACKET {
-        return refuse(s, &format!("startup packet too long ({len} bytes, limit {})", pgwire::MAX_STARTUP_PACKET)).await;
+        return refuse(
+            s,
+            &format!("startup packet too long ({len} bytes, limit {})", pgwire::MAX_STARTUP_PACKET),
+        )
+        .await;
     }
     let mut body = vec![0u8; len - 4];
     s.read_exact(&mut body).await.map_err(io_err)?;
@@ -291,7 +292,11 @@ async fn read_packets<S: AsyncRead + AsyncWrite + Unpin>(
             Err(why) => refuse(s, &why).await,
         },
         v => {
-            refuse(s, &format!("unsupported frontend protocol {}.{}: tailgres supports 3.x", v >> 16, v & 0xffff)).await
+            refuse(
+                s,
+                &format!("unsupported frontend protocol {}.{}: tailgres supports 3.x", v >> 16, v & 0xffff),
+            )
+            .await
         }
     }
 }
@@ -308,10 +313,12 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, String> {
             }
             return Ok(params);
         }
-        let name = std::str::from_utf8(&rest[..end]).map_err(|_| "startup parameter name is not UTF-8".to_string())?;
+        let name = std::str::from_utf8(&rest[..end])
+            .map_err(|_| "startup parameter name is not UTF-8".to_string())?;
         rest = &rest[end + 1..];
         let vend = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
-        let value = std::str::from_utf8(&rest[..vend]).map_err(|_| format!("startup parameter {name:?} is not UTF-8"))?;
+        let value = std::str::from_utf8(&rest[..vend])
+            .map_err(|_| format!("startup parameter {name:?} is not UTF-8"))?;
         params.push((name.to_string(), value.to_string()));
         rest = &rest[vend + 1..];
     }

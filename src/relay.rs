@@ -3,10 +3,10 @@
 //! ended it (for the audit record).
 #![forbid(unsafe_code)]
 
+use crate::audit::EndReason;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use crate::audit::EndReason;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Copy buffer per direction.

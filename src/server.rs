@@ -88,10 +88,8 @@ pub async fn serve<T: Tailnet>(
     let live = tasks.len();
     let _ = stop_sessions.send(true);
     tracing::info!(live, drain = ?opts.drain, "shutting down: ending live sessions");
-    let drained = tokio::time::timeout(opts.drain, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(opts.drain, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(left = tasks.len(), "sessions did not end in time; aborting them");
         tasks.abort_all();

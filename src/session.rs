@@ -10,7 +10,7 @@
 use crate::audit::{self, AuditLog, DenyReason, EndReason, Event, Record, SessionEnd};
 use crate::authenticate::{self, AuthError, AuthMode};
 use crate::cancel::{CancelDecision, CancelOwner, CancelRegistry};
-use crate::negotiate::{self, ClientTransport, Negotiated, NegotiateError, Startup};
+use crate::negotiate::{self, ClientTransport, NegotiateError, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
 use crate::relay;
 use crate::tailnet::{PeerIdentity, Tailnet};
@@ -109,9 +109,11 @@ impl Session<'_> {
         tracing::debug!(node = %identity.node_name, principal = %identity.principal(), "identified");
 
         // 3. negotiate
-        let negotiated =
-            tokio::time::timeout(self.shared.handshake_timeout, negotiate::negotiate(stream, self.shared.client_tls.as_ref()))
-                .await;
+        let negotiated = tokio::time::timeout(
+            self.shared.handshake_timeout,
+            negotiate::negotiate(stream, self.shared.client_tls.as_ref()),
+        )
+        .await;
         let (mut client, startup, transport) = match negotiated {
             Err(_) => {
                 let d = format!("no startup within {:?}", self.shared.handshake_timeout);
@@ -138,7 +140,9 @@ impl Session<'_> {
                        the operator's log says why";
             tracing::error!("session refused: audit log unavailable");
             fatal(&mut client, sqlstate::CANNOT_CONNECT_NOW, msg).await;
-            return self.deny(DenyReason::AuditUnavailable, "the session_start record could not be written").await;
+            return self
+                .deny(DenyReason::AuditUnavailable, "the session_start record could not be written")
+                .await;
         }
 
         // 5. upstream
@@ -186,7 +190,8 @@ impl Session<'_> {
 
         // Only now may a cancel for this session be forwarded.
         let _registration = out.backend_key.clone().map(|(pid, key)| {
-            let owner = CancelOwner { session_id: self.base.session_id.clone(), node: identity.stable_id.clone() };
+            let owner =
+                CancelOwner { session_id: self.base.session_id.clone(), node: identity.stable_id.clone() };
             self.shared.cancels.register(pid, key, owner)
         });
 
@@ -212,7 +217,8 @@ impl Session<'_> {
         let method = audit_method(e.method());
         match e {
             AuthError::Rejected { sqlstate, message, .. } => {
-                self.audit(Event::auth_failed(method, audit::SqlState::parse(&sqlstate), message.clone())).await;
+                self.audit(Event::auth_failed(method, audit::SqlState::parse(&sqlstate), message.clone()))
+                    .await;
                 self.end(EndReason::AuthFailed, 0, 0, Some(message)).await;
             }
             AuthError::ClientClosed(_) => self.end(EndReason::ClientClosed, 0, 0, Some(e.to_string())).await,
@@ -229,7 +235,9 @@ impl Session<'_> {
     async fn cancel(&self, pid: u32, key: &[u8], identity: &PeerIdentity) {
         let outcome = match self.shared.cancels.decide(pid, key, &identity.stable_id) {
             CancelDecision::UnknownKey => audit::CancelOutcome::UnknownKey,
-            CancelDecision::OtherNode { target_session_id } => audit::CancelOutcome::OtherNode { target_session_id },
+            CancelDecision::OtherNode { target_session_id } => {
+                audit::CancelOutcome::OtherNode { target_session_id }
+            }
             CancelDecision::Forward { target_session_id } => match self.forward_cancel(pid, key).await {
                 Ok(()) => audit::CancelOutcome::Forwarded { target_session_id },
                 Err(e) => {
@@ -245,7 +253,8 @@ impl Session<'_> {
     async fn forward_cancel(&self, pid: u32, key: &[u8]) -> Result<(), UpstreamError> {
         let mut up = self.shared.upstream.connect().await?;
         let addr = up.facts.address.clone();
-        let io = |e| UpstreamError::Io { addr: addr.clone(), phase: crate::upstream::Phase::Handshake, source: e };
+        let io =
+            |e| UpstreamError::Io { addr: addr.clone(), phase: crate::upstream::Phase::Handshake, source: e };
         up.stream.write_all(&pgwire::cancel_request(pid, key)).await.map_err(io)?;
         up.stream.flush().await.map_err(io)?;
         // The server closes after reading a cancel; we need not wait.
@@ -294,7 +303,9 @@ fn upstream_reason(e: &UpstreamError) -> DenyReason {
         "upstream_no_tls" => DenyReason::UpstreamNoTls,
         "upstream_unreachable" | "upstream_resolve" | "upstream_io" => DenyReason::UpstreamUnreachable,
         "upstream_timeout" => DenyReason::UpstreamTimeout,
-        "upstream_error_before_tls" | "upstream_protocol" | "upstream_alpn" => DenyReason::UpstreamProtocolError,
+        "upstream_error_before_tls" | "upstream_protocol" | "upstream_alpn" => {
+            DenyReason::UpstreamProtocolError
+        }
         _ => DenyReason::UpstreamTls,
     }
 }
@@ -350,12 +361,13 @@ fn audit_upstream(f: &UpstreamFacts) -> audit::UpstreamInfo {
     audit::UpstreamInfo {
         address: f.address.clone(),
         server_name: f.server_name.clone(),
-        tls_version: if f.tls_version == "TLSv1.2" { audit::TlsVersion::Tls12 } else { audit::TlsVersion::Tls13 },
+        tls_version: if f.tls_version == "TLSv1.2" {
+            audit::TlsVersion::Tls12
+        } else {
+            audit::TlsVersion::Tls13
+        },
         cipher: f.cipher.clone(),
         cert_sha256: sha,
-        cert_not_after: f
-            .cert_not_after
-            .as_deref()
-            .and_then(|s| humantime::parse_rfc3339(s).ok()),
+        cert_not_after: f.cert_not_after.as_deref().and_then(|s| humantime::parse_rfc3339(s).ok()),
     }
 }

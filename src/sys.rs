@@ -37,9 +37,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>) -> io::Result<Option<FdMessage>> {
     msg.msg_controllen = cmsg_space as _;
 
     // SAFETY: msg points at buffers that live for the whole call.
-    let n = unsafe {
-        libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT)
-    };
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -130,8 +128,6 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     set_nonblocking(fd.as_fd())?;
     // SAFETY: an OwnedFd is open for its whole lifetime and as_raw_fd always
     // returns the same descriptor; the AsyncFd takes ownership of it.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| e.into_parts().1)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }

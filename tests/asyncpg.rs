@@ -38,12 +38,15 @@ async fn asyncpg_login_cancel_and_close() {
         assert_eq!(cancel["reason"], "forwarded", "{cancel}");
         let sid = cancel["target_session_id"].as_str().unwrap().to_string();
         let end = lab
-            .wait_record("asyncpg session end", |r| r["event"] == "session_end" && r["session_id"] == sid.as_str())
+            .wait_record("asyncpg session end", |r| {
+                r["event"] == "session_end" && r["session_id"] == sid.as_str()
+            })
             .await;
         assert_eq!(end["postgres"]["application_name"], "asyncpg-check");
         assert_eq!(end["reason"], "client_terminated", "{end}");
         assert_eq!(end["ended_by"], "client", "{end}");
-        let auth = lab.wait_record("auth", |r| r["event"] == "auth_ok" && r["session_id"] == sid.as_str()).await;
+        let auth =
+            lab.wait_record("auth", |r| r["event"] == "auth_ok" && r["session_id"] == sid.as_str()).await;
         let want = if ssl == "require" { "password_relay_scram_sha_256_plus" } else { "scram_sha_256" };
         assert_eq!(auth["auth_method"], want);
     }

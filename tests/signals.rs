@@ -29,14 +29,8 @@ async fn handlers_run_on_the_alternate_stack_and_still_deliver() {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         assert!(has_sa_onstack(sig).unwrap(), "signal {sig} lacks SA_ONSTACK");
     }
-    std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .unwrap();
+    std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().unwrap();
     assert_eq!(signals.recv().await, Request::Reload);
-    std::process::Command::new("kill")
-        .args(["-TERM", &std::process::id().to_string()])
-        .status()
-        .unwrap();
+    std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
     assert_eq!(signals.recv().await, Request::Shutdown);
 }

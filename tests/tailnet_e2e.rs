@@ -106,7 +106,8 @@ async fn whois_bytes_and_close_for_users_and_tags() {
 
     // The tailnet listing agrees with what whois said.
     let nodes = lab.admin("GET", "/nodes", None).await;
-    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["hostname"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        nodes.as_array().unwrap().iter().map(|n| n["hostname"].as_str().unwrap()).collect();
     for n in ["proxy", "alice", "bob", "ci"] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }

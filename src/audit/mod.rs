@@ -6,10 +6,10 @@
 //! [`AuditOptions::sync`]).
 //!
 //! The log fails closed: callers refuse a new session when
-//! [`AuditLog::record`] of its `session_start` fails or when
-//! [`AuditLog::is_healthy`] is false. While unhealthy, callers should still
-//! try to record the `session_denied` (`audit_unavailable`) line: it is
-//! the probe, and its success makes the log healthy again. The writer never
+//! [`AuditLog::record`] of its `session_start` fails. They must attempt
+//! that write even while [`AuditLog::is_healthy`] is false: it is the
+//! probe, and its success makes the log healthy again (a reopen alone does
+//! not, since opening a file proves nothing about writing it). The writer never
 //! drops a record (callers wait for room in the bounded channel) and never
 //! panics on I/O errors: a failed write is retried once on a reopened file,
 //! then reported.

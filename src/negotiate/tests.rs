@@ -5,11 +5,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{duplex, DuplexStream};
 
 fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    Startup {
-        version,
-        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-    }
-    .to_bytes()
+    Startup { version, params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        .to_bytes()
 }
 
 fn request(code: u32) -> Vec<u8> {
@@ -45,7 +42,10 @@ fn tls(alpn_client: bool) -> Tls {
     }
 }
 
-async fn run(input: Vec<u8>, tls: Option<&TlsAcceptor>) -> (Result<Negotiated<DuplexStream>, NegotiateError>, Vec<u8>) {
+async fn run(
+    input: Vec<u8>,
+    tls: Option<&TlsAcceptor>,
+) -> (Result<Negotiated<DuplexStream>, NegotiateError>, Vec<u8>) {
     let (mut client, server) = duplex(1 << 16);
     client.write_all(&input).await.unwrap();
     client.shutdown().await.unwrap();
@@ -91,7 +91,9 @@ async fn plaintext_startups_of_any_length_and_version() {
     ];
     for (version, params) in cases {
         let (res, reply) = run(startup_packet(version, &params), None).await;
-        let Ok(Negotiated::Startup { startup, transport, .. }) = res else { panic!("{params:?}: {:?}", res.err()) };
+        let Ok(Negotiated::Startup { startup, transport, .. }) = res else {
+            panic!("{params:?}: {:?}", res.err())
+        };
         assert!(reply.is_empty());
         assert_eq!(transport, ClientTransport::Plaintext);
         assert_eq!(startup.version, version);
@@ -151,12 +153,56 @@ async fn hostile_packets_are_refused_with_08p01() {
         ("length 7", vec![0, 0, 0, 7, 0, 3, 0, 0], "invalid startup packet length 7"),
         ("length 10001", 10001u32.to_be_bytes().to_vec(), "startup packet too long"),
         ("length 2^31", (1u32 << 31).to_be_bytes().to_vec(), "startup packet too long"),
-        ("protocol 2.0", { let mut v = 8u32.to_be_bytes().to_vec(); v.extend(0x20000u32.to_be_bytes()); v }, "unsupported frontend protocol 2.0"),
-        ("garbage code", { let mut v = 12u32.to_be_bytes().to_vec(); v.extend(1234u32.to_be_bytes()); v.extend([0; 4]); v }, "unsupported frontend protocol"),
-        ("no terminator", { let mut v = 13u32.to_be_bytes().to_vec(); v.extend(PROTOCOL_3_0.to_be_bytes()); v.extend(b"user\0"); v }, "invalid startup packet layout"),
+        (
+            "protocol 2.0",
+            {
+                let mut v = 8u32.to_be_bytes().to_vec();
+                v.extend(0x20000u32.to_be_bytes());
+                v
+            },
+            "unsupported frontend protocol 2.0",
+        ),
+        (
+            "garbage code",
+            {
+                let mut v = 12u32.to_be_bytes().to_vec();
+                v.extend(1234u32.to_be_bytes());
+                v.extend([0; 4]);
+                v
+            },
+            "unsupported frontend protocol",
+        ),
+        (
+            "no terminator",
+            {
+                let mut v = 13u32.to_be_bytes().to_vec();
+                v.extend(PROTOCOL_3_0.to_be_bytes());
+                v.extend(b"user\0");
+                v
+            },
+            "invalid startup packet layout",
+        ),
         ("no user", startup_packet(PROTOCOL_3_0, &[("database", "x")]), "no PostgreSQL user name"),
-        ("long ssl request", { let mut v = 12u32.to_be_bytes().to_vec(); v.extend(pgwire::SSL_REQUEST.to_be_bytes()); v.extend([0; 4]); v }, "invalid length of SSL"),
-        ("short cancel", { let mut v = 12u32.to_be_bytes().to_vec(); v.extend(pgwire::CANCEL_REQUEST.to_be_bytes()); v.extend([0; 4]); v }, "invalid length of cancel"),
+        (
+            "long ssl request",
+            {
+                let mut v = 12u32.to_be_bytes().to_vec();
+                v.extend(pgwire::SSL_REQUEST.to_be_bytes());
+                v.extend([0; 4]);
+                v
+            },
+            "invalid length of SSL",
+        ),
+        (
+            "short cancel",
+            {
+                let mut v = 12u32.to_be_bytes().to_vec();
+                v.extend(pgwire::CANCEL_REQUEST.to_be_bytes());
+                v.extend([0; 4]);
+                v
+            },
+            "invalid length of cancel",
+        ),
         ("gssenc loop", request(pgwire::GSSENC_REQUEST).repeat(6), "too many SSL/GSSENC requests"),
     ];
     let t = tls(true);
@@ -180,7 +226,10 @@ async fn truncated_packets_are_a_clean_close() {
     }
 }
 
-async fn tls_client(t: &Tls, ssl_request_first: bool) -> (Result<Negotiated<DuplexStream>, NegotiateError>, Vec<u8>) {
+async fn tls_client(
+    t: &Tls,
+    ssl_request_first: bool,
+) -> (Result<Negotiated<DuplexStream>, NegotiateError>, Vec<u8>) {
     let (client, server) = duplex(1 << 16);
     let server_task = {
         let acceptor = t.acceptor.clone();

@@ -4,9 +4,7 @@
 #![forbid(unsafe_code)]
 
 use super::ffi::Handle;
-use super::{
-    CertPair, NetmapEvent, NodeConfig, PeerIdentity, Status, Tailnet, TailnetError, TsnetLog,
-};
+use super::{CertPair, NetmapEvent, NodeConfig, PeerIdentity, Status, Tailnet, TailnetError, TsnetLog};
 use crate::sys;
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -74,11 +72,11 @@ impl EmbeddedNode {
             },
             env: cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
         };
-        let json = Zeroizing::new(serde_json::to_string(&shim).map_err(|e| {
-            TailnetError::Config(format!("cannot encode node configuration: {e}"))
-        })?);
-        let handle =
-            blocking(move || Handle::new(&json)).await.map_err(TailnetError::Config)?;
+        let json = Zeroizing::new(
+            serde_json::to_string(&shim)
+                .map_err(|e| TailnetError::Config(format!("cannot encode node configuration: {e}")))?,
+        );
+        let handle = blocking(move || Handle::new(&json)).await.map_err(TailnetError::Config)?;
         let node = EmbeddedNode { handle: Arc::new(handle) };
         let h = node.handle.clone();
         blocking(move || h.start()).await.map_err(TailnetError::Start)?;
@@ -107,8 +105,7 @@ impl EmbeddedNode {
             if !st.last_error.is_empty() {
                 return Err(TailnetError::Login { message: st.last_error, control });
             }
-            if st.backend_state == "NeedsLogin" && !st.auth_url.is_empty() && st.auth_url != shown_url
-            {
+            if st.backend_state == "NeedsLogin" && !st.auth_url.is_empty() && st.auth_url != shown_url {
                 tracing::warn!(
                     login_url = %st.auth_url,
                     "tailnet login required: open this URL to add the node to your tailnet"
@@ -214,21 +211,20 @@ impl TailnetListener {
     }
 
     fn connection(msg: sys::FdMessage) -> Result<(UnixStream, SocketAddr), TailnetError> {
-        let bad = |why: String| {
-            TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why))
-        };
+        let bad =
+            |why: String| TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
         let mut fds = msg.fds;
         if fds.len() != 1 {
             return Err(bad(format!("hand-over carried {} descriptors, not 1", fds.len())));
         }
-        let text = std::str::from_utf8(&msg.payload)
-            .map_err(|_| bad("hand-over address is not UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(&msg.payload).map_err(|_| bad("hand-over address is not UTF-8".into()))?;
         let addr: SocketAddr =
             text.parse().map_err(|_| bad(format!("hand-over address {text:?} is not ip:port")))?;
         let fd = fds.pop().expect("checked length");
         sys::set_nonblocking(fd.as_fd()).map_err(TailnetError::Accept)?;
-        let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
-            .map_err(TailnetError::Accept)?;
+        let stream =
+            UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).map_err(TailnetError::Accept)?;
         Ok((stream, addr))
     }
 }
@@ -250,8 +246,7 @@ impl NetmapWatch {
     pub async fn next(&mut self) -> Option<Result<NetmapEvent, TailnetError>> {
         match self.lines.next_line().await {
             Ok(Some(line)) => Some(
-                serde_json::from_str(&line)
-                    .map_err(|e| TailnetError::Decode(format!("netmap event: {e}"))),
+                serde_json::from_str(&line).map_err(|e| TailnetError::Decode(format!("netmap event: {e}"))),
             ),
             Ok(None) => None,
             Err(e) => Some(Err(TailnetError::Watch(e.to_string()))),

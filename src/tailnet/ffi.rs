@@ -63,7 +63,6 @@ unsafe fn take_secret(p: *mut c_char) -> Zeroizing<String> {
 #[derive(Debug)]
 pub struct Handle(c_int);
 
-
 impl Drop for Handle {
     fn drop(&mut self) {
         self.close();
@@ -121,27 +120,17 @@ impl Handle {
         let addr = cstring(addr)?;
         let mut out: *mut c_char = std::ptr::null_mut();
         // SAFETY: as in status_json.
-        check(|e, n| unsafe {
-            bindings::tsffi_whois(self.0, addr.as_ptr() as *mut c_char, &mut out, e, n)
-        })?;
+        check(|e, n| unsafe { bindings::tsffi_whois(self.0, addr.as_ptr() as *mut c_char, &mut out, e, n) })?;
         // SAFETY: see take_string.
         Ok(unsafe { take_string(out) })
     }
 
     pub fn cert_pair(&self, domain: &str) -> Result<(String, Zeroizing<String>), String> {
         let domain = cstring(domain)?;
-        let (mut cert, mut key): (*mut c_char, *mut c_char) =
-            (std::ptr::null_mut(), std::ptr::null_mut());
+        let (mut cert, mut key): (*mut c_char, *mut c_char) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: both outputs are written on success and owned by us.
         check(|e, n| unsafe {
-            bindings::tsffi_cert_pair(
-                self.0,
-                domain.as_ptr() as *mut c_char,
-                &mut cert,
-                &mut key,
-                e,
-                n,
-            )
+            bindings::tsffi_cert_pair(self.0, domain.as_ptr() as *mut c_char, &mut cert, &mut key, e, n)
         })?;
         // SAFETY: see take_string / take_secret.
         Ok(unsafe { (take_string(cert), take_secret(key)) })

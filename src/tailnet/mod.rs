@@ -150,12 +150,8 @@ pub trait Tailnet: Send + Sync + 'static {
     /// Listens on a TCP port of our tailnet addresses.
     fn listen(&self, port: u16) -> Result<TailnetListener, TailnetError>;
     /// Identifies the peer at `addr` (the accepted connection's remote).
-    fn whois(
-        &self,
-        addr: SocketAddr,
-    ) -> impl Future<Output = Result<PeerIdentity, TailnetError>> + Send;
-    fn cert_pair(&self, domain: &str)
-        -> impl Future<Output = Result<CertPair, TailnetError>> + Send;
+    fn whois(&self, addr: SocketAddr) -> impl Future<Output = Result<PeerIdentity, TailnetError>> + Send;
+    fn cert_pair(&self, domain: &str) -> impl Future<Output = Result<CertPair, TailnetError>> + Send;
     fn watch(&self) -> Result<NetmapWatch, TailnetError>;
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }

@@ -54,8 +54,13 @@ impl LabUp {
             cmd.arg("--").args(&o.tailgres_args);
         }
         let stderr = std::fs::File::create(dir.path().join("lab.stderr")).unwrap();
-        let mut child =
-            cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).kill_on_drop(true).spawn().unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
         let info: Value = match line {
@@ -121,7 +126,11 @@ impl LabUp {
             if let Some(r) = self.audit_records().into_iter().find(|r| pred(r)) {
                 return r;
             }
-            assert!(tokio::time::Instant::now() < deadline, "no audit record: {what}\n{:#?}", self.audit_records());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no audit record: {what}\n{:#?}",
+                self.audit_records()
+            );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
@@ -147,7 +156,10 @@ pub async fn psql(conninfo: &str, password: Option<&str>, sql: &str) -> (bool, S
     }
     // Never read ~/.pgpass or service files of the machine running tests.
     cmd.env("PGPASSFILE", "/dev/null").env("PGSERVICEFILE", "/dev/null").env("PGCONNECT_TIMEOUT", "30");
-    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output()).await.expect("psql hung").unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        .await
+        .expect("psql hung")
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -37,12 +37,8 @@ pub fn require_sandbox() {
     // /proc/self/net follows this process's network namespace (/sys/class/net
     // would show the namespace /sys was mounted in).
     let dev = std::fs::read_to_string("/proc/self/net/dev").expect("read /proc/self/net/dev");
-    let ifaces: Vec<String> = dev
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next())
-        .map(|s| s.trim().to_string())
-        .collect();
+    let ifaces: Vec<String> =
+        dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).collect();
     assert!(
         ifaces.iter().all(|i| i == "lo"),
         "tailnet tests must run in a network namespace with only `lo` (found {ifaces:?}); \
@@ -113,8 +109,8 @@ impl LabProcess {
                 panic!("tslab {what} did not report ready ({other:?}); stderr:\n{err}");
             }
         };
-        let ready: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("tslab {what} ready line {line:?}: {e}"));
+        let ready: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("tslab {what} ready line {line:?}: {e}"));
         LabProcess { child, ready, stderr_path }
     }
 
@@ -149,8 +145,7 @@ impl Lab {
         args.extend(flags.iter().map(|s| s.to_string()));
         let control = LabProcess::spawn(&args, dir.path(), "control").await;
         let s = |k: &str| control.ready[k].as_str().unwrap_or_else(|| panic!("{k}")).to_string();
-        let (control_url, admin_url, suffix) =
-            (s("control_url"), s("admin_url"), s("magic_dns_suffix"));
+        let (control_url, admin_url, suffix) = (s("control_url"), s("admin_url"), s("magic_dns_suffix"));
         Lab { dir, control, control_url, admin_url, suffix }
     }
 
@@ -176,9 +171,7 @@ impl Lab {
             control_url: Some(self.control_url.clone()),
             ephemeral: false,
             advertise_tags: vec![],
-            tsnet_log: std::env::var("TAILGRES_TEST_TSNET_LOG")
-                .ok()
-                .map(|_| TsnetLog::Stderr),
+            tsnet_log: std::env::var("TAILGRES_TEST_TSNET_LOG").ok().map(|_| TsnetLog::Stderr),
             env: vec![],
             start_timeout: Some(READY_TIMEOUT),
         }

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use zeroize::Zeroizing;
 
@@ -89,16 +89,12 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         set_window(&mut params, Validity::Current);
-        let cert = params.self_signed(&key).map_err(|source| CertError::Sign {
-            subject: name.to_owned(),
-            source,
-        })?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| CertError::Sign { subject: name.to_owned(), source })?;
         Ok(Ca { cert, key })
     }
 
@@ -126,12 +122,7 @@ impl Ca {
     /// Returns `(cert_pem, key_pem)`.
     #[allow(dead_code)] // for the lab's mTLS (tailgres -> PostgreSQL client certs)
     pub fn issue_client(&self, cn: &str) -> Result<(String, Zeroizing<String>), CertError> {
-        self.issue(
-            &[],
-            cn,
-            ExtendedKeyUsagePurpose::ClientAuth,
-            Validity::Current,
-        )
+        self.issue(&[], cn, ExtendedKeyUsagePurpose::ClientAuth, Validity::Current)
     }
 
     fn issue(
@@ -142,8 +133,8 @@ impl Ca {
         validity: Validity,
     ) -> Result<(String, Zeroizing<String>), CertError> {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone())
-            .map_err(|source| CertError::Params { names, source })?;
+        let mut params =
+            CertificateParams::new(names.clone()).map_err(|source| CertError::Params { names, source })?;
         params.distinguished_name = dn(cn);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![eku];
@@ -153,10 +144,7 @@ impl Ca {
         let key = KeyPair::generate().map_err(CertError::Generate)?;
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
-            .map_err(|source| CertError::Sign {
-                subject: cn.to_owned(),
-                source,
-            })?;
+            .map_err(|source| CertError::Sign { subject: cn.to_owned(), source })?;
         Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
     }
 }
@@ -195,22 +183,14 @@ pub fn write_key(path: &Path, pem: &Zeroizing<String>) -> Result<(), CertError> 
 
 fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(path)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
         // `mode` applies only when the file is created; an existing file
         // keeps its old mode unless we set it.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()
     };
-    write().map_err(|source| CertError::Write {
-        path: path.display().to_string(),
-        source,
-    })
+    write().map_err(|source| CertError::Write { path: path.display().to_string(), source })
 }
 
 #[cfg(test)]
@@ -227,10 +207,7 @@ mod tests {
     }
 
     fn now_secs() -> i64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64
     }
 
     #[test]
@@ -257,9 +234,7 @@ mod tests {
     #[test]
     fn server_sans_and_issuer() {
         let ca = Ca::new("test CA").unwrap();
-        let (cert_pem, _) = ca
-            .issue_server(&["db.lab.test", "127.0.0.1"], Validity::Current)
-            .unwrap();
+        let (cert_pem, _) = ca.issue_server(&["db.lab.test", "127.0.0.1"], Validity::Current).unwrap();
         let ca_pem = ca.cert_pem();
         let (_, ca_der) = parse_x509_pem(ca_pem.as_bytes()).unwrap();
         let ca_cert = ca_der.parse_x509().unwrap();
@@ -314,9 +289,6 @@ mod tests {
         assert_eq!(fs::read_to_string(&key).unwrap(), *key_pem);
         let crt = dir.path().join("c.pem");
         write_cert(&crt, &cert_pem).unwrap();
-        assert_eq!(
-            fs::metadata(&crt).unwrap().permissions().mode() & 0o777,
-            0o644
-        );
+        assert_eq!(fs::metadata(&crt).unwrap().permissions().mode() & 0o777, 0o644);
     }
 }

@@ -115,9 +115,7 @@ async fn serve_pg(
         "log_file": pg.log_file,
     });
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|_| out.flush())
-        .context("writing stdout")?;
+    writeln!(out, "{line}").and_then(|_| out.flush()).context("writing stdout")?;
     drop(out);
     tokio::select! {
         _ = int.recv() => {}

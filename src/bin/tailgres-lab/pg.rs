@@ -150,10 +150,7 @@ impl Pg {
         }
 
         initdb(&bin, run_as.as_ref(), &dir, &data_dir).await?;
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "initdb done"
-        );
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "initdb done");
         write_hba(&data_dir)?;
         let include = "\n# Added by tailgres-lab.\ninclude 'tailgres-lab.conf'\n";
         append(&data_dir.join("postgresql.conf"), include)?;
@@ -208,10 +205,7 @@ impl Pg {
                         tracing::debug!(port, "port taken, retrying");
                         continue;
                     }
-                    bail!(
-                        "postgres exited during startup ({status}); {}:\n{tail}",
-                        log_file.display()
-                    );
+                    bail!("postgres exited during startup ({status}); {}:\n{tail}", log_file.display());
                 }
                 Err(e) => {
                     let _ = child.start_kill();
@@ -261,10 +255,7 @@ impl Pg {
         };
         if let Some(pid) = child.id() {
             // tokio's Child can only SIGKILL; kill(1) keeps this module free of unsafe.
-            let sent = Command::new("kill")
-                .args(["-s", "INT", &pid.to_string()])
-                .status()
-                .await;
+            let sent = Command::new("kill").args(["-s", "INT", &pid.to_string()]).status().await;
             if !matches!(sent, Ok(s) if s.success()) {
                 tracing::warn!(pid, ?sent, "could not send SIGINT to postgres");
             }
@@ -273,10 +264,7 @@ impl Pg {
             Ok(Ok(status)) => tracing::info!(%status, port = self.port, "lab postgres stopped"),
             Ok(Err(e)) => tracing::warn!(error = %e, "waiting for postgres"),
             Err(_) => {
-                tracing::warn!(
-                    port = self.port,
-                    "postgres did not stop in time; killing it"
-                );
+                tracing::warn!(port = self.port, "postgres did not stop in time; killing it");
                 let _ = child.start_kill();
                 let _ = child.wait().await;
             }
@@ -313,17 +301,7 @@ impl Pg {
             conninfo_quote(&self.superuser),
         );
         let mut child = Command::new(self.bin.join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-f",
-                "-",
-                "-d",
-            ])
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-", "-d"])
             .arg(&conninfo)
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -344,11 +322,7 @@ impl Pg {
             .map_err(|_| anyhow!("psql did not finish within {ADMIN_TIMEOUT:?}"))?
             .context("running psql")?;
         if !out.status.success() {
-            bail!(
-                "psql failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("psql failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -358,11 +332,7 @@ impl Pg {
         for &(role, password, method) in ROLES {
             // PostgreSQL stores the password hashed per password_encryption
             // at the time it is set; md5 auth needs an MD5-stored password.
-            let enc = if method == "md5" {
-                "md5"
-            } else {
-                "scram-sha-256"
-            };
+            let enc = if method == "md5" { "md5" } else { "scram-sha-256" };
             writeln!(sql, "SET password_encryption = '{enc}';")?;
             writeln!(sql, "CREATE ROLE {role} LOGIN;")?;
             if let Some(pw) = password {
@@ -444,7 +414,9 @@ impl RunAs {
             return Ok(None);
         }
         let uid = id(&["-u", OS_USER]).await.with_context(|| {
-            format!("running as root needs the '{OS_USER}' system user (Debian's postgresql-common creates it)")
+            format!(
+                "running as root needs the '{OS_USER}' system user (Debian's postgresql-common creates it)"
+            )
         })?;
         let gid = id(&["-g", OS_USER]).await?;
         Ok(Some(RunAs { uid, gid }))
@@ -472,22 +444,12 @@ impl RunAs {
 }
 
 async fn id(args: &[&str]) -> anyhow::Result<u32> {
-    let out = Command::new("id")
-        .args(args)
-        .output()
-        .await
-        .context("running id")?;
+    let out = Command::new("id").args(args).output().await.context("running id")?;
     if !out.status.success() {
-        bail!(
-            "id {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("id {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     let s = String::from_utf8_lossy(&out.stdout);
-    s.trim()
-        .parse()
-        .with_context(|| format!("parsing id output {s:?}"))
+    s.trim().parse().with_context(|| format!("parsing id output {s:?}"))
 }
 
 /// Creates `dir` (0755), refuses one that already holds a cluster, and
@@ -498,15 +460,10 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
     for sub in ["data", "run", "tls"] {
         if dir.join(sub).exists() {
-            bail!(
-                "{} already exists; give the lab a fresh --dir",
-                dir.join(sub).display()
-            );
+            bail!("{} already exists; give the lab a fresh --dir", dir.join(sub).display());
         }
     }
-    let s = dir
-        .to_str()
-        .ok_or_else(|| anyhow!("{} is not UTF-8", dir.display()))?;
+    let s = dir.to_str().ok_or_else(|| anyhow!("{} is not UTF-8", dir.display()))?;
     // These would need quoting in postgresql.conf, conninfo and the
     // unix_socket_directories list; a lab dir never needs them.
     if s.contains(|c: char| c == '\'' || c == '\\' || c == ',' || c.is_whitespace()) {
@@ -514,7 +471,10 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     }
     let socket = format!("{s}/run/.s.PGSQL.65535");
     if socket.len() > MAX_SOCKET_PATH {
-        bail!("{s} is too long for a unix socket path ({} > {MAX_SOCKET_PATH} bytes); use a shorter --dir", socket.len());
+        bail!(
+            "{s} is too long for a unix socket path ({} > {MAX_SOCKET_PATH} bytes); use a shorter --dir",
+            socket.len()
+        );
     }
     Ok(dir)
 }
@@ -530,9 +490,7 @@ fn write_tls(tls_dir: &Path, kind: UpstreamCert, server_name: &str) -> anyhow::R
     let ca = Ca::new("tailgres-lab CA")?;
     let right_names = [server_name, HOST];
     let (cert, key) = match kind {
-        UpstreamCert::Good | UpstreamCert::NoTls => {
-            ca.issue_server(&right_names, Validity::Current)?
-        }
+        UpstreamCert::Good | UpstreamCert::NoTls => ca.issue_server(&right_names, Validity::Current)?,
         UpstreamCert::WrongHost => ca.issue_server(&[WRONG_SERVER_NAME], Validity::Current)?,
         UpstreamCert::Expired => ca.issue_server(&right_names, Validity::Expired)?,
         UpstreamCert::Untrusted => {
@@ -553,12 +511,7 @@ fn write_tls(tls_dir: &Path, kind: UpstreamCert, server_name: &str) -> anyhow::R
     Ok(tls)
 }
 
-async fn initdb(
-    bin: &Path,
-    run_as: Option<&RunAs>,
-    dir: &Path,
-    data_dir: &Path,
-) -> anyhow::Result<()> {
+async fn initdb(bin: &Path, run_as: Option<&RunAs>, dir: &Path, data_dir: &Path) -> anyhow::Result<()> {
     let mut cmd = Command::new(bin.join("initdb"));
     cmd.arg("-D").arg(data_dir).args([
         "--username",
@@ -571,17 +524,13 @@ async fn initdb(
         "--no-instructions",
     ]);
     base_env(&mut cmd, run_as, dir);
-    let out = cmd
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| {
-            format!(
-                "running initdb in {} (as root, initdb runs as '{OS_USER}', which must be able to \
+    let out = cmd.kill_on_drop(true).output().await.with_context(|| {
+        format!(
+            "running initdb in {} (as root, initdb runs as '{OS_USER}', which must be able to \
                  reach that directory: every parent directory needs o+x)",
-                dir.display()
-            )
-        })?;
+            dir.display()
+        )
+    })?;
     if !out.status.success() {
         let hint = if run_as.is_some() {
             format!(
@@ -604,11 +553,7 @@ async fn initdb(
 
 /// Clean environment and a reachable cwd for server-side tools.
 fn base_env(cmd: &mut Command, run_as: Option<&RunAs>, dir: &Path) {
-    cmd.env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("LC_ALL", "C")
-        .current_dir(dir)
-        .stdin(Stdio::null());
+    cmd.env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C").current_dir(dir).stdin(Stdio::null());
     if let Some(r) = run_as {
         r.apply(cmd);
     }
@@ -703,9 +648,7 @@ fn spawn_postgres(
     let mut cmd = Command::new(bin.join("postgres"));
     cmd.arg("-D").arg(data_dir);
     base_env(&mut cmd, run_as, dir);
-    cmd.stdout(log.try_clone()?)
-        .stderr(log.try_clone()?)
-        .kill_on_drop(true);
+    cmd.stdout(log.try_clone()?).stderr(log.try_clone()?).kill_on_drop(true);
     cmd.spawn().context("starting postgres")
 }
 
@@ -717,12 +660,7 @@ enum NotReady {
 
 /// Polls pg_isready over the unix socket until the server accepts
 /// connections, the child exits, or READY_TIMEOUT passes.
-async fn wait_ready(
-    bin: &Path,
-    child: &mut Child,
-    socket_dir: &Path,
-    port: u16,
-) -> Result<(), NotReady> {
+async fn wait_ready(bin: &Path, child: &mut Child, socket_dir: &Path, port: u16) -> Result<(), NotReady> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| NotReady::Io(e.into()))? {
@@ -732,16 +670,7 @@ async fn wait_ready(
             .arg("-q")
             .arg("-h")
             .arg(socket_dir)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-U",
-                SUPERUSER,
-                "-d",
-                "postgres",
-                "-t",
-                "2",
-            ])
+            .args(["-p", &port.to_string(), "-U", SUPERUSER, "-d", "postgres", "-t", "2"])
             .env_clear()
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -831,10 +760,7 @@ mod tests {
         // tempdir is 0700; as root, initdb runs as `postgres` and must get in.
         fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let a = PgOptions::new(base.path().join("a"));
-        let b = PgOptions {
-            cert: UpstreamCert::NoTls,
-            ..PgOptions::new(base.path().join("b"))
-        };
+        let b = PgOptions { cert: UpstreamCert::NoTls, ..PgOptions::new(base.path().join("b")) };
         let (a, b) = tokio::join!(Pg::start(a), Pg::start(b));
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_ne!(a.port, b.port);
@@ -846,20 +772,14 @@ mod tests {
             .psql_admin("SELECT rolname FROM pg_roles WHERE rolcanlogin AND rolname LIKE 'role%' ORDER BY 1;")
             .await
             .unwrap();
-        assert_eq!(
-            roles.lines().collect::<Vec<_>>(),
-            ["role_md5", "role_scram", "role_trust"]
-        );
+        assert_eq!(roles.lines().collect::<Vec<_>>(), ["role_md5", "role_scram", "role_trust"]);
         a.stop().await;
         // Dropping kills the postmaster; its port must become free again.
         let port = b.port;
         drop(b);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpListener::bind((HOST, port)).is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "port {port} still taken after drop"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "port {port} still taken after drop");
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }

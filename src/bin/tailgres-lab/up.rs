@@ -79,7 +79,12 @@ struct Proc {
 }
 
 impl Proc {
-    async fn spawn(name: &str, mut cmd: Command, dir: &Path, ready_line: bool) -> anyhow::Result<(Proc, Value)> {
+    async fn spawn(
+        name: &str,
+        mut cmd: Command,
+        dir: &Path,
+        ready_line: bool,
+    ) -> anyhow::Result<(Proc, Value)> {
         let stderr = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&stderr).with_context(|| format!("create {}", stderr.display()))?;
         cmd.stdin(Stdio::null()).stderr(file).kill_on_drop(true);
