@@ -77,6 +77,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         audit: audit.clone(),
         cancels: CancelRegistry::default(),
         auth_mode: cfg.auth,
+        policy: cfg.policy.clone(),
+        per_identity: Default::default(),
         handshake_timeout: cfg.handshake_timeout,
         shutdown: stop_rx,
     });

@@ -98,6 +98,17 @@ pub struct Args {
     /// Most sessions at once; more are refused with 53300.
     #[arg(long, env = "TAILGRES_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
+    /// Application capability that carries database grants in the tailnet
+    /// policy (see capability-schema.json).
+    #[arg(long, env = "TAILGRES_CAPABILITY", value_name = "NAME")]
+    pub capability: Option<String>,
+    /// Refuse peers that carry no grant (default: a peer Tailscale lets
+    /// through and that has no grant may connect as any user).
+    #[arg(long, env = "TAILGRES_REQUIRE_GRANT", num_args = 0..=1, default_missing_value = "true")]
+    pub require_grant: Option<bool>,
+    /// Let devices shared in from another tailnet connect.
+    #[arg(long, env = "TAILGRES_ALLOW_SHARED_NODES", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_shared_nodes: Option<bool>,
     /// Operator log format.
     #[arg(long, env = "TAILGRES_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -135,6 +146,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub max_sessions: usize,
     pub log_format: LogFormat,
+    pub policy: crate::authorize::Policy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +197,10 @@ impl Args {
             handshake_timeout,
             connect_timeout,
             max_sessions,
-            log_format
+            log_format,
+            capability,
+            require_grant,
+            allow_shared_nodes
         );
         if self.upstream_ca.is_empty() {
             self.upstream_ca = file.upstream_ca;
@@ -274,6 +289,11 @@ impl Args {
         if max_sessions == 0 {
             return Err(err("--max-sessions", "must be at least 1"));
         }
+        let capability = self.capability.unwrap_or_else(|| crate::authorize::DEFAULT_CAPABILITY.into());
+        let (domain, name) = capability.split_once("/cap/").unwrap_or(("", ""));
+        if domain.is_empty() || name.is_empty() || capability.contains(char::is_whitespace) {
+            return Err(err("--capability", format!("{capability:?} is not a capability name (<domain>/cap/<name>)")));
+        }
         let port = self.port.unwrap_or(DEFAULT_PORT);
         if port == 0 {
             return Err(err("--port", "must be a port number (1-65535)"));
@@ -305,6 +325,11 @@ impl Args {
             connect_timeout: duration(self.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT)?,
             max_sessions,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
+            policy: crate::authorize::Policy {
+                capability,
+                require_grant: self.require_grant.unwrap_or(false),
+                allow_shared_nodes: self.allow_shared_nodes.unwrap_or(false),
+            },
         })
     }
 }
@@ -338,6 +363,7 @@ mod tests {
                 "--upstream-server-name",
             ),
             (&["--upstream=db:5432", "--audit-log=-", "--auth-key-file=/nonexistent"], "--auth-key-file"),
+            (&["--upstream=db:5432", "--audit-log=-", "--capability=postgres"], "--capability"),
         ];
         for (args, flag) in cases {
             let e = parse(args).expect_err(&format!("{args:?} accepted"));

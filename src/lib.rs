@@ -21,6 +21,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod authorize;
 pub mod authenticate;
 pub mod cancel;
 pub mod config;

@@ -9,6 +9,7 @@
 
 use crate::audit::{self, AuditLog, DenyReason, EndReason, Event, Record, SessionEnd};
 use crate::authenticate::{self, AuthError, AuthMode};
+use crate::authorize::{Decision, Policy};
 use crate::cancel::{CancelDecision, CancelOwner, CancelRegistry};
 use crate::negotiate::{self, ClientTransport, NegotiateError, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
@@ -30,6 +31,10 @@ pub struct Shared {
     pub audit: AuditLog,
     pub cancels: CancelRegistry,
     pub auth_mode: AuthMode,
+    /// Capability grants: who may be which database user.
+    pub policy: Policy,
+    /// Live sessions per identity, for grants' max_connections.
+    pub per_identity: crate::cancel::Counter,
     pub handshake_timeout: Duration,
     /// Becomes true when the proxy shuts down: live sessions end.
     pub shutdown: watch::Receiver<bool>,
@@ -128,6 +133,27 @@ impl Session<'_> {
         };
         self.base.client_transport = Some(audit_transport(transport));
         self.base.postgres = Some(audit_postgres(&startup));
+
+        // 4. authorize: before any byte reaches the upstream.
+        let _slot = match self.shared.policy.decide(&identity, startup.user(), startup.database()) {
+            Decision::Deny { detail, client_message } => {
+                fatal(&mut client, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
+                return self.deny(DenyReason::NotAuthorized, detail).await;
+            }
+            Decision::Allow { limit, .. } => {
+                let principal = identity.principal();
+                match self.shared.per_identity.acquire(&principal, limit) {
+                    Some(slot) => slot,
+                    None => {
+                        let n = limit.unwrap_or(0);
+                        let msg = format!("tailgres: {principal} already has {n} sessions open, the most its grant allows");
+                        fatal(&mut client, sqlstate::TOO_MANY_CONNECTIONS, &msg).await;
+                        let d = format!("{principal}: grant limit of {n} sessions reached");
+                        return self.deny(DenyReason::NotAuthorized, d).await;
+                    }
+                }
+            }
+        };
 
         // Fail closed: no session whose session_start is not written. That
         // write is also the probe of an unhealthy log (skipping it while

@@ -1,0 +1,108 @@
+//! Capability grants decide who may be which database user (stage 4), with
+//! policies pushed through the lab's control server like a tailnet admin
+//! would: an `app` capability per source, `ip` grants for packets.
+mod common;
+use common::http_json;
+use common::lab::{psql, LabOptions, LabUp};
+use serde_json::json;
+use std::time::Duration;
+
+const CAP: &str = "tailgres.dev/cap/postgres";
+
+fn conn(lab: &LabUp, client: usize, user: &str, app: &str) -> String {
+    let (h, p) = lab.forward_host_port(client);
+    format!("host={h} port={p} user={user} dbname=app sslmode=disable application_name={app}")
+}
+
+fn password(user: &str) -> Option<&'static str> {
+    match user {
+        "role_scram" => Some("scram-pass"),
+        "role_md5" => Some("md5-pass"),
+        _ => None,
+    }
+}
+
+/// Retries until the outcome is as wanted (policies reach the proxy
+/// asynchronously); returns psql's stderr of the last try.
+async fn until(lab: &LabUp, client: usize, user: &str, want_ok: bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, _, err) = psql(&conn(lab, client, user, "grants"), password(user), "select 1").await;
+        if ok == want_ok {
+            return err;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "client {client} as {user}: still ok={ok}: {err}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_decide_user_and_database() {
+    let lab = LabUp::start(LabOptions {
+        clients: vec!["alice-laptop", "bob-laptop", "ci=tag:ci"],
+        log_connections: true,
+        ..Default::default()
+    })
+    .await;
+    // No grants anywhere: Tailscale let them through, so any user is fine.
+    until(&lab, 1, "role_trust", true).await;
+
+    let policy = json!({"grants": [
+        {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
+        {"src": ["alice-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["app"], "users": ["role_scram"]}]}},
+        {"src": ["tag:ci"], "dst": ["pg"], "app": {CAP: [{"databases": ["app"], "users": ["role_md5"], "max_connections": 1}]}},
+    ]});
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(policy)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // alice is held to her grant.
+    let err = until(&lab, 0, "role_md5", false).await;
+    assert!(err.contains("may not connect as user \"role_md5\" to database \"app\""), "{err}");
+    assert!(err.contains(CAP), "the message says how to grant it: {err}");
+    let denied = lab
+        .wait_record("alice denied", |r| {
+            r["event"] == "session_denied" && r["reason"] == "not_authorized" && r["postgres"]["user"] == "role_md5"
+        })
+        .await;
+    assert_eq!(denied["peer"]["node_name"], "alice-laptop.tail-lab.ts.net");
+    assert_eq!(denied["side"], "client");
+    // Not one byte of a denied startup reached the database.
+    let pg_log = std::fs::read_to_string(lab.upstream_log()).unwrap();
+    assert!(!pg_log.contains("user=role_md5"), "denied startup reached the upstream:\n{pg_log}");
+    until(&lab, 0, "role_scram", true).await;
+
+    // bob has no grant: allowed in the default mode.
+    until(&lab, 1, "role_trust", true).await;
+
+    // The tagged device: its grant, and its limit of one session at a time.
+    until(&lab, 2, "role_md5", true).await;
+    let (h, p) = lab.forward_host_port(2);
+    let c = format!("host={h} port={p} user=role_md5 dbname=app sslmode=disable application_name=long");
+    let long = tokio::spawn(async move { psql(&c, Some("md5-pass"), "select pg_sleep(5)").await });
+    lab.wait_record("long session started", |r| r["event"] == "auth_ok" && r["postgres"]["application_name"] == "long").await;
+    let (ok, _, err) = psql(&conn(&lab, 2, "role_md5", "second"), Some("md5-pass"), "select 1").await;
+    assert!(!ok && err.contains("already has 1 sessions open"), "second session of tag:ci: {err}");
+    assert!(long.await.unwrap().0, "the first session was not disturbed");
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_grant_refuses_peers_without_one() {
+    let lab = LabUp::start(LabOptions {
+        clients: vec!["alice-laptop", "bob-laptop"],
+        tailgres_args: vec!["--require-grant"],
+        ..Default::default()
+    })
+    .await;
+    let err = until(&lab, 1, "role_trust", false).await;
+    assert!(err.contains("has no access grant"), "{err}");
+    let policy = json!({"grants": [
+        {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
+        {"src": ["bob-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["*"], "users": ["role_*"]}]}},
+    ]});
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(policy)).await;
+    assert_eq!(status, 200, "{body}");
+    until(&lab, 1, "role_trust", true).await;
+    until(&lab, 0, "role_trust", false).await;
+    lab.stop().await;
+}
