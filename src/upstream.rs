@@ -447,9 +447,11 @@ impl UpstreamTls {
                 expected: self.server_name_text.clone(),
                 presented: vec![],
             },
-            CertificateError::NotValidForNameContext { presented, .. } => {
-                UpstreamError::NameMismatch { addr, expected: self.server_name_text.clone(), presented }
-            }
+            CertificateError::NotValidForNameContext { presented, .. } => UpstreamError::NameMismatch {
+                addr,
+                expected: self.server_name_text.clone(),
+                presented: presented.iter().map(|n| presented_name(n).to_string()).collect(),
+            },
             CertificateError::Expired => UpstreamError::Expired { addr, not_after: None },
             CertificateError::ExpiredContext { not_after, .. } => {
                 UpstreamError::Expired { addr, not_after: rfc3339(not_after.as_secs() as i64) }
@@ -476,6 +478,15 @@ fn host_of(addr: &str) -> Option<&str> {
         None => addr.rsplit_once(':').filter(|(h, _)| !h.contains(':'))?,
     };
     (!host.is_empty() && port.parse::<u16>().is_ok()).then_some(host)
+}
+
+/// A certificate name as the operator would type it: webpki reports each
+/// one Debug-formatted (`DnsName("db.example")`, `IpAddress(10.0.0.1)`).
+fn presented_name(n: &str) -> &str {
+    n.strip_prefix("DnsName(\"")
+        .and_then(|r| r.strip_suffix("\")"))
+        .or_else(|| n.strip_prefix("IpAddress(").and_then(|r| r.strip_suffix(')')))
+        .unwrap_or(n)
 }
 
 const NO_CERTS: &str = "no certificates found";
@@ -670,6 +681,20 @@ mod tests {
             };
             let tls = UpstreamTls::new(&o).unwrap_or_else(|e| panic!("{key}: {e}"));
             assert_eq!(tls.config.alpn_protocols, vec![b"postgresql".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn presented_names_lose_webpki_debug_wrapping() {
+        for (raw, plain) in [
+            (r#"DnsName("db.example")"#, "db.example"),
+            (r#"DnsName("*.example")"#, "*.example"),
+            ("IpAddress(10.0.0.1)", "10.0.0.1"),
+            ("IpAddress(fd7a:115c:a1e0::1)", "fd7a:115c:a1e0::1"),
+            ("UniformResourceIdentifier(\"x\")", "UniformResourceIdentifier(\"x\")"),
+            ("Unsupported(0x80)", "Unsupported(0x80)"),
+        ] {
+            assert_eq!(presented_name(raw), plain, "{raw}");
         }
     }
 
