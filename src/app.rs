@@ -79,6 +79,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         auth_mode: cfg.auth,
         policy: cfg.policy.clone(),
         per_identity: Default::default(),
+        live: Default::default(),
         handshake_timeout: cfg.handshake_timeout,
         shutdown: stop_rx,
     });
@@ -94,6 +95,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     };
+    let follower = tokio::spawn(crate::live::follow(node.clone(), shared.clone()));
     server::serve(
         listener,
         node.clone(),
@@ -103,6 +105,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         shutdown,
     )
     .await;
+    let _ = follower.await;
     node.shutdown().await;
     drop(shared);
     audit.close().await;

@@ -25,6 +25,7 @@ pub mod authorize;
 pub mod authenticate;
 pub mod cancel;
 pub mod config;
+pub mod live;
 pub mod negotiate;
 pub mod pgwire;
 pub mod relay;

@@ -4,10 +4,12 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::EndReason;
+use crate::pgwire;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 
 /// Copy buffer per direction.
 const BUF: usize = 16 * 1024;
@@ -63,6 +65,10 @@ impl Frames {
         }
     }
 
+    fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.header_len == 0
+    }
+
     fn terminated(&self) -> bool {
         self.last_complete == Some(b'X') && self.remaining == 0 && self.header_len == 0
     }
@@ -76,25 +82,37 @@ struct Counters {
 
 enum DirEnd {
     Eof,
+    Stopped,
     ReadErr(io::Error),
     WriteErr(io::Error),
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64, mut frames: Option<&mut Frames>) -> DirEnd
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+    frames: &mut Frames,
+    mut stop: watch::Receiver<bool>,
+) -> DirEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => return DirEnd::ReadErr(e),
+        // Only the read is raced against a stop (dropping a pending read
+        // loses nothing); a write, once begun, always completes, so the
+        // stream stays at a known message position.
+        let n = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return DirEnd::Stopped,
+            r = r.read(&mut buf) => match r {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return DirEnd::ReadErr(e),
+            },
         };
-        if let Some(f) = frames.as_deref_mut() {
-            f.feed(&buf[..n]);
-        }
+        frames.feed(&buf[..n]);
         if let Err(e) = w.write_all(&buf[..n]).await {
             return DirEnd::WriteErr(e);
         }
@@ -110,14 +128,23 @@ where
     DirEnd::Eof
 }
 
-/// Relays until both directions are done, one fails, or `stop` resolves
-/// (with the reason, e.g. shutdown or revocation). Pre-relay byte counts
-/// (the handshake) are added by the caller.
+/// Why the proxy ends a session, and what the client is told.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    pub reason: EndReason,
+    /// Sent to the client as FATAL 57P01 when the server→client stream is
+    /// between messages (it always is, unless a large message is halfway).
+    pub client_message: String,
+    pub detail: Option<String>,
+}
+
+/// Relays until both directions are done, one fails, or `stop` resolves.
+/// Pre-relay byte counts (the handshake) are added by the caller.
 pub async fn relay<C, U, F>(client: C, upstream: U, stop: F) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
-    F: Future<Output = EndReason>,
+    F: Future<Output = Stop>,
 {
     let counters = Counters::default();
     let (mut cr, mut cw) = tokio::io::split(client);
@@ -129,10 +156,13 @@ where
         detail,
     };
     tokio::pin!(stop);
-    let mut frames = Frames::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut c_frames = Frames::default();
+    let mut u_frames = Frames::default();
+    let mut stopped: Option<Stop> = None;
     let first = {
-        let c2u = pump(&mut cr, &mut uw, &counters.c2u, Some(&mut frames));
-        let u2c = pump(&mut ur, &mut cw, &counters.u2c, None);
+        let c2u = pump(&mut cr, &mut uw, &counters.c2u, &mut c_frames, stop_rx.clone());
+        let u2c = pump(&mut ur, &mut cw, &counters.u2c, &mut u_frames, stop_rx);
         tokio::pin!(c2u, u2c);
         let (mut c_done, mut u_done) = (false, false);
         let mut first: Option<EndReason> = None;
@@ -142,6 +172,7 @@ where
                     c_done = true;
                     match end {
                         DirEnd::Eof => { first.get_or_insert(EndReason::ClientClosed); }
+                        DirEnd::Stopped => {}
                         DirEnd::ReadErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
                         DirEnd::WriteErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
                     }
@@ -150,18 +181,32 @@ where
                     u_done = true;
                     match end {
                         DirEnd::Eof => { first.get_or_insert(EndReason::UpstreamClosed); }
+                        DirEnd::Stopped => {}
                         DirEnd::ReadErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
                         DirEnd::WriteErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
                     }
                 }
-                reason = &mut stop => return outcome(reason, None),
+                s = &mut stop, if stopped.is_none() => {
+                    stopped = Some(s);
+                    let _ = stop_tx.send(true);
+                }
             }
         }
-        first.expect("a direction finished")
+        first
     };
+    if let Some(s) = stopped {
+        if u_frames.at_boundary() {
+            let _ = cw.write_all(&pgwire::fatal(pgwire::sqlstate::ADMIN_SHUTDOWN, &s.client_message)).await;
+            let _ = cw.flush().await;
+        }
+        let _ = cw.shutdown().await;
+        let _ = uw.shutdown().await;
+        return outcome(s.reason, s.detail);
+    }
     // A client that said Terminate ended the session, whichever close we
     // saw first.
-    let reason = if frames.terminated() { EndReason::ClientTerminated } else { first };
+    let first = first.expect("a direction finished");
+    let reason = if c_frames.terminated() { EndReason::ClientTerminated } else { first };
     outcome(reason, None)
 }
 
@@ -175,7 +220,7 @@ mod tests {
         for client_first in [true, false] {
             let (mut c_peer, c) = duplex(1024);
             let (mut u_peer, u) = duplex(1024);
-            let task = tokio::spawn(relay(c, u, std::future::pending()));
+            let task = tokio::spawn(relay(c, u, std::future::pending::<Stop>()));
             c_peer.write_all(b"hello").await.unwrap();
             let mut b = [0u8; 5];
             u_peer.read_exact(&mut b).await.unwrap();
@@ -219,10 +264,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stop_ends_the_relay_with_its_reason() {
-        let (_c_peer, c) = duplex(64);
-        let (_u_peer, u) = duplex(64);
-        let out = relay(c, u, async { EndReason::Revoked }).await;
+    async fn stop_ends_the_relay_with_a_fatal_at_a_message_boundary() {
+        let (mut c_peer, c) = duplex(1024);
+        let (mut u_peer, u) = duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = rx.await;
+            Stop { reason: EndReason::Revoked, client_message: "access revoked".into(), detail: Some("why".into()) }
+        };
+        let task = tokio::spawn(relay(c, u, stop));
+        // A whole message from the server reaches the client, then the stop.
+        let msg = crate::pgwire::message_bytes(b'Z', b"I");
+        u_peer.write_all(&msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c_peer.read_exact(&mut got).await.unwrap();
+        tx.send(()).unwrap();
+        let out = task.await.unwrap();
         assert_eq!(out.reason, EndReason::Revoked);
+        assert_eq!(out.detail.as_deref(), Some("why"));
+        let mut rest = Vec::new();
+        c_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest[0], b'E', "the client is told why");
+        let (code, text) = crate::pgwire::error_fields(&rest[5..]);
+        assert_eq!((code.as_deref(), text.as_deref()), (Some("57P01"), Some("access revoked")));
+        let mut up_rest = Vec::new();
+        u_peer.read_to_end(&mut up_rest).await.unwrap(); // the upstream sees EOF
+    }
+
+    #[tokio::test]
+    async fn no_fatal_is_spliced_into_a_half_sent_message() {
+        let (mut c_peer, c) = duplex(1024);
+        let (mut u_peer, u) = duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = rx.await;
+            Stop { reason: EndReason::Shutdown, client_message: "bye".into(), detail: None }
+        };
+        let task = tokio::spawn(relay(c, u, stop));
+        let msg = crate::pgwire::message_bytes(b'D', &[7u8; 100]);
+        u_peer.write_all(&msg[..50]).await.unwrap();
+        let mut got = vec![0u8; 50];
+        c_peer.read_exact(&mut got).await.unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(task.await.unwrap().reason, EndReason::Shutdown);
+        let mut rest = Vec::new();
+        c_peer.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing may follow half a message: {rest:?}");
     }
 }

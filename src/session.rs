@@ -35,6 +35,8 @@ pub struct Shared {
     pub policy: Policy,
     /// Live sessions per identity, for grants' max_connections.
     pub per_identity: crate::cancel::Counter,
+    /// Relayed sessions, so access can be taken away while they run.
+    pub live: crate::live::LiveSessions,
     pub handshake_timeout: Duration,
     /// Becomes true when the proxy shuts down: live sessions end.
     pub shutdown: watch::Receiver<bool>,
@@ -221,15 +223,49 @@ impl Session<'_> {
             self.shared.cancels.register(pid, key, owner)
         });
 
-        // 7. relay
+        // 7. relay, until either side ends it, the proxy shuts down, or the
+        // tailnet takes this peer's access away.
+        let (_live, mut revoked) = self.shared.live.register(crate::live::LiveInfo {
+            session_id: self.base.session_id.clone(),
+            peer_addr,
+            node: identity.stable_id.clone(),
+            user: startup.user().to_string(),
+            database: startup.database().to_string(),
+        });
         let stop = {
             let rx = self.shared.shutdown.clone();
             async move {
-                shutdown_signalled(rx).await;
-                EndReason::Shutdown
+                tokio::select! {
+                    _ = shutdown_signalled(rx) => relay::Stop {
+                        reason: EndReason::Shutdown,
+                        client_message: "terminating connection: tailgres is shutting down".into(),
+                        detail: None,
+                    },
+                    stop = async {
+                        loop {
+                            let current = revoked.borrow_and_update().clone();
+                            if let Some(s) = current {
+                                break s;
+                            }
+                            if revoked.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    } => stop,
+                }
             }
         };
         let r = relay::relay(client, upstream.stream, stop).await;
+        if matches!(r.reason, EndReason::Revoked | EndReason::Shutdown) {
+            // A backend busy with a query notices its client is gone only
+            // when it next talks to it: cancel the query so the database
+            // session ends now, not when the query does.
+            if let Some((pid, key)) = &out.backend_key {
+                if let Err(e) = self.forward_cancel(*pid, key).await {
+                    tracing::warn!(error = %e, "could not cancel the ended session's query");
+                }
+            }
+        }
         self.end(
             r.reason,
             out.client_to_upstream + r.client_to_upstream,

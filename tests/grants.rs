@@ -106,3 +106,57 @@ async fn require_grant_refuses_peers_without_one() {
     until(&lab, 0, "role_trust", false).await;
     lab.stop().await;
 }
+
+/// Live sessions lose access the moment the tailnet takes it away: when the
+/// grant is withdrawn (the client is told, FATAL 57P01) and when the node
+/// is removed from the tailnet (the database session ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sessions_are_revoked() {
+    let lab = LabUp::start(LabOptions { clients: vec!["alice-laptop", "bob-laptop"], ..Default::default() }).await;
+    let grant = |users: &str| {
+        json!({"grants": [
+            {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
+            {"src": ["alice-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["app"], "users": [users]}]}},
+        ]})
+    };
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(grant("role_scram"))).await;
+    assert_eq!(status, 200, "{body}");
+    until(&lab, 0, "role_scram", true).await;
+
+    // alice runs a long query; her grant is withdrawn meanwhile.
+    let c = conn(&lab, 0, "role_scram", "revoke-me");
+    let long = tokio::spawn(async move { psql(&c, Some("scram-pass"), "select pg_sleep(120)").await });
+    lab.wait_record("alice's long session", |r| r["event"] == "auth_ok" && r["postgres"]["application_name"] == "revoke-me")
+        .await;
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(grant("role_md5"))).await;
+    assert_eq!(status, 200, "{body}");
+    let (ok, _, err) = tokio::time::timeout(Duration::from_secs(60), long).await.expect("not revoked in time").unwrap();
+    assert!(!ok, "the session survived the withdrawal");
+    assert!(err.contains("access for this peer was revoked"), "{err}");
+    let end = lab
+        .wait_record("revoked end", |r| r["event"] == "session_end" && r["postgres"]["application_name"] == "revoke-me")
+        .await;
+    assert_eq!(end["reason"], "revoked");
+    assert_eq!(end["ended_by"], "proxy");
+    assert!(end["detail"].as_str().unwrap().contains("role_scram"), "{end}");
+
+    // bob (no grant, allowed by default) runs a long query; his node is
+    // removed from the tailnet: his session ends at the database.
+    let c = conn(&lab, 1, "role_trust", "bob-long");
+    let long = tokio::spawn(async move { psql(&c, None, "select pg_sleep(120)").await });
+    lab.wait_record("bob's long session", |r| r["event"] == "auth_ok" && r["postgres"]["application_name"] == "bob-long")
+        .await;
+    let (status, body) = http_json(&lab.admin_url(), "DELETE", "/nodes/bob-laptop", None).await;
+    assert_eq!(status, 200, "{body}");
+    let end = lab
+        .wait_record("bob revoked", |r| r["event"] == "session_end" && r["postgres"]["application_name"] == "bob-long")
+        .await;
+    assert_eq!(end["reason"], "revoked", "{end}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while lab.psql_admin("select count(*) from pg_stat_activity where application_name = 'bob-long'").await.trim() != "0" {
+        assert!(tokio::time::Instant::now() < deadline, "bob's database session outlived the revocation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    long.abort(); // bob's psql cannot hear anything any more: his node is gone
+    lab.stop().await;
+}

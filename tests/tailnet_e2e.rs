@@ -380,3 +380,66 @@ async fn unwritable_state_dir_is_a_clear_error() {
         Ok(_) => panic!("started with an unusable state directory"),
     }
 }
+
+/// The netmap watch reports the initial peers, a peer joining, a tag
+/// change and a peer leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn netmap_watch_reports_changes() {
+    let lab = Lab::start(None).await;
+    let proxy = lab.embedded("proxy").await;
+    let _alice = lab.node("alice", &[]).await;
+    let mut watch = proxy.watch().unwrap();
+    async fn next_until(
+        watch: &mut tailgres::tailnet::NetmapWatch,
+        what: &str,
+        pred: impl Fn(&tailgres::tailnet::NetmapEvent) -> bool,
+    ) -> tailgres::tailnet::NetmapEvent {
+        within(what, async {
+            loop {
+                let ev = watch.next().await.expect("watch ended").expect("event");
+                if pred(&ev) {
+                    return ev;
+                }
+            }
+        })
+        .await
+    }
+    let first = next_until(&mut watch, "initial netmap with alice", |e| {
+        e.kind == "netmap" || e.peers.iter().any(|p| p.node_name.starts_with("alice."))
+    })
+    .await;
+    assert!(first.seq >= 1);
+
+    let _bob = lab.node("bob", &[]).await;
+    let joined = next_until(&mut watch, "bob joins", |e| {
+        e.kind == "peers_changed" && e.peers.iter().any(|p| p.node_name.starts_with("bob."))
+    })
+    .await;
+    let bob_ip = joined.peers.iter().find(|p| p.node_name.starts_with("bob.")).unwrap().addresses[0];
+    let bob_addr = SocketAddr::new(bob_ip, 40000);
+    assert!(proxy.whois(bob_addr).await.is_ok());
+
+    lab.admin("POST", "/nodes/bob/tags", Some(json!({"tags": ["tag:db"]}))).await;
+    next_until(&mut watch, "bob's new tag", |e| {
+        e.peers.iter().any(|p| p.node_name.starts_with("bob.") && p.tags == vec!["tag:db".to_string()])
+    })
+    .await;
+    assert_eq!(proxy.whois(bob_addr).await.unwrap().tags, vec!["tag:db".to_string()]);
+
+    // Removal: announced as a change (with a full peer list the client
+    // reports the remaining peers rather than PeersRemoved); what matters is
+    // that an event arrives and whois no longer knows bob.
+    lab.admin("DELETE", "/nodes/bob", None).await;
+    within("bob is gone", async {
+        loop {
+            watch.next().await.expect("watch ended").expect("event");
+            if proxy.whois(bob_addr).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    proxy.shutdown().await;
+    // The watch ends with the node.
+    within("watch ends", async { while let Some(_) = watch.next().await {} }).await;
+}

@@ -92,11 +92,21 @@ pub struct CertPair {
     pub key_pem: Zeroizing<String>,
 }
 
-/// One network-map change: the peers as they are now.
+/// One change on the tailnet, as the node saw it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetmapEvent {
     pub seq: u64,
+    /// "netmap" (the first, full one), "peers_changed" (added, or tags,
+    /// capabilities, key expiry changed), "peers_removed", "self_changed".
+    /// Grant changes (packet filter) are not announced: re-check
+    /// identities periodically too.
+    pub kind: String,
+    /// The peers concerned ("netmap": all of them).
+    #[serde(default)]
     pub peers: Vec<NetmapPeer>,
+    /// Node IDs of removed peers ("peers_removed").
+    #[serde(default)]
+    pub removed: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -77,11 +77,15 @@ int tsffi_cert_pair(int node, char *domain, char **cert_pem, char **key_pem,
                     char *err, size_t errlen);
 
 /* tsffi_watch returns, in *out_fd, the read end of a stream socket on which
- * the node writes one JSON line per network-map change:
- *   {"seq": n, "peers": [{"stable_id", "node_name", "addresses", "tags",
- *    "user_id", "expired"}, ...]}
- * Capability grants travel in the packet filter and are not listed; a
- * consumer re-checks identities (tsffi_whois) on every line. */
+ * the node writes one JSON line per change:
+ *   {"seq": n, "kind": K, "peers": [{"stable_id", "node_name", "addresses",
+ *    "tags", "user_id", "expired"}, ...], "removed": [node_id, ...]}
+ * where K is "netmap" (first line: every peer), "peers_changed" (added, or
+ * tags, capabilities, key expiry changed), "peers_removed" or
+ * "self_changed". Capability grants travel in the packet filter, whose
+ * changes are not announced: a consumer that cares re-checks identities
+ * (tsffi_whois) on every line AND periodically. Closing the fd ends the
+ * watch. */
 int tsffi_watch(int node, int *out_fd, char *err, size_t errlen);
 
 /* tsffi_close shuts the node down. Safe in every state: before start,

@@ -3,12 +3,13 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"net"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"tailscale.com/ipn"
+	"tailscale.com/tailcfg"
 )
 
 type peerJSON struct {
@@ -21,19 +22,24 @@ type peerJSON struct {
 }
 
 type netmapJSON struct {
-	Seq   uint64     `json:"seq"`
-	Peers []peerJSON `json:"peers"`
+	Seq     uint64     `json:"seq"`
+	Kind    string     `json:"kind"`
+	Peers   []peerJSON `json:"peers"`
+	Removed []int64    `json:"removed"`
 }
 
-// watch streams one JSON line per network-map change to the returned fd.
-// Grants live in the packet filter, which changes the netmap too, so every
-// grant change also produces a line; consumers re-check with whois.
+// watch streams one JSON line per change to the returned fd: the initial
+// network map, peers added, changed (tags, capabilities on the node, key
+// expiry) or removed, and our own node changing. Grants travel in the
+// packet filter, whose changes the IPN bus does not announce on Linux:
+// consumers that care about grants also re-check (whois) periodically.
 func (n *node) watch() (int, error) {
 	lc, err := n.client()
 	if err != nil {
 		return -1, err
 	}
-	w, err := lc.WatchIPNBus(n.ctx, ipn.NotifyInitialNetMap|ipn.NotifyNoPrivateKeys)
+	mask := ipn.NotifyInitialNetMap | ipn.NotifyPeerChanges
+	w, err := lc.WatchIPNBus(n.ctx, mask)
 	if err != nil {
 		return -1, fmt.Errorf("watching the tailnet: %w", err)
 	}
@@ -48,52 +54,84 @@ func (n *node) watch() (int, error) {
 		syscall.Close(cEnd)
 		return -1, err
 	}
+	var mu sync.Mutex
+	var seq uint64
+	emit := func(ev netmapJSON) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		seq++
+		ev.Seq = seq
+		if ev.Peers == nil {
+			ev.Peers = []peerJSON{}
+		}
+		if ev.Removed == nil {
+			ev.Removed = []int64{}
+		}
+		line, _ := json.Marshal(ev)
+		_, err := out.Write(append(line, '\n'))
+		return err == nil
+	}
+	stop := func() {
+		w.Close()
+		out.Close()
+	}
 	go func() {
 		// The reader closing its end ends the watch.
 		buf := make([]byte, 1)
 		out.Read(buf)
-		w.Close()
+		stop()
 	}()
 	go func() {
-		defer out.Close()
-		defer w.Close()
-		var seq uint64
+		defer stop()
 		for {
 			note, err := w.Next()
 			if err != nil {
 				return
 			}
-			nm := note.NetMap
-			if nm == nil {
+			var ev netmapJSON
+			switch {
+			case note.NetMap != nil:
+				ev.Kind = "netmap"
+				for _, p := range note.NetMap.Peers {
+					ev.Peers = append(ev.Peers, peerFromView(p))
+				}
+			case len(note.PeersChanged) > 0:
+				ev.Kind = "peers_changed"
+				for _, p := range note.PeersChanged {
+					ev.Peers = append(ev.Peers, peerFromView(p.View()))
+				}
+			case len(note.PeersRemoved) > 0:
+				ev.Kind = "peers_removed"
+				for _, id := range note.PeersRemoved {
+					ev.Removed = append(ev.Removed, int64(id))
+				}
+			case note.SelfChange != nil:
+				ev.Kind = "self_changed"
+			default:
 				continue
 			}
-			seq++
-			ev := netmapJSON{Seq: seq, Peers: []peerJSON{}}
-			now := time.Now()
-			for _, p := range nm.Peers {
-				pj := peerJSON{
-					StableID:  string(p.StableID()),
-					NodeName:  strings.TrimSuffix(p.Name(), "."),
-					Tags:      p.Tags().AsSlice(),
-					Addresses: []string{},
-					UserID:    int64(p.User()),
-					Expired:   p.Expired() || (!p.KeyExpiry().IsZero() && p.KeyExpiry().Before(now)),
-				}
-				if pj.Tags == nil {
-					pj.Tags = []string{}
-				}
-				for _, a := range p.Addresses().All() {
-					pj.Addresses = append(pj.Addresses, a.Addr().String())
-				}
-				ev.Peers = append(ev.Peers, pj)
-			}
-			line, _ := json.Marshal(ev)
-			line = append(line, '\n')
-			if _, err := out.Write(line); err != nil {
-				return // reader gone
+			if !emit(ev) {
+				return
 			}
 		}
 	}()
-	var _ net.Conn = out
 	return cEnd, nil
+}
+
+func peerFromView(p tailcfg.NodeView) peerJSON {
+	pj := peerJSON{
+		StableID:  string(p.StableID()),
+		NodeName:  strings.TrimSuffix(p.Name(), "."),
+		Tags:      p.Tags().AsSlice(),
+		Addresses: []string{},
+		UserID:    int64(p.User()),
+		Expired:   p.Expired() || (!p.KeyExpiry().IsZero() && p.KeyExpiry().Before(time.Now())),
+	}
+	if pj.Tags == nil {
+		pj.Tags = []string{}
+	}
+	for _, a := range p.Addresses().All() {
+		pj.Addresses = append(pj.Addresses, a.Addr().String())
+	}
+	return pj
 }

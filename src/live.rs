@@ -1,0 +1,144 @@
+//! Live sessions, and taking access away while they run.
+//!
+//! Every relayed session is registered here with what it was authorized
+//! for. [`follow`] re-checks them whenever the tailnet announces a change (a
+//! peer removed, its tags or key changed) and every [`RECHECK_EVERY`] for
+//! what it does not announce (grant changes); a session whose peer is gone, expired, now
+//! a different node, or no longer allowed by its grants is ended with
+//! FATAL 57P01 and audited as `revoked`.
+#![forbid(unsafe_code)]
+
+use crate::audit::EndReason;
+use crate::authorize::Decision;
+use crate::relay::Stop;
+use crate::session::Shared;
+use crate::tailnet::Tailnet;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Re-check period for changes the tailnet does not announce: capability
+/// grants (they travel in the packet filter) and key expiry by time. A
+/// WhoIs is an in-process lookup, so this is cheap even with many sessions.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(3);
+
+pub const REVOKED_MESSAGE: &str = "terminating connection: tailnet access for this peer was revoked";
+
+#[derive(Debug, Clone)]
+pub struct LiveInfo {
+    pub session_id: String,
+    pub peer_addr: SocketAddr,
+    /// Stable ID of the node the session was authorized for.
+    pub node: String,
+    pub user: String,
+    pub database: String,
+}
+
+struct Entry {
+    info: LiveInfo,
+    stop: watch::Sender<Option<Stop>>,
+}
+
+#[derive(Clone, Default)]
+pub struct LiveSessions {
+    inner: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+/// Removes the session from the registry when dropped.
+pub struct LiveGuard {
+    sessions: LiveSessions,
+    id: String,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.sessions.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
+
+impl LiveSessions {
+    /// Registers a session; the receiver yields the [`Stop`] if it is ended.
+    pub fn register(&self, info: LiveInfo) -> (LiveGuard, watch::Receiver<Option<Stop>>) {
+        let (tx, rx) = watch::channel(None);
+        let id = info.session_id.clone();
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), Entry { info, stop: tx });
+        (LiveGuard { sessions: self.clone(), id }, rx)
+    }
+
+    pub fn snapshot(&self) -> Vec<LiveInfo> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Ends one session (if still live).
+    pub fn end(&self, session_id: &str, stop: Stop) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(session_id) {
+            Some(e) => e.stop.send(Some(stop)).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Follows the tailnet until `shutdown` is signalled.
+pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut changes = match tailnet.watch() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, every = ?RECHECK_EVERY, "cannot follow netmap changes; re-checking sessions periodically only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(RECHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+            ev = async { match changes.as_mut() { Some(w) => w.next().await, None => std::future::pending().await } } => {
+                match ev {
+                    Some(Ok(ev)) => tracing::debug!(seq = ev.seq, kind = %ev.kind, peers = ev.peers.len(), "tailnet changed"),
+                    Some(Err(e)) => tracing::warn!(error = %e, "netmap watch"),
+                    None => {
+                        tracing::warn!("netmap watch ended");
+                        changes = None;
+                    }
+                }
+            }
+        }
+        recheck(&*tailnet, &shared).await;
+    }
+}
+
+/// Re-decides every live session against the tailnet as it is now.
+pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
+    for s in shared.live.snapshot() {
+        let verdict = match tailnet.whois(s.peer_addr).await {
+            Err(e) => Some(format!("the peer left the tailnet ({e})")),
+            Ok(id) if id.stable_id != s.node => {
+                Some(format!("{} now belongs to another node ({})", s.peer_addr.ip(), id.node_name))
+            }
+            Ok(id) if id.expired => Some(format!("the node key of {} expired", id.node_name)),
+            Ok(id) => match shared.policy.decide(&id, &s.user, &s.database) {
+                Decision::Deny { detail, .. } => Some(detail),
+                Decision::Allow { .. } => None,
+            },
+        };
+        if let Some(detail) = verdict {
+            tracing::warn!(session = %s.session_id, peer = %s.peer_addr, %detail, "revoking a live session");
+            shared.live.end(
+                &s.session_id,
+                Stop { reason: EndReason::Revoked, client_message: REVOKED_MESSAGE.into(), detail: Some(detail) },
+            );
+        }
+    }
+}
