@@ -325,6 +325,21 @@ async fn bad_auth_key_is_a_clear_error() {
     }
 }
 
+/// A node configuration for tests without a lab (5 s to start).
+fn standalone_config(state_dir: std::path::PathBuf, control_url: &str) -> tailgres::tailnet::NodeConfig {
+    tailgres::tailnet::NodeConfig {
+        state_dir,
+        hostname: "proxy".into(),
+        auth_key: None,
+        control_url: Some(control_url.into()),
+        ephemeral: false,
+        advertise_tags: vec![],
+        tsnet_log: None,
+        env: vec![],
+        start_timeout: Some(Duration::from_secs(5)),
+    }
+}
+
 /// An unreachable control server ends in a timeout that names the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_control_server_times_out_clearly() {
@@ -332,17 +347,8 @@ async fn unreachable_control_server_times_out_clearly() {
     let dir = tempfile::tempdir().unwrap();
     // A loopback port with nothing listening.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cfg = tailgres::tailnet::NodeConfig {
-        state_dir: dir.path().join("state"),
-        hostname: "proxy".into(),
-        auth_key: Some(zeroize::Zeroizing::new("tskey-x".into())),
-        control_url: Some(format!("http://127.0.0.1:{port}")),
-        ephemeral: false,
-        advertise_tags: vec![],
-        tsnet_log: None,
-        env: vec![],
-        start_timeout: Some(Duration::from_secs(5)),
-    };
+    let mut cfg = standalone_config(dir.path().join("state"), &format!("http://127.0.0.1:{port}"));
+    cfg.auth_key = Some(zeroize::Zeroizing::new("tskey-x".into()));
     match EmbeddedNode::start(cfg).await {
         Err(e) => {
             let msg = e.to_string();
@@ -359,17 +365,7 @@ async fn unwritable_state_dir_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"").unwrap();
-    let cfg = tailgres::tailnet::NodeConfig {
-        state_dir: file.join("state"),
-        hostname: "proxy".into(),
-        auth_key: None,
-        control_url: Some("http://127.0.0.1:9".into()),
-        ephemeral: false,
-        advertise_tags: vec![],
-        tsnet_log: None,
-        env: vec![],
-        start_timeout: Some(Duration::from_secs(5)),
-    };
+    let cfg = standalone_config(file.join("state"), "http://127.0.0.1:9");
     match EmbeddedNode::start(cfg).await {
         Err(e @ TailnetError::Config(_)) => {
             let msg = e.to_string();
