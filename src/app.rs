@@ -80,6 +80,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         policy: cfg.policy.clone(),
         per_identity: Default::default(),
         live: Default::default(),
+        identity_settings: cfg.identity_settings,
         handshake_timeout: cfg.handshake_timeout,
         shutdown: stop_rx,
     });

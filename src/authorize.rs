@@ -26,6 +26,40 @@
 use crate::tailnet::PeerIdentity;
 use serde::Deserialize;
 
+/// Startup parameters under this prefix carry the verified identity to the
+/// database (`--identity-settings`); clients may never supply them.
+pub const IDENTITY_PREFIX: &str = "tailgres.";
+
+/// Refuses client-supplied parameters under [`IDENTITY_PREFIX`], directly or
+/// through `options` (`-c tailgres.x=y`, `--tailgres.x=y`).
+pub fn reserved_parameter(params: &[(String, String)]) -> Option<String> {
+    for (k, v) in params {
+        if k.to_ascii_lowercase().starts_with(IDENTITY_PREFIX) {
+            return Some(k.clone());
+        }
+        if k == "options" && v.to_ascii_lowercase().contains(IDENTITY_PREFIX) {
+            return Some(format!("options ({v})"));
+        }
+    }
+    None
+}
+
+/// The settings that tell the database who is connecting: login (empty for
+/// tagged devices), tags, node name, stable node ID, tailnet IP.
+pub fn identity_parameters(id: &PeerIdentity, ip: std::net::IpAddr) -> Vec<(String, String)> {
+    let login = if id.is_tagged() { String::new() } else { id.user_login.clone() };
+    [
+        ("login", login),
+        ("tags", id.tags.join(",")),
+        ("node", id.node_name.clone()),
+        ("node_id", id.stable_id.clone()),
+        ("ip", ip.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{IDENTITY_PREFIX}{k}"), v.replace('\0', "")))
+    .collect()
+}
+
 /// The default application capability name.
 pub const DEFAULT_CAPABILITY: &str = "tailgres.dev/cap/postgres";
 
@@ -294,5 +328,22 @@ mod tests {
             assert!(!v.is_valid(&bad), "schema accepts {bad}");
             assert!(serde_json::from_value::<Grant>(bad.clone()).is_err(), "parser accepts {bad}");
         }
+    }
+
+    #[test]
+    fn reserved_parameters_are_found() {
+        let p = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        assert_eq!(reserved_parameter(&p(&[("user", "a"), ("application_name", "tailgres.x")])), None);
+        assert!(reserved_parameter(&p(&[("user", "a"), ("tailgres.login", "root")])).is_some());
+        assert!(reserved_parameter(&p(&[("TailGres.Login", "root")])).is_some());
+        assert!(reserved_parameter(&p(&[("options", "-c tailgres.login=root")])).is_some());
+        assert!(reserved_parameter(&p(&[("options", "--TAILGRES.login=root")])).is_some());
+        let id = peer("alice@x.com", &[], vec![]);
+        let params = identity_parameters(&id, "100.64.0.9".parse().unwrap());
+        assert_eq!(params[0], ("tailgres.login".to_string(), "alice@x.com".to_string()));
+        let tagged = peer("tagged-devices", &["tag:ci", "tag:db"], vec![]);
+        let params = identity_parameters(&tagged, "100.64.0.9".parse().unwrap());
+        assert_eq!(params[0].1, "", "a tagged device has no login");
+        assert_eq!(params[1].1, "tag:ci,tag:db");
     }
 }

@@ -109,6 +109,11 @@ pub struct Args {
     /// Let devices shared in from another tailnet connect.
     #[arg(long, env = "TAILGRES_ALLOW_SHARED_NODES", num_args = 0..=1, default_missing_value = "true")]
     pub allow_shared_nodes: Option<bool>,
+    /// Tell the database who is connecting: startup settings tailgres.login,
+    /// tailgres.tags, tailgres.node, tailgres.node_id, tailgres.ip (for
+    /// row-level security and server logs). Clients can never supply them.
+    #[arg(long, env = "TAILGRES_IDENTITY_SETTINGS", num_args = 0..=1, default_missing_value = "true")]
+    pub identity_settings: Option<bool>,
     /// Operator log format.
     #[arg(long, env = "TAILGRES_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -147,6 +152,7 @@ pub struct Config {
     pub max_sessions: usize,
     pub log_format: LogFormat,
     pub policy: crate::authorize::Policy,
+    pub identity_settings: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +206,8 @@ impl Args {
             log_format,
             capability,
             require_grant,
-            allow_shared_nodes
+            allow_shared_nodes,
+            identity_settings
         );
         if self.upstream_ca.is_empty() {
             self.upstream_ca = file.upstream_ca;
@@ -325,6 +332,7 @@ impl Args {
             connect_timeout: duration(self.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT)?,
             max_sessions,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
+            identity_settings: self.identity_settings.unwrap_or(false),
             policy: crate::authorize::Policy {
                 capability,
                 require_grant: self.require_grant.unwrap_or(false),

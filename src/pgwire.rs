@@ -42,6 +42,8 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     /// invalid_password
     pub const INVALID_PASSWORD: &str = "28P01";
+    /// insufficient_privilege
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     /// too_many_connections
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     /// admin_shutdown

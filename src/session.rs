@@ -35,6 +35,8 @@ pub struct Shared {
     pub policy: Policy,
     /// Live sessions per identity, for grants' max_connections.
     pub per_identity: crate::cancel::Counter,
+    /// Send the verified identity to the database as tailgres.* settings.
+    pub identity_settings: bool,
     /// Relayed sessions, so access can be taken away while they run.
     pub live: crate::live::LiveSessions,
     pub handshake_timeout: Duration,
@@ -135,6 +137,21 @@ impl Session<'_> {
         };
         self.base.client_transport = Some(audit_transport(transport));
         self.base.postgres = Some(audit_postgres(&startup));
+
+        // The identity settings are ours to set: a client that supplies them
+        // is trying to impersonate someone.
+        if let Some(param) = crate::authorize::reserved_parameter(&startup.params) {
+            let msg = format!(
+                "parameters under \"{}\" are set by tailgres from the tailnet identity; remove {param}",
+                crate::authorize::IDENTITY_PREFIX
+            );
+            fatal(&mut client, sqlstate::INSUFFICIENT_PRIVILEGE, &msg).await;
+            return self.deny(DenyReason::NotAuthorized, format!("client supplied reserved parameter {param}")).await;
+        }
+        let mut startup = startup;
+        if self.shared.identity_settings {
+            startup.params.extend(crate::authorize::identity_parameters(&identity, peer_addr.ip()));
+        }
 
         // 4. authorize: before any byte reaches the upstream.
         let _slot = match self.shared.policy.decide(&identity, startup.user(), startup.database()) {

@@ -160,3 +160,40 @@ async fn live_sessions_are_revoked() {
     long.abort(); // bob's psql cannot hear anything any more: his node is gone
     lab.stop().await;
 }
+
+/// With --identity-settings the database sees who is connecting (for
+/// row-level security and logs); a client can never supply those settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_identity_reaches_the_database() {
+    let lab = LabUp::start(LabOptions {
+        clients: vec!["alice-laptop", "ci=tag:ci"],
+        tailgres_args: vec!["--identity-settings"],
+        ..Default::default()
+    })
+    .await;
+    let sql = "select current_setting('tailgres.login'), current_setting('tailgres.tags'), \
+               current_setting('tailgres.node'), current_setting('tailgres.ip')";
+    let (ok, out, err) = psql(&conn(&lab, 0, "role_scram", "who"), Some("scram-pass"), sql).await;
+    assert!(ok, "{err}");
+    let alice: Vec<&str> = out.trim().split('|').collect();
+    assert!(alice[0].ends_with("@fake-control.example.net"), "{out}");
+    assert_eq!(alice[1], "");
+    assert_eq!(alice[2], "alice-laptop.tail-lab.ts.net");
+    assert_eq!(alice[3], lab.info["clients"][0]["tailnet_ips"][0].as_str().unwrap());
+    let start = lab.wait_record("alice's start", |r| r["event"] == "session_start" && r["postgres"]["application_name"] == "who").await;
+    assert_eq!(start["peer"]["user_login"].as_str().unwrap(), alice[0], "the database sees what the audit log says");
+
+    let (ok, out, err) = psql(&conn(&lab, 1, "role_trust", "who-ci"), None, sql).await;
+    assert!(ok, "{err}");
+    let ci: Vec<&str> = out.trim().split('|').collect();
+    assert_eq!((ci[0], ci[1], ci[2]), ("", "tag:ci", "ci.tail-lab.ts.net"), "a tagged device has tags, no login");
+
+    // Impersonation attempts are refused before the database sees them.
+    for spoof in ["options='-c tailgres.login=postgres@corp'", "options='--tailgres.tags=tag:admin'"] {
+        let c = format!("{} {spoof}", conn(&lab, 0, "role_scram", "spoof"));
+        let (ok, _, err) = psql(&c, Some("scram-pass"), "select 1").await;
+        assert!(!ok && err.contains("are set by tailgres from the tailnet identity"), "{spoof}: {err}");
+    }
+    lab.wait_record("spoof denied", |r| r["event"] == "session_denied" && r["reason"] == "not_authorized").await;
+    lab.stop().await;
+}
