@@ -437,5 +437,5 @@ async fn netmap_watch_reports_changes() {
     .await;
     proxy.shutdown().await;
     // The watch ends with the node.
-    within("watch ends", async { while let Some(_) = watch.next().await {} }).await;
+    within("watch ends", async { while watch.next().await.is_some() {} }).await;
 }
