@@ -229,7 +229,27 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin, T>(
     let _ = s.write_all(&pgwire::fatal(sqlstate::PROTOCOL_VIOLATION, why)).await;
     let _ = s.flush().await;
     let _ = s.shutdown().await;
+    linger(s).await;
     Err(NegotiateError::Protocol(why.to_string()))
+}
+
+/// How long a refused client's remaining input is read and discarded.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads and discards what the client is still sending (say the rest of an
+/// oversized packet) for a moment before the connection is dropped: closing
+/// a socket with unread input sends a reset, and a reset can destroy the
+/// ErrorResponse before the client reads it.
+async fn linger<S: AsyncRead + Unpin>(s: &mut S) {
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads one pre-startup packet (its first 4 bytes may already be read).
