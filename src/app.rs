@@ -80,6 +80,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         policy: cfg.policy.clone(),
         per_identity: Default::default(),
         live: Default::default(),
+        directory: Default::default(),
         identity_settings: cfg.identity_settings,
         handshake_timeout: cfg.handshake_timeout,
         shutdown: stop_rx,
@@ -97,6 +98,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     };
     let follower = tokio::spawn(crate::live::follow(node.clone(), shared.clone()));
+    let explain_socket = cfg.state_dir.join(crate::explain::SOCKET_NAME);
+    let explainer = tokio::spawn(crate::explain::serve(explain_socket, node.clone(), shared.clone()));
     server::serve(
         listener,
         node.clone(),
@@ -107,6 +110,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     )
     .await;
     let _ = follower.await;
+    match explainer.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the explain socket failed"),
+        _ => {}
+    }
     node.shutdown().await;
     drop(shared);
     audit.close().await;

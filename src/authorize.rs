@@ -85,8 +85,14 @@ pub struct Grant {
 pub enum Decision {
     /// Allowed; `limit` is the per-identity session limit, if any grant
     /// that allowed it sets one (the most generous applies).
-    Allow { via_grant: bool, limit: Option<u32> },
-    Deny { detail: String, client_message: String },
+    Allow {
+        via_grant: bool,
+        limit: Option<u32>,
+    },
+    Deny {
+        detail: String,
+        client_message: String,
+    },
 }
 
 impl Policy {
@@ -178,8 +184,7 @@ fn user_matches(pattern: &str, user: &str, id: &PeerIdentity) -> bool {
         // A tagged device has no login of its own ("tagged-devices").
         "{login}" => !id.is_tagged() && !id.user_login.is_empty() && user == id.user_login,
         "{login_local}" => {
-            !id.is_tagged()
-                && id.user_login.split('@').next().is_some_and(|l| !l.is_empty() && user == l)
+            !id.is_tagged() && id.user_login.split('@').next().is_some_and(|l| !l.is_empty() && user == l)
         }
         p => glob(p, user),
     }
@@ -274,12 +279,24 @@ mod tests {
             (peer("alice@x.com", &[], vec![analyst.clone()]), false, "readonly", "app", false),
             // Grants combine; user and database must match in the same one.
             (peer("alice@x.com", &[], vec![analyst.clone(), own.clone()]), false, "alice", "app_prod", true),
-            (peer("alice@x.com", &[], vec![analyst.clone(), own.clone()]), false, "alice", "analytics", false),
+            (
+                peer("alice@x.com", &[], vec![analyst.clone(), own.clone()]),
+                false,
+                "alice",
+                "analytics",
+                false,
+            ),
             // {login_local} is never a tagged device's.
             (peer("tagged-devices", &["tag:ci"], vec![own.clone()]), false, "tagged-devices", "app", false),
             // Malformed grants fail closed.
             (peer("alice@x.com", &[], vec![json!({"databases": ["*"]})]), false, "alice", "app", false),
-            (peer("alice@x.com", &[], vec![json!({"databases": ["*"], "users": ["*"], "extra": 1})]), false, "a", "b", false),
+            (
+                peer("alice@x.com", &[], vec![json!({"databases": ["*"], "users": ["*"], "extra": 1})]),
+                false,
+                "a",
+                "b",
+                false,
+            ),
             (peer("alice@x.com", &[], vec![json!("all")]), false, "a", "b", false),
         ];
         for (i, (id, require, user, db, want)) in cases.into_iter().enumerate() {
@@ -293,13 +310,24 @@ mod tests {
         let own = json!({"databases": ["*"], "users": ["{login}"], "max_connections": 2});
         let more = json!({"databases": ["*"], "users": ["*"], "max_connections": 5});
         let id = peer("alice@x.com", &[], vec![own.clone(), more]);
-        assert_eq!(policy(false).decide(&id, "alice@x.com", "d"), Decision::Allow { via_grant: true, limit: Some(5) });
+        assert_eq!(
+            policy(false).decide(&id, "alice@x.com", "d"),
+            Decision::Allow { via_grant: true, limit: Some(5) }
+        );
         let unlimited = peer("alice@x.com", &[], vec![own, json!({"databases": ["*"], "users": ["*"]})]);
-        assert_eq!(policy(false).decide(&unlimited, "alice@x.com", "d"), Decision::Allow { via_grant: true, limit: None });
+        assert_eq!(
+            policy(false).decide(&unlimited, "alice@x.com", "d"),
+            Decision::Allow { via_grant: true, limit: None }
+        );
 
         let id = peer("alice@x.com", &[], vec![json!({"databases": ["analytics"], "users": ["readonly"]})]);
-        let Decision::Deny { client_message, detail } = policy(false).decide(&id, "postgres", "app") else { panic!() };
-        assert!(client_message.contains("alice@x.com") && client_message.contains("\"postgres\""), "{client_message}");
+        let Decision::Deny { client_message, detail } = policy(false).decide(&id, "postgres", "app") else {
+            panic!()
+        };
+        assert!(
+            client_message.contains("alice@x.com") && client_message.contains("\"postgres\""),
+            "{client_message}"
+        );
         assert!(client_message.contains(DEFAULT_CAPABILITY), "{client_message}");
         assert!(detail.contains("readonly"), "{detail}");
 
@@ -312,7 +340,8 @@ mod tests {
 
     #[test]
     fn published_schema_and_parser_agree() {
-        let schema: serde_json::Value = serde_json::from_str(include_str!("../capability-schema.json")).unwrap();
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../capability-schema.json")).unwrap();
         let v = jsonschema::validator_for(&schema).unwrap();
         for ex in schema["examples"].as_array().unwrap() {
             assert!(v.is_valid(ex), "{ex}");
@@ -332,7 +361,8 @@ mod tests {
 
     #[test]
     fn reserved_parameters_are_found() {
-        let p = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        let p =
+            |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
         assert_eq!(reserved_parameter(&p(&[("user", "a"), ("application_name", "tailgres.x")])), None);
         assert!(reserved_parameter(&p(&[("user", "a"), ("tailgres.login", "root")])).is_some());
         assert!(reserved_parameter(&p(&[("TailGres.Login", "root")])).is_some());

@@ -299,7 +299,10 @@ impl Args {
         let capability = self.capability.unwrap_or_else(|| crate::authorize::DEFAULT_CAPABILITY.into());
         let (domain, name) = capability.split_once("/cap/").unwrap_or(("", ""));
         if domain.is_empty() || name.is_empty() || capability.contains(char::is_whitespace) {
-            return Err(err("--capability", format!("{capability:?} is not a capability name (<domain>/cap/<name>)")));
+            return Err(err(
+                "--capability",
+                format!("{capability:?} is not a capability name (<domain>/cap/<name>)"),
+            ));
         }
         let port = self.port.unwrap_or(DEFAULT_PORT);
         if port == 0 {

@@ -21,10 +21,11 @@
 
 pub mod app;
 pub mod audit;
-pub mod authorize;
 pub mod authenticate;
+pub mod authorize;
 pub mod cancel;
 pub mod config;
+pub mod explain;
 pub mod live;
 pub mod negotiate;
 pub mod pgwire;

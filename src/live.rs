@@ -106,7 +106,10 @@ pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
             _ = tick.tick() => {}
             ev = async { match changes.as_mut() { Some(w) => w.next().await, None => std::future::pending().await } } => {
                 match ev {
-                    Some(Ok(ev)) => tracing::debug!(seq = ev.seq, kind = %ev.kind, peers = ev.peers.len(), "tailnet changed"),
+                    Some(Ok(ev)) => {
+                        tracing::debug!(seq = ev.seq, kind = %ev.kind, peers = ev.peers.len(), "tailnet changed");
+                        shared.directory.update(&ev);
+                    }
                     Some(Err(e)) => tracing::warn!(error = %e, "netmap watch"),
                     None => {
                         tracing::warn!("netmap watch ended");
@@ -137,7 +140,11 @@ pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
             tracing::warn!(session = %s.session_id, peer = %s.peer_addr, %detail, "revoking a live session");
             shared.live.end(
                 &s.session_id,
-                Stop { reason: EndReason::Revoked, client_message: REVOKED_MESSAGE.into(), detail: Some(detail) },
+                Stop {
+                    reason: EndReason::Revoked,
+                    client_message: REVOKED_MESSAGE.into(),
+                    detail: Some(detail),
+                },
             );
         }
     }

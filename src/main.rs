@@ -3,7 +3,35 @@ use anyhow::Result;
 use clap::Parser;
 use tailgres::config::{Args, LogFormat};
 
+/// `tailgres explain`: ask the running proxy about a peer.
+#[derive(clap::Parser)]
+#[command(
+    name = "tailgres explain",
+    about = "Who a tailnet peer is, its grants, and which databases and users it may use"
+)]
+struct ExplainArgs {
+    /// The peer: MagicDNS name, short name, or tailnet IP.
+    target: String,
+    /// The running proxy's state directory.
+    #[arg(long, env = "TAILGRES_STATE_DIR", default_value = tailgres::config::DEFAULT_STATE_DIR)]
+    state_dir: std::path::PathBuf,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("explain") {
+        let a = ExplainArgs::parse_from(std::env::args().skip(1));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let answer = rt.block_on(tailgres::explain::ask(&a.state_dir, &a.target))?;
+        if a.json {
+            println!("{answer:#}");
+        } else {
+            print!("{}", tailgres::explain::render(&answer));
+        }
+        return Ok(());
+    }
     let args = Args::parse();
     // The auth key may come from TS_AUTHKEY (never from argv, where other
     // users of the machine could read it).

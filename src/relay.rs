@@ -270,7 +270,11 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let stop = async move {
             let _ = rx.await;
-            Stop { reason: EndReason::Revoked, client_message: "access revoked".into(), detail: Some("why".into()) }
+            Stop {
+                reason: EndReason::Revoked,
+                client_message: "access revoked".into(),
+                detail: Some("why".into()),
+            }
         };
         let task = tokio::spawn(relay(c, u, stop));
         // A whole message from the server reaches the client, then the stop.

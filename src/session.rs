@@ -35,6 +35,8 @@ pub struct Shared {
     pub policy: Policy,
     /// Live sessions per identity, for grants' max_connections.
     pub per_identity: crate::cancel::Counter,
+    /// Peer names to addresses (for `tailgres explain`).
+    pub directory: crate::explain::Directory,
     /// Send the verified identity to the database as tailgres.* settings.
     pub identity_settings: bool,
     /// Relayed sessions, so access can be taken away while they run.
@@ -146,7 +148,9 @@ impl Session<'_> {
                 crate::authorize::IDENTITY_PREFIX
             );
             fatal(&mut client, sqlstate::INSUFFICIENT_PRIVILEGE, &msg).await;
-            return self.deny(DenyReason::NotAuthorized, format!("client supplied reserved parameter {param}")).await;
+            return self
+                .deny(DenyReason::NotAuthorized, format!("client supplied reserved parameter {param}"))
+                .await;
         }
         let mut startup = startup;
         if self.shared.identity_settings {
@@ -165,7 +169,9 @@ impl Session<'_> {
                     Some(slot) => slot,
                     None => {
                         let n = limit.unwrap_or(0);
-                        let msg = format!("tailgres: {principal} already has {n} sessions open, the most its grant allows");
+                        let msg = format!(
+                            "tailgres: {principal} already has {n} sessions open, the most its grant allows"
+                        );
                         fatal(&mut client, sqlstate::TOO_MANY_CONNECTIONS, &msg).await;
                         let d = format!("{principal}: grant limit of {n} sessions reached");
                         return self.deny(DenyReason::NotAuthorized, d).await;

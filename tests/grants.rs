@@ -61,7 +61,9 @@ async fn grants_decide_user_and_database() {
     assert!(err.contains(CAP), "the message says how to grant it: {err}");
     let denied = lab
         .wait_record("alice denied", |r| {
-            r["event"] == "session_denied" && r["reason"] == "not_authorized" && r["postgres"]["user"] == "role_md5"
+            r["event"] == "session_denied"
+                && r["reason"] == "not_authorized"
+                && r["postgres"]["user"] == "role_md5"
         })
         .await;
     assert_eq!(denied["peer"]["node_name"], "alice-laptop.tail-lab.ts.net");
@@ -79,7 +81,10 @@ async fn grants_decide_user_and_database() {
     let (h, p) = lab.forward_host_port(2);
     let c = format!("host={h} port={p} user=role_md5 dbname=app sslmode=disable application_name=long");
     let long = tokio::spawn(async move { psql(&c, Some("md5-pass"), "select pg_sleep(5)").await });
-    lab.wait_record("long session started", |r| r["event"] == "auth_ok" && r["postgres"]["application_name"] == "long").await;
+    lab.wait_record("long session started", |r| {
+        r["event"] == "auth_ok" && r["postgres"]["application_name"] == "long"
+    })
+    .await;
     let (ok, _, err) = psql(&conn(&lab, 2, "role_md5", "second"), Some("md5-pass"), "select 1").await;
     assert!(!ok && err.contains("already has 1 sessions open"), "second session of tag:ci: {err}");
     assert!(long.await.unwrap().0, "the first session was not disturbed");
@@ -112,7 +117,8 @@ async fn require_grant_refuses_peers_without_one() {
 /// is removed from the tailnet (the database session ends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_sessions_are_revoked() {
-    let lab = LabUp::start(LabOptions { clients: vec!["alice-laptop", "bob-laptop"], ..Default::default() }).await;
+    let lab =
+        LabUp::start(LabOptions { clients: vec!["alice-laptop", "bob-laptop"], ..Default::default() }).await;
     let grant = |users: &str| {
         json!({"grants": [
             {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
@@ -126,15 +132,20 @@ async fn live_sessions_are_revoked() {
     // alice runs a long query; her grant is withdrawn meanwhile.
     let c = conn(&lab, 0, "role_scram", "revoke-me");
     let long = tokio::spawn(async move { psql(&c, Some("scram-pass"), "select pg_sleep(120)").await });
-    lab.wait_record("alice's long session", |r| r["event"] == "auth_ok" && r["postgres"]["application_name"] == "revoke-me")
-        .await;
+    lab.wait_record("alice's long session", |r| {
+        r["event"] == "auth_ok" && r["postgres"]["application_name"] == "revoke-me"
+    })
+    .await;
     let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(grant("role_md5"))).await;
     assert_eq!(status, 200, "{body}");
-    let (ok, _, err) = tokio::time::timeout(Duration::from_secs(60), long).await.expect("not revoked in time").unwrap();
+    let (ok, _, err) =
+        tokio::time::timeout(Duration::from_secs(60), long).await.expect("not revoked in time").unwrap();
     assert!(!ok, "the session survived the withdrawal");
     assert!(err.contains("access for this peer was revoked"), "{err}");
     let end = lab
-        .wait_record("revoked end", |r| r["event"] == "session_end" && r["postgres"]["application_name"] == "revoke-me")
+        .wait_record("revoked end", |r| {
+            r["event"] == "session_end" && r["postgres"]["application_name"] == "revoke-me"
+        })
         .await;
     assert_eq!(end["reason"], "revoked");
     assert_eq!(end["ended_by"], "proxy");
@@ -144,16 +155,25 @@ async fn live_sessions_are_revoked() {
     // removed from the tailnet: his session ends at the database.
     let c = conn(&lab, 1, "role_trust", "bob-long");
     let long = tokio::spawn(async move { psql(&c, None, "select pg_sleep(120)").await });
-    lab.wait_record("bob's long session", |r| r["event"] == "auth_ok" && r["postgres"]["application_name"] == "bob-long")
-        .await;
+    lab.wait_record("bob's long session", |r| {
+        r["event"] == "auth_ok" && r["postgres"]["application_name"] == "bob-long"
+    })
+    .await;
     let (status, body) = http_json(&lab.admin_url(), "DELETE", "/nodes/bob-laptop", None).await;
     assert_eq!(status, 200, "{body}");
     let end = lab
-        .wait_record("bob revoked", |r| r["event"] == "session_end" && r["postgres"]["application_name"] == "bob-long")
+        .wait_record("bob revoked", |r| {
+            r["event"] == "session_end" && r["postgres"]["application_name"] == "bob-long"
+        })
         .await;
     assert_eq!(end["reason"], "revoked", "{end}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while lab.psql_admin("select count(*) from pg_stat_activity where application_name = 'bob-long'").await.trim() != "0" {
+    while lab
+        .psql_admin("select count(*) from pg_stat_activity where application_name = 'bob-long'")
+        .await
+        .trim()
+        != "0"
+    {
         assert!(tokio::time::Instant::now() < deadline, "bob's database session outlived the revocation");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -180,13 +200,25 @@ async fn verified_identity_reaches_the_database() {
     assert_eq!(alice[1], "");
     assert_eq!(alice[2], "alice-laptop.tail-lab.ts.net");
     assert_eq!(alice[3], lab.info["clients"][0]["tailnet_ips"][0].as_str().unwrap());
-    let start = lab.wait_record("alice's start", |r| r["event"] == "session_start" && r["postgres"]["application_name"] == "who").await;
-    assert_eq!(start["peer"]["user_login"].as_str().unwrap(), alice[0], "the database sees what the audit log says");
+    let start = lab
+        .wait_record("alice's start", |r| {
+            r["event"] == "session_start" && r["postgres"]["application_name"] == "who"
+        })
+        .await;
+    assert_eq!(
+        start["peer"]["user_login"].as_str().unwrap(),
+        alice[0],
+        "the database sees what the audit log says"
+    );
 
     let (ok, out, err) = psql(&conn(&lab, 1, "role_trust", "who-ci"), None, sql).await;
     assert!(ok, "{err}");
     let ci: Vec<&str> = out.trim().split('|').collect();
-    assert_eq!((ci[0], ci[1], ci[2]), ("", "tag:ci", "ci.tail-lab.ts.net"), "a tagged device has tags, no login");
+    assert_eq!(
+        (ci[0], ci[1], ci[2]),
+        ("", "tag:ci", "ci.tail-lab.ts.net"),
+        "a tagged device has tags, no login"
+    );
 
     // Impersonation attempts are refused before the database sees them.
     for spoof in ["options='-c tailgres.login=postgres@corp'", "options='--tailgres.tags=tag:admin'"] {
@@ -194,6 +226,47 @@ async fn verified_identity_reaches_the_database() {
         let (ok, _, err) = psql(&c, Some("scram-pass"), "select 1").await;
         assert!(!ok && err.contains("are set by tailgres from the tailnet identity"), "{spoof}: {err}");
     }
-    lab.wait_record("spoof denied", |r| r["event"] == "session_denied" && r["reason"] == "not_authorized").await;
+    lab.wait_record("spoof denied", |r| r["event"] == "session_denied" && r["reason"] == "not_authorized")
+        .await;
+    lab.stop().await;
+}
+
+/// `tailgres explain` answers "why can't alice connect?" from the running
+/// proxy: identity, grants, what they allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_tells_who_may_do_what() {
+    let lab =
+        LabUp::start(LabOptions { clients: vec!["alice-laptop", "ci=tag:ci"], ..Default::default() }).await;
+    let policy = json!({"grants": [
+        {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
+        {"src": ["alice-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["analytics"], "users": ["readonly"], "max_connections": 3}]}},
+    ]});
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(policy)).await;
+    assert_eq!(status, 200, "{body}");
+    until(&lab, 0, "role_scram", false).await; // the grant is in force
+
+    let state_dir = format!("{}/proxy-state", lab.info["dir"].as_str().unwrap());
+    let explain = |target: &str, json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"));
+        cmd.args(["explain", target, "--state-dir", &state_dir]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "explain {target}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let a: serde_json::Value = serde_json::from_str(&explain("alice-laptop", true)).unwrap();
+    assert_eq!(a["identity"]["node_name"], "alice-laptop.tail-lab.ts.net");
+    assert_eq!(a["grants"][0]["users"][0], "readonly");
+    let may = a["may_connect_as"][0].as_str().unwrap();
+    assert!(may.contains("readonly") && may.contains("analytics") && may.contains("at most 3"), "{may}");
+
+    let ci = explain("ci", false);
+    assert!(ci.contains("tag:ci") && ci.contains("any user on any database"), "{ci}");
+    let by_ip = explain(lab.info["clients"][1]["tailnet_ips"][0].as_str().unwrap(), false);
+    assert!(by_ip.contains("ci.tail-lab.ts.net"), "{by_ip}");
+    let unknown = explain("nobody", false);
+    assert!(unknown.contains("no peer named"), "{unknown}");
     lab.stop().await;
 }
