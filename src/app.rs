@@ -110,9 +110,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     )
     .await;
     let _ = follower.await;
-    match explainer.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "the explain socket failed"),
-        _ => {}
+    if let Ok(Err(e)) = explainer.await {
+        tracing::warn!(error = %e, "the explain socket failed");
     }
     node.shutdown().await;
     drop(shared);
