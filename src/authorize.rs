@@ -98,6 +98,12 @@ pub enum Decision {
 impl Policy {
     pub fn decide(&self, id: &PeerIdentity, user: &str, database: &str) -> Decision {
         let who = format!("{} on {}", id.principal(), id.node_name);
+        if id.expired {
+            return deny(
+                format!("{who}: node key expired"),
+                format!("tailgres: the node key of {who} has expired; log the device in to the tailnet again"),
+            );
+        }
         if id.shared_in && !self.allow_shared_nodes {
             return deny(
                 format!("{who} is a device shared in from another tailnet; --allow-shared-nodes is off"),
@@ -336,6 +342,10 @@ mod tests {
         assert!(matches!(policy(false).decide(&shared, "a", "b"), Decision::Deny { .. }));
         let open = Policy { allow_shared_nodes: true, ..policy(false) };
         assert!(matches!(open.decide(&shared, "a", "b"), Decision::Allow { .. }));
+
+        let mut expired = peer("carol@x.com", &[], vec![]);
+        expired.expired = true;
+        assert!(matches!(open.decide(&expired, "a", "b"), Decision::Deny { .. }), "an expired node is never let in");
     }
 
     #[test]
