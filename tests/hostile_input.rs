@@ -422,7 +422,9 @@ async fn slow_client_is_closed_at_the_handshake_timeout() {
 /// every good session succeeds and every bad one is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_storm_does_not_starve_good_sessions() {
-    let lab = hostile_lab().await;
+    // The default handshake timeout: on a loaded machine 55 connections
+    // through one tailnet forward can take longer than 2 s to arrive.
+    let lab = LabUp::start(LabOptions { clients: vec!["alice"], ..Default::default() }).await;
     let forward = lab.forward(0);
     let garbage: Vec<(Vec<u8>, bool)> = vec![
         (b"GET / HTTP/1.1\r\nHost: db\r\n\r\n".to_vec(), false),

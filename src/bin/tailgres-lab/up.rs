@@ -250,7 +250,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             .arg(format!("--control-url={control_url}"))
             .arg(format!("--hostname={name}"))
             .arg(format!("--state-dir={}", dir.join(format!("client-{name}")).display()))
-            .arg(format!("--forward=127.0.0.1:{port}={PROXY_HOSTNAME}.{suffix}:5432"));
+            .arg(format!("--forward=127.0.0.1:{port}={PROXY_HOSTNAME}.{suffix}:5432"))
+            // Generous: a loaded machine must not turn a slow first dial
+            // (via DERP) into a refused client.
+            .arg("--dial-timeout=20s");
         if !tags.is_empty() {
             cmd.arg(format!("--advertise-tags={tags}"));
         }
