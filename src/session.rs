@@ -230,7 +230,7 @@ impl Session<'_> {
         .await;
         let out = match auth {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return self.auth_failed(e).await,
+            Ok(Err(e)) => return self.auth_failed(&mut client, e).await,
             Err(_) => {
                 let d = format!("authentication not finished within {:?}", self.shared.handshake_timeout);
                 fatal(&mut client, sqlstate::PROTOCOL_VIOLATION, "authentication took too long").await;
@@ -298,8 +298,16 @@ impl Session<'_> {
         .await;
     }
 
-    async fn auth_failed(&self, e: AuthError) {
+    async fn auth_failed<C: AsyncWrite + Unpin>(&self, client: &mut C, e: AuthError) {
         let method = audit_method(e.method());
+        if matches!(e, AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_)) {
+            // The client would otherwise see only "server closed the
+            // connection unexpectedly"; the details go to the log and audit.
+            tracing::warn!(error = %e, "authentication with the database failed");
+            let msg = "tailgres lost the database connection during authentication; \
+                       the operator's log has the details";
+            fatal(client, sqlstate::CONNECTION_FAILURE, msg).await;
+        }
         match e {
             AuthError::Rejected { sqlstate, message, .. } => {
                 self.audit(Event::auth_failed(method, audit::SqlState::parse(&sqlstate), message.clone()))

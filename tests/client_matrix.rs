@@ -237,7 +237,17 @@ async fn psql_every_sslmode_channel_binding_and_role() {
         let (limit, conninfo, password) = (limit.clone(), c.conninfo.clone(), c.role.password);
         runs.spawn(async move {
             let _permit = limit.acquire_owned().await.unwrap();
-            (i, psql(&conninfo, password, "select current_user, current_database()").await)
+            let sql = "select current_user, current_database()";
+            let mut r = psql(&conninfo, password, sql).await;
+            // Seen once in ~8 full-suite runs under load: one connection of
+            // the 36 closed with no message. Retried once so a transient of
+            // the lab's tailnet forwarder does not fail the matrix; printed so
+            // it stays visible (see the closing note of session 1).
+            if !r.0 && r.2.contains("closed the connection unexpectedly") {
+                eprintln!("RETRY after transient close: {conninfo}: {}", r.2.trim());
+                r = psql(&conninfo, password, sql).await;
+            }
+            (i, r)
         });
     }
     let mut failures = Vec::new();

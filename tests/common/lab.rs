@@ -135,7 +135,17 @@ impl LabUp {
         }
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        let mut me = self;
+        if std::env::var_os("TAILGRES_KEEP_LAB").is_some() {
+            // For debugging a failure: keep the lab directory (logs, audit).
+            let dir = std::mem::replace(&mut me.dir, tempfile::tempdir().unwrap());
+            eprintln!("lab kept at {}", dir.keep().display());
+        }
+        me.stop_inner().await
+    }
+
+    async fn stop_inner(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
         }
