@@ -166,7 +166,7 @@ async fn client_tls_config(
         .with_single_cert(certs, key)
         .context("client TLS certificate and key do not match")?;
     // Direct TLS (PostgreSQL 17+) requires ALPN "postgresql".
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    config.alpn_protocols = vec![crate::pgwire::ALPN_POSTGRESQL.to_vec()];
     // Resumption: the default in-memory session cache, plus tickets.
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))

@@ -256,9 +256,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let offered = mechanisms(&sasl.body[4..])
-        .ok_or_else(|| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
-    let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
+    let offered = scram::parse_mechanisms(&sasl.body[4..])
+        .map_err(|_| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
 
     x.send_client(&pgwire::auth_request(auth::CLEARTEXT, &[])).await?;
     let answer = x.recv_client(MAX_PASSWORD_MESSAGE).await?;
@@ -305,24 +304,11 @@ where
     }
 }
 
-/// The mechanism names of an AuthenticationSASL body (after the code).
-fn mechanisms(list: &[u8]) -> Option<Vec<String>> {
-    let mut out = Vec::new();
-    let mut rest = list;
-    loop {
-        let end = rest.iter().position(|&b| b == 0)?;
-        if end == 0 {
-            return Some(out);
-        }
-        out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
-        rest = &rest[end + 1..];
-    }
-}
-
 /// The mechanism list without `-PLUS` variants, re-encoded; empty if none
 /// remain.
 fn strip_plus(list: &[u8]) -> Option<Vec<u8>> {
-    let kept: Vec<String> = mechanisms(list)?.into_iter().filter(|m| !m.ends_with("-PLUS")).collect();
+    let all = scram::parse_mechanisms(list).ok()?;
+    let kept: Vec<&str> = all.into_iter().filter(|m| !m.ends_with("-PLUS")).collect();
     if kept.is_empty() {
         return Some(Vec::new());
     }
@@ -345,6 +331,6 @@ mod tests {
         assert_eq!(strip_plus(list).unwrap(), b"SCRAM-SHA-256\0\0");
         assert_eq!(strip_plus(b"SCRAM-SHA-256-PLUS\0\0").unwrap(), b"");
         assert!(strip_plus(b"SCRAM-SHA-256").is_none());
-        assert_eq!(mechanisms(b"A\0B\0\0").unwrap(), vec!["A", "B"]);
+        assert!(strip_plus(b"SCRAM-SHA-256\0\0trailing").is_none());
     }
 }

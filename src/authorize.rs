@@ -101,7 +101,9 @@ impl Policy {
         if id.expired {
             return deny(
                 format!("{who}: node key expired"),
-                format!("tailgres: the node key of {who} has expired; log the device in to the tailnet again"),
+                format!(
+                    "tailgres: the node key of {who} has expired; log the device in to the tailnet again"
+                ),
             );
         }
         if id.shared_in && !self.allow_shared_nodes {
@@ -345,7 +347,10 @@ mod tests {
 
         let mut expired = peer("carol@x.com", &[], vec![]);
         expired.expired = true;
-        assert!(matches!(open.decide(&expired, "a", "b"), Decision::Deny { .. }), "an expired node is never let in");
+        assert!(
+            matches!(open.decide(&expired, "a", "b"), Decision::Deny { .. }),
+            "an expired node is never let in"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! (the node name, short name or tailnet IP), one JSON answer.
 #![forbid(unsafe_code)]
 
-use crate::authorize::{Decision, Grant};
+use crate::authorize::Grant;
 use crate::session::Shared;
 use crate::tailnet::{NetmapEvent, Tailnet};
 use serde_json::{json, Value};
@@ -124,20 +124,18 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> V
         .iter()
         .map(|v| serde_json::from_value::<Grant>(v.clone()).map_err(|e| format!("{v}: {e}")))
         .collect();
-    // What the decision for an arbitrary request says about this peer.
-    let probe = policy.decide(&id, "\u{0}any-user", "\u{0}any-database");
-    let may = if id.shared_in && !policy.allow_shared_nodes {
+    // The same order of checks as Policy::decide.
+    let may = if id.expired {
+        vec!["nothing: its node key has expired".to_string()]
+    } else if id.shared_in && !policy.allow_shared_nodes {
         vec!["nothing: a device shared in from another tailnet (--allow-shared-nodes is off)".to_string()]
     } else if let Some(Err(e)) = grants.iter().find(|g| g.is_err()) {
         vec![format!("nothing: a grant is malformed ({e})")]
     } else if grants.is_empty() {
-        match probe {
-            Decision::Allow { .. } => {
-                vec!["any user on any database: it carries no grant, and --require-grant is off".into()]
-            }
-            Decision::Deny { .. } => {
-                vec![format!("nothing: it carries no {} grant and --require-grant is on", policy.capability)]
-            }
+        if policy.require_grant {
+            vec![format!("nothing: it carries no {} grant and --require-grant is on", policy.capability)]
+        } else {
+            vec!["any user on any database: it carries no grant, and --require-grant is off".into()]
         }
     } else {
         grants

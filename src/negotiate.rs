@@ -98,18 +98,6 @@ pub enum NegotiateError {
     Tls(#[source] std::io::Error),
 }
 
-impl NegotiateError {
-    /// Snake-case reason for the audit log.
-    pub fn reason_code(&self) -> &'static str {
-        match self {
-            NegotiateError::Closed => "client_closed",
-            NegotiateError::Io(_) => "client_error",
-            NegotiateError::Protocol(_) => "protocol_error",
-            NegotiateError::Tls(_) => "client_tls_failed",
-        }
-    }
-}
-
 /// At most this many pre-startup requests (SSL, GSSENC) before a
 /// StartupMessage; a client looping on them is refused.
 const MAX_PRE_STARTUP: usize = 4;
@@ -141,7 +129,7 @@ where
         };
         let rewound = Rewind::with_prefix(plain.into_inner(), first.to_vec());
         let tls_stream = acceptor.accept(rewound).await.map_err(NegotiateError::Tls)?;
-        if tls_stream.get_ref().1.alpn_protocol() != Some(b"postgresql") {
+        if tls_stream.get_ref().1.alpn_protocol() != Some(pgwire::ALPN_POSTGRESQL) {
             // PostgreSQL requires ALPN "postgresql" on direct TLS so that a
             // TLS connection meant for another protocol is never taken for
             // ours; so do we.
@@ -149,9 +137,7 @@ where
             return refuse(&mut s, "direct TLS connection without ALPN \"postgresql\"").await;
         }
         let mut s = ClientStream::Tls(Box::new(tls_stream));
-        return read_packets(&mut s, ClientTransport::DirectTls, None, 0)
-            .await
-            .map(|r| r.finish(s, ClientTransport::DirectTls));
+        return read_packets(&mut s, None, 0).await.map(|r| r.finish(s, ClientTransport::DirectTls));
     }
 
     let mut s = ClientStream::Plain(plain);
@@ -159,7 +145,7 @@ where
     let mut header = Some(first);
     let mut requests = 0;
     loop {
-        match read_packets(&mut s, transport, header.take(), requests).await? {
+        match read_packets(&mut s, header.take(), requests).await? {
             Step::SslRequest => {
                 requests += 1;
                 let acceptor = match (transport, tls) {
@@ -255,7 +241,6 @@ async fn linger<S: AsyncRead + Unpin>(s: &mut S) {
 /// Reads one pre-startup packet (its first 4 bytes may already be read).
 async fn read_packets<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut ClientStream<S>,
-    transport: ClientTransport,
     header: Option<[u8; 4]>,
     requests: usize,
 ) -> Result<Step, NegotiateError> {
@@ -298,7 +283,6 @@ async fn read_packets<S: AsyncRead + AsyncWrite + Unpin>(
                 return refuse(s, "invalid length of cancel request").await;
             }
             let pid = u32::from_be_bytes(rest[..4].try_into().unwrap());
-            let _ = transport;
             Ok(Step::Cancel(CancelRequest { pid, key: rest[4..].to_vec() }))
         }
         v if v >> 16 == 3 => match parse_params(rest) {

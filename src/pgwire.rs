@@ -8,6 +8,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Pre-startup request codes (the "protocol version" field).
 pub const SSL_REQUEST: u32 = 80877103;
+/// The whole SSLRequest packet: Int32 length 8, Int32 [`SSL_REQUEST`].
+pub const SSL_REQUEST_PACKET: [u8; 8] = {
+    let c = SSL_REQUEST.to_be_bytes();
+    [0, 0, 0, 8, c[0], c[1], c[2], c[3]]
+};
 pub const GSSENC_REQUEST: u32 = 80877104;
 pub const CANCEL_REQUEST: u32 = 80877102;
 /// Protocol 3.0 and 3.2 (PostgreSQL 18) startup versions.
@@ -17,6 +22,8 @@ pub const PROTOCOL_3_2: u32 = 196610;
 pub const MAX_STARTUP_PACKET: usize = 10000;
 /// A TLS handshake record starts with this byte: direct TLS (PG 17+).
 pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
+/// The ALPN protocol PostgreSQL 17 requires on direct TLS, both ways.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// Cancel keys: 4 bytes in protocol 3.0, up to 256 in 3.2.
 pub const MAX_CANCEL_KEY: usize = 256;
 

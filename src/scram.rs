@@ -241,24 +241,17 @@ pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
 
 /// SASLInitialResponse: 'p', Int32 len, mechanism\0, Int32 data len, data.
 pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Vec<u8> {
-    let len = 4 + mechanism.len() + 1 + 4 + data.len();
-    let mut m = Vec::with_capacity(1 + len);
-    m.push(b'p');
-    m.extend_from_slice(&(len as i32).to_be_bytes());
-    m.extend_from_slice(mechanism.as_bytes());
-    m.push(0);
-    m.extend_from_slice(&(data.len() as i32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
+    let mut body = Vec::with_capacity(mechanism.len() + 5 + data.len());
+    body.extend_from_slice(mechanism.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    crate::pgwire::message_bytes(b'p', &body)
 }
 
 /// SASLResponse: 'p', Int32 len, data.
 pub fn sasl_response(data: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(5 + data.len());
-    m.push(b'p');
-    m.extend_from_slice(&((4 + data.len()) as i32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
+    crate::pgwire::message_bytes(b'p', data)
 }
 
 #[cfg(test)]

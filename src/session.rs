@@ -11,7 +11,7 @@ use crate::audit::{self, AuditLog, DenyReason, EndReason, Event, Record, Session
 use crate::authenticate::{self, AuthError, AuthMode};
 use crate::authorize::{Decision, Policy};
 use crate::cancel::{CancelDecision, CancelOwner, CancelRegistry};
-use crate::negotiate::{self, ClientTransport, NegotiateError, Negotiated, Startup};
+use crate::negotiate::{self, ClientTransport, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
 use crate::relay;
 use crate::tailnet::{PeerIdentity, Tailnet};
@@ -130,7 +130,9 @@ impl Session<'_> {
                 let d = format!("no startup within {:?}", self.shared.handshake_timeout);
                 return self.deny(DenyReason::HandshakeTimeout, d).await;
             }
-            Ok(Err(e)) => return self.deny(negotiate_reason(&e), e.to_string()).await,
+            // Every negotiation failure, a plain hang-up included, is audited
+            // as protocol_error; the detail tells them apart.
+            Ok(Err(e)) => return self.deny(DenyReason::ProtocolError, e.to_string()).await,
             Ok(Ok(Negotiated::Cancel { request, transport })) => {
                 self.base.client_transport = Some(audit_transport(transport));
                 return self.cancel(request.pid, &request.key, &identity).await;
@@ -382,10 +384,6 @@ where
     {
         fatal(&mut stream, code, msg).await;
     }
-}
-
-fn negotiate_reason(_e: &NegotiateError) -> DenyReason {
-    DenyReason::ProtocolError
 }
 
 fn upstream_reason(e: &UpstreamError) -> DenyReason {

@@ -22,10 +22,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 
-/// SSLRequest: Int32 length 8, Int32 code 80877103 ("Message Formats").
-pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-/// The ALPN protocol PostgreSQL 17 requires on direct TLS.
-pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+use crate::pgwire::ALPN_POSTGRESQL;
 
 /// Who caused a failure: what an audit record's end reason names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -332,7 +329,7 @@ impl UpstreamTls {
             // nothing a machine-in-the-middle appends can be taken for data
             // that came through TLS.
             let negotiate = async {
-                tcp.write_all(&SSL_REQUEST).await?;
+                tcp.write_all(&crate::pgwire::SSL_REQUEST_PACKET).await?;
                 let mut answer = [0u8; 1];
                 tcp.read_exact(&mut answer).await?;
                 Ok::<u8, io::Error>(answer[0])

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
+use tailgres::pgwire::SSL_REQUEST_PACKET as SSL_REQUEST;
 use tailgres::scram::{self, ScramClient, AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL};
-use tailgres::upstream::{Phase, Side, Upstream, UpstreamError, UpstreamOptions, UpstreamTls, SSL_REQUEST};
+use tailgres::upstream::{Phase, Side, Upstream, UpstreamError, UpstreamOptions, UpstreamTls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

@@ -170,9 +170,7 @@ fn require_loopback_only_namespace() -> anyhow::Result<()> {
 async fn probe(forward: &str) -> bool {
     let attempt = async {
         let mut s = TcpStream::connect(forward).await.ok()?;
-        let mut req = 8u32.to_be_bytes().to_vec();
-        req.extend_from_slice(&80877103u32.to_be_bytes());
-        s.write_all(&req).await.ok()?;
+        s.write_all(&tailgres::pgwire::SSL_REQUEST_PACKET).await.ok()?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await.ok()?;
         Some(b[0] == b'S' || b[0] == b'N')
