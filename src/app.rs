@@ -4,25 +4,24 @@
 
 use crate::audit::{AuditDest, AuditLog};
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
+use crate::client_tls::{self, ClientTls};
+use crate::config::{Config, ConfigError};
+use crate::health::{self, Health};
+use crate::metrics::Metrics;
 use crate::server::{self, ServeOptions};
 use crate::session::Shared;
+use crate::settings::{Settings, SettingsCell};
 use crate::signals::{Request, Signals};
-use crate::tailnet::{EmbeddedNode, NodeConfig, Status, Tailnet, TsnetLog};
-use crate::upstream::{UpstreamOptions, UpstreamTls};
+use crate::tailnet::{EmbeddedNode, NodeConfig, Tailnet, TsnetLog};
 use anyhow::{Context, Result};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
-/// How long live sessions get to finish after SIGTERM.
-const DRAIN: Duration = Duration::from_secs(10);
-/// Fetching the tailnet's HTTPS certificate must not hold up the start.
-const CERT_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Re-reads the configuration (flags, environment and --config file) for a
+/// reload.
+pub type Reread = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
@@ -30,15 +29,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     let dest =
         if cfg.audit_log == "-" { AuditDest::Stdout } else { AuditDest::File(cfg.audit_log.clone().into()) };
     let (audit, audit_task) = AuditLog::open(dest).await.context("--audit-log")?;
-    let upstream = UpstreamTls::new(&UpstreamOptions {
-        addr: cfg.upstream.clone(),
-        server_name: cfg.upstream_server_name.clone(),
-        ca: cfg.upstream_ca.clone(),
-        client_cert: cfg.upstream_client_cert.clone(),
-        client_key: cfg.upstream_client_key.clone(),
-        direct_tls: cfg.upstream_direct_tls,
-        connect_timeout: cfg.connect_timeout,
-    })?;
+    let settings = SettingsCell::new(Settings::from_config(&cfg)?);
+    let metrics = Arc::new(Metrics::default());
+    let local_health = match cfg.health_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--health-listen {addr}: cannot listen"))?,
+        ),
+        None => None,
+    };
 
     let mut env = Vec::new();
     if !cfg.tailscale_log_upload {
@@ -61,58 +61,107 @@ pub async fn run(cfg: Config) -> Result<()> {
         env,
         start_timeout: None,
     };
-    let node = tokio::select! {
-        n = EmbeddedNode::start(node_cfg) => n?,
-        _ = signals.recv() => anyhow::bail!("stopped while joining the tailnet"),
+    // Health is served while the node joins, so /readyz can show the login
+    // URL an interactive login needs.
+    let node = Arc::new(EmbeddedNode::launch(&node_cfg).await?);
+    let health = Arc::new(Health::new(node.clone(), settings.clone(), metrics.clone()));
+    let (health_stop, health_stopped) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
+    let mut health_tasks = tokio::task::JoinSet::new();
+    if let Some(l) = local_health {
+        tracing::info!(address = %cfg.health_listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()), "serving /healthz, /readyz, /metrics");
+        health_tasks.spawn(health::serve_local(l, health.clone(), stopped(health_stopped.clone())));
+    }
+    tokio::select! {
+        r = node.wait_running(&node_cfg) => r?,
+        _ = signals.recv() => {
+            node.shutdown().await;
+            anyhow::bail!("stopped while joining the tailnet")
+        }
+    }
+    if let Some(port) = cfg.health_tailnet_port {
+        let l = node.listen(port).with_context(|| format!("--health-tailnet-port {port}"))?;
+        tracing::info!(port, "serving /healthz, /readyz, /metrics on the tailnet");
+        health_tasks.spawn(health::serve_tailnet(l, health.clone(), stopped(health_stopped.clone())));
+    }
     let status = node.status().await?;
-    let client_tls = client_tls_config(&cfg, &node, &status).await?;
-    let listener = node.listen(cfg.port)?;
-    tracing::info!(address = %format!("{}:{}", status.dns_name, cfg.port), upstream = %cfg.upstream, "tailgres ready");
+    let client_tls = Arc::new(ClientTls::new(cfg.client_tls.as_ref(), &*node, &status).await?);
+    metrics.client_cert(client_tls.not_after());
+    let listeners = cfg.ports().into_iter().map(|p| node.listen(p)).collect::<Result<Vec<_>, _>>()?;
+    for r in &settings.get().routes {
+        tracing::info!(route = %r.name, databases = ?r.databases, address = %format!("{}:{}", status.dns_name, r.port), upstream = %r.upstream.address(), "route");
+    }
+    tracing::info!(name = %status.dns_name, ports = ?cfg.ports(), "tailgres ready");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
-        upstream,
-        client_tls: Some(tokio_rustls::TlsAcceptor::from(client_tls)),
+        settings: settings.clone(),
+        client_tls: Some(tokio_rustls::TlsAcceptor::from(client_tls.config.clone())),
         audit: audit.clone(),
         cancels: CancelRegistry::default(),
-        auth_mode: cfg.auth,
-        policy: cfg.policy.clone(),
+        metrics: metrics.clone(),
         per_identity: Default::default(),
         live: Default::default(),
         directory: Default::default(),
-        identity_settings: cfg.identity_settings,
-        handshake_timeout: cfg.handshake_timeout,
         shutdown: stop_rx,
     });
-    let node = Arc::new(node);
-    let shutdown = async {
-        loop {
-            match signals.recv().await {
-                Request::Shutdown => break,
-                Request::Reload => {
-                    tracing::info!("SIGHUP: reopening the audit log");
-                    audit.reopen();
+    // Signals: the first SIGTERM/SIGINT starts the drain, a second one cuts
+    // it short; SIGHUP reloads.
+    let opts = ServeOptions { max_sessions: cfg.max_sessions, grace: cfg.shutdown_grace };
+    let explain_socket = cfg.state_dir.join(crate::explain::SOCKET_NAME);
+    let (signalled_tx, signalled) = watch::channel(0u32);
+    let signal_task = {
+        let (shared, client_tls, audit) = (shared.clone(), client_tls.clone(), audit.clone());
+        let current = std::sync::Mutex::new(cfg);
+        tokio::spawn(async move {
+            loop {
+                match signals.recv().await {
+                    Request::Shutdown => {
+                        signalled_tx.send_modify(|n| *n += 1);
+                    }
+                    Request::Reload => {
+                        tracing::info!("SIGHUP: reopening the audit log and reloading");
+                        audit.reopen();
+                        let mut cur = current.lock().unwrap_or_else(|e| e.into_inner());
+                        match reload(&reread, &cur, &shared, &client_tls) {
+                            Ok(new) => {
+                                *cur = new;
+                                shared.metrics.reload(true);
+                                tracing::info!("reload done");
+                            }
+                            Err(e) => {
+                                shared.metrics.reload(false);
+                                tracing::error!(error = %format!("{e:#}"), "reload failed; still serving with the previous configuration");
+                            }
+                        }
+                    }
                 }
             }
+        })
+    };
+    let nth_signal = |n: u32| {
+        let mut rx = signalled.clone();
+        async move {
+            let _ = rx.wait_for(|c| *c >= n).await;
         }
     };
     let follower = tokio::spawn(crate::live::follow(node.clone(), shared.clone()));
-    let explain_socket = cfg.state_dir.join(crate::explain::SOCKET_NAME);
+    let renewer = {
+        let (client_tls, node, metrics) = (client_tls.clone(), node.clone(), metrics.clone());
+        tokio::spawn(async move { client_tls.renew(&*node, &metrics).await })
+    };
     let explainer = tokio::spawn(crate::explain::serve(explain_socket, node.clone(), shared.clone()));
-    server::serve(
-        listener,
-        node.clone(),
-        shared.clone(),
-        stop_tx,
-        ServeOptions { max_sessions: cfg.max_sessions, drain: DRAIN },
-        shutdown,
-    )
-    .await;
+    server::serve(listeners, node.clone(), shared.clone(), stop_tx, opts, nth_signal(1), nth_signal(2)).await;
+    signal_task.abort();
+    renewer.abort();
     let _ = follower.await;
     if let Ok(Err(e)) = explainer.await {
         tracing::warn!(error = %e, "the explain socket failed");
     }
+    let _ = health_stop.send(true);
+    while health_tasks.join_next().await.is_some() {}
     node.shutdown().await;
     drop(shared);
     audit.close().await;
@@ -121,61 +170,42 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// TLS for clients that ask for it: the configured certificate, else the
-/// tailnet's HTTPS certificate for our MagicDNS name, else a self-signed one
-/// (the client leg runs inside WireGuard either way).
-async fn client_tls_config(
-    cfg: &Config,
-    node: &EmbeddedNode,
-    st: &Status,
-) -> Result<Arc<rustls::ServerConfig>> {
-    let (certs, key) = if let Some((cert, key)) = &cfg.client_tls {
-        let certs = CertificateDer::pem_file_iter(cert)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| anyhow::anyhow!("--client-tls-cert {}: {e}", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|_| {
-            anyhow::anyhow!("--client-tls-key {}: not a readable PEM private key", key.display())
-        })?;
-        tracing::info!(cert = %cert.display(), "client TLS: configured certificate");
-        (certs, key)
-    } else if st.cert_domains.iter().any(|d| d == &st.dns_name) {
-        match tokio::time::timeout(CERT_FETCH_TIMEOUT, node.cert_pair(&st.dns_name)).await {
-            Ok(Ok(pair)) => {
-                let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()?;
-                let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
-                    .map_err(|_| anyhow::anyhow!("the tailnet's certificate key is not PEM"))?;
-                tracing::info!(name = %st.dns_name, "client TLS: the tailnet's HTTPS certificate");
-                (certs, key)
-            }
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {CERT_FETCH_TIMEOUT:?}"),
-                };
-                tracing::warn!(name = %st.dns_name, error = %why, "client TLS: no tailnet certificate; using a self-signed one");
-                self_signed(st)?
-            }
+/// Applies a re-read configuration: new settings (routes with their CA
+/// bundles and client keys re-read, policy, timeouts) and the client
+/// certificate files. All or nothing: any error keeps the running state.
+/// Settings that need a restart are named in a warning.
+fn reload(reread: &Reread, cur: &Config, shared: &Shared, client_tls: &ClientTls) -> Result<Config> {
+    let new = reread().context("configuration")?;
+    let settings = Settings::from_config(&new)?;
+    let cert = match (&client_tls.source, &new.client_tls) {
+        (client_tls::Source::Files { .. }, Some((cert, key))) => Some(client_tls::load_files(cert, key)?),
+        (client_tls::Source::Files { .. }, None) | (_, Some(_)) => {
+            anyhow::bail!(
+                "--client-tls-cert: switching between files and the tailnet's certificate needs a restart"
+            )
         }
-    } else {
-        tracing::info!(name = %st.dns_name, "client TLS: self-signed (the tailnet offers no HTTPS certificate)");
-        self_signed(st)?
+        _ => None,
     };
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("client TLS certificate and key do not match")?;
-    // Direct TLS (PostgreSQL 17+) requires ALPN "postgresql".
-    config.alpn_protocols = vec![crate::pgwire::ALPN_POSTGRESQL.to_vec()];
-    // Resumption: the default in-memory session cache, plus tickets.
-    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
-    Ok(Arc::new(config))
-}
-
-fn self_signed(st: &Status) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let mut names = vec![st.dns_name.clone()];
-    names.extend(st.tailscale_ips.iter().map(|ip| ip.to_string()));
-    let cert = rcgen::generate_simple_self_signed(names)?;
-    let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).map_err(|e| anyhow::anyhow!(e))?;
-    Ok((vec![CertificateDer::from(cert.cert.der().to_vec())], key))
+    let mut restart = Vec::new();
+    macro_rules! changed { ($($f:ident => $flag:literal),*) => { $( if cur.$f != new.$f { restart.push($flag); } )* } }
+    changed!(
+        hostname => "--hostname", state_dir => "--state-dir", control_url => "--control-url",
+        ephemeral => "--ephemeral", advertise_tags => "--advertise-tags", port => "--port",
+        audit_log => "--audit-log", max_sessions => "--max-sessions", shutdown_grace => "--shutdown-grace",
+        health_listen => "--health-listen", health_tailnet_port => "--health-tailnet-port",
+        log_format => "--log-format", tsnet_log => "--tsnet-log"
+    );
+    if cur.ports() != new.ports() {
+        restart.push("[[route]] port");
+    }
+    if !restart.is_empty() {
+        tracing::warn!(settings = ?restart, "changed, but these take effect only at a restart");
+    }
+    shared.settings.replace(settings);
+    if let Some(k) = cert {
+        client_tls.replace(k);
+        shared.metrics.client_cert(client_tls.not_after());
+        tracing::info!("client TLS certificate reloaded");
+    }
+    Ok(new)
 }

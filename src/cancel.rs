@@ -6,20 +6,24 @@
 //! comes from that same node.
 #![forbid(unsafe_code)]
 
+use crate::upstream::UpstreamTls;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CancelOwner {
     pub session_id: String,
     /// Stable node ID of the tailnet node that owns the session.
     pub node: String,
+    /// The database the session runs on (with several routes, a cancel
+    /// must reach the same one).
+    pub upstream: Arc<UpstreamTls>,
 }
 
 /// Why a cancel was or was not forwarded (audit `reason`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum CancelDecision {
-    Forward { target_session_id: String },
+    Forward { target_session_id: String, upstream: Arc<UpstreamTls> },
     UnknownKey,
     OtherNode { target_session_id: String },
 }
@@ -71,7 +75,10 @@ impl CancelRegistry {
             Some(o) if o.node != node => {
                 CancelDecision::OtherNode { target_session_id: o.session_id.clone() }
             }
-            Some(o) => CancelDecision::Forward { target_session_id: o.session_id.clone() },
+            Some(o) => CancelDecision::Forward {
+                target_session_id: o.session_id.clone(),
+                upstream: o.upstream.clone(),
+            },
         }
     }
 
@@ -135,7 +142,17 @@ mod tests {
     #[test]
     fn decisions() {
         let r = CancelRegistry::default();
-        let owner = CancelOwner { session_id: "s1".into(), node: "nA".into() };
+        let upstream = crate::upstream::UpstreamOptions {
+            addr: "db.internal:5432".into(),
+            server_name: None,
+            ca: vec![],
+            client_cert: None,
+            client_key: None,
+            direct_tls: false,
+            connect_timeout: std::time::Duration::from_secs(1),
+        };
+        let upstream = Arc::new(UpstreamTls::new(&upstream).unwrap());
+        let owner = CancelOwner { session_id: "s1".into(), node: "nA".into(), upstream };
         let reg = r.register(10, vec![1, 2, 3, 4], owner);
         let cases: &[(u32, &[u8], &str, &str)] = &[
             (10, &[1, 2, 3, 4], "nA", "forwarded"),

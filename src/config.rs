@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 /// tailgres: a PostgreSQL proxy that joins your tailnet, knows who is
 /// connecting, and speaks verify-full TLS to the database.
-#[derive(Debug, Default, Parser, Deserialize)]
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
 #[command(name = "tailgres", version, about, long_about = None)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Args {
@@ -114,9 +114,60 @@ pub struct Args {
     /// row-level security and server logs). Clients can never supply them.
     #[arg(long, env = "TAILGRES_IDENTITY_SETTINGS", num_args = 0..=1, default_missing_value = "true")]
     pub identity_settings: Option<bool>,
-    /// Operator log format.
+    /// Operator log format (text is coloured only on a terminal).
     #[arg(long, env = "TAILGRES_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// After SIGTERM/SIGINT, how long running sessions may go on before
+    /// they are ended with FATAL 57P01 (e.g. 20s). A second signal ends
+    /// them at once.
+    #[arg(long, env = "TAILGRES_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// End a session when neither side has sent a byte for this long
+    /// (e.g. 1h). Default: off.
+    #[arg(long, env = "TAILGRES_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Serve /healthz, /readyz and /metrics on this local address
+    /// (e.g. 127.0.0.1:9187). Default: not served locally.
+    #[arg(long, env = "TAILGRES_HEALTH_LISTEN", value_name = "ADDR:PORT")]
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Also serve them on this tailnet port (reachable by whoever the
+    /// tailnet policy lets reach it). Default: not on the tailnet.
+    #[arg(long, env = "TAILGRES_HEALTH_TAILNET_PORT", value_name = "PORT")]
+    pub health_tailnet_port: Option<u16>,
+
+    /// Several databases behind one proxy: `[[route]]` tables, only in the
+    /// --config file (see README).
+    #[arg(skip)]
+    pub route: Vec<RouteFile>,
+}
+
+/// One `[[route]]` of the configuration file: sessions whose startup names
+/// a database matching `databases` (globs), on `port` if given (else the
+/// main --port), go to `upstream`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RouteFile {
+    pub name: Option<String>,
+    pub databases: Vec<String>,
+    pub port: Option<u16>,
+    pub upstream: String,
+    pub upstream_server_name: Option<String>,
+    pub upstream_ca: Vec<PathBuf>,
+    pub upstream_client_cert: Option<PathBuf>,
+    pub upstream_client_key: Option<PathBuf>,
+    pub upstream_direct_tls: bool,
+}
+
+/// A validated route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Database-name globs; the first route that matches wins.
+    pub databases: Vec<String>,
+    /// Tailnet port it is served on.
+    pub port: u16,
+    pub upstream: crate::upstream::UpstreamOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -129,12 +180,8 @@ pub enum LogFormat {
 /// Validated configuration.
 #[derive(Debug)]
 pub struct Config {
-    pub upstream: String,
-    pub upstream_server_name: Option<String>,
-    pub upstream_ca: Vec<PathBuf>,
-    pub upstream_client_cert: Option<PathBuf>,
-    pub upstream_client_key: Option<PathBuf>,
-    pub upstream_direct_tls: bool,
+    /// In order: the file's routes, then --upstream as the catch-all.
+    pub routes: Vec<RouteConfig>,
     pub hostname: String,
     pub state_dir: PathBuf,
     pub control_url: Option<String>,
@@ -153,6 +200,23 @@ pub struct Config {
     pub log_format: LogFormat,
     pub policy: crate::authorize::Policy,
     pub identity_settings: bool,
+    pub shutdown_grace: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub health_listen: Option<std::net::SocketAddr>,
+    pub health_tailnet_port: Option<u16>,
+}
+
+impl Config {
+    /// Every tailnet port sessions are accepted on (main port first).
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.port];
+        for r in &self.routes {
+            if !ports.contains(&r.port) {
+                ports.push(r.port);
+            }
+        }
+        ports
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +235,13 @@ pub const DEFAULT_HOSTNAME: &str = "tailgres";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tailgres";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enough for a busy team's tools and poolers, far below what one process
+/// can hold (about 10 KiB per idle session; see bench/).
 pub const DEFAULT_MAX_SESSIONS: usize = 1000;
+/// Kubernetes' default terminationGracePeriodSeconds is 30 s: 20 s for
+/// running sessions leaves time to end the rest, write their audit records
+/// and leave the tailnet before a SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 impl Args {
     /// Fills unset values from the --config file, if any.
@@ -207,7 +277,11 @@ impl Args {
             capability,
             require_grant,
             allow_shared_nodes,
-            identity_settings
+            identity_settings,
+            shutdown_grace,
+            idle_timeout,
+            health_listen,
+            health_tailnet_port
         );
         if self.upstream_ca.is_empty() {
             self.upstream_ca = file.upstream_ca;
@@ -215,41 +289,66 @@ impl Args {
         if self.advertise_tags.is_empty() {
             self.advertise_tags = file.advertise_tags;
         }
+        self.route = file.route;
         Ok(self)
     }
 
     /// Validates everything once. `ts_authkey` is the TS_AUTHKEY variable.
     pub fn validate(self, ts_authkey: Option<String>) -> Result<Config, ConfigError> {
-        let upstream = self.upstream.ok_or_else(|| {
-            err("--upstream", "required: the database as HOST:PORT (e.g. db.internal:5432)")
-        })?;
-        let (host, port) = upstream
-            .rsplit_once(':')
-            .ok_or_else(|| err("--upstream", format!("{upstream:?} is not HOST:PORT")))?;
-        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(err("--upstream", format!("{upstream:?} is not HOST:PORT")));
-        }
-        if let Some(n) = &self.upstream_server_name {
-            if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
-                return Err(err("--upstream-server-name", format!("{n:?} is not a DNS name or IP address")));
-            }
-        }
-        for ca in &self.upstream_ca {
-            if !ca.exists() {
-                return Err(err("--upstream-ca", format!("{} does not exist", ca.display())));
-            }
-        }
-        let pair = |a: &Option<PathBuf>, b: &Option<PathBuf>, flag: &'static str, other: &str| match (a, b) {
-            (Some(_), None) | (None, Some(_)) => Err(err(flag, format!("{flag} and {other} go together"))),
-            _ => Ok(()),
+        let duration = |v: &Option<String>, flag: &'static str, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                _ => Err(err(flag, format!("{s:?} is not a positive duration (e.g. 15s, 1m)"))),
+            },
         };
-        pair(
-            &self.upstream_client_cert,
-            &self.upstream_client_key,
-            "--upstream-client-cert",
-            "--upstream-client-key",
-        )?;
-        pair(&self.client_tls_cert, &self.client_tls_key, "--client-tls-cert", "--client-tls-key")?;
+        let connect_timeout = duration(&self.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT)?;
+        let port = self.port.unwrap_or(DEFAULT_PORT);
+        if port == 0 {
+            return Err(err("--port", "must be a port number (1-65535)"));
+        }
+        let mut routes = Vec::new();
+        for (i, r) in self.route.iter().enumerate() {
+            let name = r.name.clone().unwrap_or_else(|| format!("route{}", i + 1));
+            let within = |e: ConfigError| {
+                err(
+                    "--config",
+                    format!("[[route]] {name:?}: {}: {}", e.flag.trim_start_matches("--"), e.problem),
+                )
+            };
+            if routes.iter().any(|o: &RouteConfig| o.name == name) {
+                return Err(err("--config", format!("two [[route]]s are named {name:?}")));
+            }
+            if r.port == Some(0) {
+                return Err(err("--config", format!("[[route]] {name:?}: port must be 1-65535")));
+            }
+            let databases = if r.databases.is_empty() { vec!["*".to_string()] } else { r.databases.clone() };
+            let upstream = upstream_options(
+                Some(r.upstream.clone()).filter(|u| !u.is_empty()),
+                &r.upstream_server_name,
+                &r.upstream_ca,
+                (&r.upstream_client_cert, &r.upstream_client_key),
+                r.upstream_direct_tls,
+                connect_timeout,
+            )
+            .map_err(within)?;
+            routes.push(RouteConfig { name, databases, port: r.port.unwrap_or(port), upstream });
+        }
+        if self.upstream.is_some() || routes.is_empty() {
+            let upstream = upstream_options(
+                self.upstream.clone(),
+                &self.upstream_server_name,
+                &self.upstream_ca,
+                (&self.upstream_client_cert, &self.upstream_client_key),
+                self.upstream_direct_tls.unwrap_or(false),
+                connect_timeout,
+            )?;
+            let name = if routes.is_empty() { "default" } else { "upstream" };
+            routes.push(RouteConfig { name: name.into(), databases: vec!["*".into()], port, upstream });
+        }
+        if self.client_tls_cert.is_some() != self.client_tls_key.is_some() {
+            return Err(err("--client-tls-cert", "--client-tls-cert and --client-tls-key go together"));
+        }
 
         let hostname = self.hostname.unwrap_or_else(|| DEFAULT_HOSTNAME.into());
         let label_ok = !hostname.is_empty()
@@ -285,13 +384,6 @@ impl Args {
         let audit_log = self.audit_log.ok_or_else(|| {
             err("--audit-log", "required: a file path for the JSON-lines audit log, or - for standard output")
         })?;
-        let duration = |v: Option<String>, flag: &'static str, default: Duration| match v {
-            None => Ok(default),
-            Some(s) => match humantime::parse_duration(&s) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                _ => Err(err(flag, format!("{s:?} is not a positive duration (e.g. 15s, 1m)"))),
-            },
-        };
         let max_sessions = self.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
         if max_sessions == 0 {
             return Err(err("--max-sessions", "must be at least 1"));
@@ -304,17 +396,14 @@ impl Args {
                 format!("{capability:?} is not a capability name (<domain>/cap/<name>)"),
             ));
         }
-        let port = self.port.unwrap_or(DEFAULT_PORT);
-        if port == 0 {
-            return Err(err("--port", "must be a port number (1-65535)"));
+        if self.health_tailnet_port == Some(0) || self.health_tailnet_port.is_some_and(|p| p == port) {
+            return Err(err("--health-tailnet-port", "must be a port number other than --port"));
+        }
+        if let Some(p) = self.health_tailnet_port.filter(|p| routes.iter().any(|r| r.port == *p)) {
+            return Err(err("--health-tailnet-port", format!("port {p} already serves a [[route]]")));
         }
         Ok(Config {
-            upstream,
-            upstream_server_name: self.upstream_server_name,
-            upstream_ca: self.upstream_ca,
-            upstream_client_cert: self.upstream_client_cert,
-            upstream_client_key: self.upstream_client_key,
-            upstream_direct_tls: self.upstream_direct_tls.unwrap_or(false),
+            routes,
             hostname,
             state_dir: self.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             control_url: self.control_url,
@@ -328,11 +417,11 @@ impl Args {
             client_tls: self.client_tls_cert.zip(self.client_tls_key),
             auth: self.auth.unwrap_or(AuthMode::PasswordRelay),
             handshake_timeout: duration(
-                self.handshake_timeout,
+                &self.handshake_timeout,
                 "--handshake-timeout",
                 DEFAULT_HANDSHAKE_TIMEOUT,
             )?,
-            connect_timeout: duration(self.connect_timeout, "--connect-timeout", DEFAULT_CONNECT_TIMEOUT)?,
+            connect_timeout,
             max_sessions,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             identity_settings: self.identity_settings.unwrap_or(false),
@@ -341,8 +430,59 @@ impl Args {
                 require_grant: self.require_grant.unwrap_or(false),
                 allow_shared_nodes: self.allow_shared_nodes.unwrap_or(false),
             },
+            shutdown_grace: duration(&self.shutdown_grace, "--shutdown-grace", DEFAULT_SHUTDOWN_GRACE)?,
+            idle_timeout: match &self.idle_timeout {
+                None => None,
+                Some(_) => Some(duration(&self.idle_timeout, "--idle-timeout", Duration::ZERO)?),
+            },
+            health_listen: self.health_listen,
+            health_tailnet_port: self.health_tailnet_port,
         })
     }
+}
+
+/// Checks one upstream's settings (flag names in errors are the
+/// `--upstream*` flags; a route's caller rewrites them).
+fn upstream_options(
+    addr: Option<String>,
+    server_name: &Option<String>,
+    ca: &[PathBuf],
+    (client_cert, client_key): (&Option<PathBuf>, &Option<PathBuf>),
+    direct_tls: bool,
+    connect_timeout: Duration,
+) -> Result<crate::upstream::UpstreamOptions, ConfigError> {
+    let addr =
+        addr.ok_or_else(|| err("--upstream", "required: the database as HOST:PORT (e.g. db.internal:5432)"))?;
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| err("--upstream", format!("{addr:?} is not HOST:PORT")))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(err("--upstream", format!("{addr:?} is not HOST:PORT")));
+    }
+    if let Some(n) = server_name {
+        if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+            return Err(err("--upstream-server-name", format!("{n:?} is not a DNS name or IP address")));
+        }
+    }
+    for c in ca {
+        if !c.exists() {
+            return Err(err("--upstream-ca", format!("{} does not exist", c.display())));
+        }
+    }
+    if client_cert.is_some() != client_key.is_some() {
+        return Err(err(
+            "--upstream-client-cert",
+            "--upstream-client-cert and --upstream-client-key go together",
+        ));
+    }
+    Ok(crate::upstream::UpstreamOptions {
+        addr,
+        server_name: server_name.clone(),
+        ca: ca.to_vec(),
+        client_cert: client_cert.clone(),
+        client_key: client_key.clone(),
+        direct_tls,
+        connect_timeout,
+    })
 }
 
 #[cfg(test)]
@@ -394,7 +534,8 @@ mod tests {
         let f = dir.path().join("t.toml");
         std::fs::write(&f, "upstream = \"db:6432\"\nhostname = \"pg\"\naudit-log = \"/tmp/a.jsonl\"\nauth = \"passthrough\"\n").unwrap();
         let c = parse(&[&format!("--config={}", f.display()), "--hostname=flagwins"]).unwrap();
-        assert_eq!(c.upstream, "db:6432");
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].upstream.addr, "db:6432");
         assert_eq!(c.hostname, "flagwins");
         assert_eq!(c.auth, AuthMode::Passthrough);
         std::fs::write(&f, "upstrem = \"typo:1\"\n").unwrap();

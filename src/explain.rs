@@ -96,7 +96,8 @@ async fn handle<T: Tailnet>(conn: UnixStream, tailnet: &T, shared: &Shared) -> s
 
 /// The answer for one target, as JSON.
 pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> Value {
-    let policy = &shared.policy;
+    let settings = shared.settings.get();
+    let policy = &settings.policy;
     let base = json!({
         "target": target,
         "capability": policy.capability,

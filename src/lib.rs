@@ -6,14 +6,16 @@
 //! 1. accept       — [`server`]: the accept loop over a [`tailnet::TailnetListener`]
 //! 2. identify     — [`tailnet::Tailnet::whois`] → [`tailnet::PeerIdentity`]
 //! 3. negotiate    — [`negotiate`]: SSL/GSSENC requests, direct TLS, cancel, startup
-//! 4. authorize    — (capability grants; not yet)
+//! 4. authorize    — [`authorize`]: capability grants; then the route ([`settings`])
 //! 5. upstream     — [`upstream`]: SSLRequest, one byte, rustls verify-full
 //! 6. authenticate — [`authenticate`]: the adaptive password relay ([`scram`])
 //! 7. relay        — [`relay`]: both ways, close propagated, bytes counted
 //! 8. audit        — [`audit`]: one writer task, JSON lines, fail closed
 //!
-//! Around them: [`config`] (flags, env, TOML), [`app`] (the process),
-//! [`cancel`] (identity-bound cancel), [`pgwire`] and [`stream`] (wire helpers).
+//! Around them: [`config`] (flags, env, TOML), [`settings`] (what SIGHUP
+//! reloads), [`app`] (the process: drain, reload), [`cancel`] (identity-bound
+//! cancel), [`live`] (revocation), [`client_tls`], [`health`] and [`metrics`]
+//! (/healthz, /readyz, /metrics), [`explain`], [`pgwire`] and [`stream`].
 //! The tailnet is reached only through the [`tailnet::Tailnet`] trait, whose
 //! one implementation today is the embedded Go node ([`tailnet::EmbeddedNode`]).
 //! `unsafe` lives only in `tailnet::ffi` and `sys`.
@@ -24,15 +26,19 @@ pub mod audit;
 pub mod authenticate;
 pub mod authorize;
 pub mod cancel;
+pub mod client_tls;
 pub mod config;
 pub mod explain;
+pub mod health;
 pub mod live;
+pub mod metrics;
 pub mod negotiate;
 pub mod pgwire;
 pub mod relay;
 pub mod scram;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod signals;
 pub mod stream;
 pub mod sys;

@@ -124,6 +124,9 @@ pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
 
 /// Re-decides every live session against the tailnet as it is now.
 pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
+    // The policy as it is now: a reload that tightens it applies to
+    // running sessions too.
+    let settings = shared.settings.get();
     for s in shared.live.snapshot() {
         let verdict = match tailnet.whois(s.peer_addr).await {
             Err(e) => Some(format!("the peer left the tailnet ({e})")),
@@ -131,7 +134,7 @@ pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
                 Some(format!("{} now belongs to another node ({})", s.peer_addr.ip(), id.node_name))
             }
             Ok(id) if id.expired => Some(format!("the node key of {} expired", id.node_name)),
-            Ok(id) => match shared.policy.decide(&id, &s.user, &s.database) {
+            Ok(id) => match settings.policy.decide(&id, &s.user, &s.database) {
                 Decision::Deny { detail, .. } => Some(detail),
                 Decision::Allow { .. } => None,
             },

@@ -34,8 +34,9 @@ fn main() -> Result<()> {
     }
     let args = Args::parse();
     // The auth key may come from TS_AUTHKEY (never from argv, where other
-    // users of the machine could read it).
-    let config = match args.merge_file().and_then(|a| a.validate(std::env::var("TS_AUTHKEY").ok())) {
+    // users of the machine could read it). A reload re-reads both.
+    let load = move || args.clone().merge_file().and_then(|a| a.validate(std::env::var("TS_AUTHKEY").ok()));
+    let config = match load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tailgres: {e}");
@@ -46,7 +47,8 @@ fn main() -> Result<()> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(tailgres::app::run(config))
+    let run = tailgres::app::run(config, Box::new(load));
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run)
 }

@@ -55,6 +55,10 @@ pub mod sqlstate {
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     /// admin_shutdown
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// idle_session_timeout (PostgreSQL 14+ uses it for the same event)
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    /// invalid_catalog_name (no such database)
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
     /// cannot_connect_now
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     /// internal_error

@@ -8,6 +8,7 @@ use crate::pgwire;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -138,9 +139,10 @@ pub struct Stop {
     pub detail: Option<String>,
 }
 
-/// Relays until both directions are done, one fails, or `stop` resolves.
-/// Pre-relay byte counts (the handshake) are added by the caller.
-pub async fn relay<C, U, F>(client: C, upstream: U, stop: F) -> RelayOutcome
+/// Relays until both directions are done, one fails, `stop` resolves, or
+/// (with `idle`) no byte has moved either way for that long. Pre-relay byte
+/// counts (the handshake) are added by the caller.
+pub async fn relay<C, U, F>(client: C, upstream: U, idle: Option<Duration>, stop: F) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -154,6 +156,35 @@ where
         upstream_to_client: counters.u2c.load(Ordering::Relaxed),
         reason,
         detail,
+    };
+    let idle_stop = async {
+        let Some(limit) = idle else { return std::future::pending().await };
+        // Checked a few times per period: the session ends at most a
+        // quarter period late, and an active session costs one timer.
+        let mut tick = tokio::time::interval(limit / 4);
+        let (mut seen, mut since) = (u64::MAX, tokio::time::Instant::now());
+        loop {
+            tick.tick().await;
+            let moved = counters.c2u.load(Ordering::Relaxed) + counters.u2c.load(Ordering::Relaxed);
+            if moved != seen {
+                (seen, since) = (moved, tokio::time::Instant::now());
+            } else if since.elapsed() >= limit {
+                return Stop {
+                    reason: EndReason::IdleTimeout,
+                    client_message: format!(
+                        "terminating connection: idle for {} (tailgres --idle-timeout)",
+                        humantime::format_duration(limit)
+                    ),
+                    detail: Some(format!("no traffic either way for {limit:?}")),
+                };
+            }
+        }
+    };
+    let stop = async {
+        tokio::select! {
+            s = stop => s,
+            s = idle_stop => s,
+        }
     };
     tokio::pin!(stop);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -196,7 +227,11 @@ where
     };
     if let Some(s) = stopped {
         if u_frames.at_boundary() {
-            let _ = cw.write_all(&pgwire::fatal(pgwire::sqlstate::ADMIN_SHUTDOWN, &s.client_message)).await;
+            let code = match s.reason {
+                EndReason::IdleTimeout => pgwire::sqlstate::IDLE_SESSION_TIMEOUT,
+                _ => pgwire::sqlstate::ADMIN_SHUTDOWN,
+            };
+            let _ = cw.write_all(&pgwire::fatal(code, &s.client_message)).await;
             let _ = cw.flush().await;
         }
         let _ = cw.shutdown().await;
@@ -220,7 +255,7 @@ mod tests {
         for client_first in [true, false] {
             let (mut c_peer, c) = duplex(1024);
             let (mut u_peer, u) = duplex(1024);
-            let task = tokio::spawn(relay(c, u, std::future::pending::<Stop>()));
+            let task = tokio::spawn(relay(c, u, None, std::future::pending::<Stop>()));
             c_peer.write_all(b"hello").await.unwrap();
             let mut b = [0u8; 5];
             u_peer.read_exact(&mut b).await.unwrap();
@@ -276,7 +311,7 @@ mod tests {
                 detail: Some("why".into()),
             }
         };
-        let task = tokio::spawn(relay(c, u, stop));
+        let task = tokio::spawn(relay(c, u, None, stop));
         // A whole message from the server reaches the client, then the stop.
         let msg = crate::pgwire::message_bytes(b'Z', b"I");
         u_peer.write_all(&msg).await.unwrap();
@@ -295,6 +330,29 @@ mod tests {
         u_peer.read_to_end(&mut up_rest).await.unwrap(); // the upstream sees EOF
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn idle_sessions_end_and_busy_ones_do_not() {
+        let (mut c_peer, c) = duplex(1024);
+        let (mut u_peer, u) = duplex(1024);
+        let idle = Duration::from_secs(60);
+        let task = tokio::spawn(relay(c, u, Some(idle), std::future::pending::<Stop>()));
+        // Traffic every 50 s keeps it alive past several idle periods.
+        let msg = crate::pgwire::message_bytes(b'Z', b"I");
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            u_peer.write_all(&msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            c_peer.read_exact(&mut got).await.unwrap();
+            assert!(!task.is_finished(), "ended while traffic flowed");
+        }
+        let out = task.await.unwrap();
+        assert_eq!(out.reason, EndReason::IdleTimeout);
+        let mut rest = Vec::new();
+        c_peer.read_to_end(&mut rest).await.unwrap();
+        let (code, _) = crate::pgwire::error_fields(&rest[5..]);
+        assert_eq!(code.as_deref(), Some("57P05"));
+    }
+
     #[tokio::test]
     async fn no_fatal_is_spliced_into_a_half_sent_message() {
         let (mut c_peer, c) = duplex(1024);
@@ -304,7 +362,7 @@ mod tests {
             let _ = rx.await;
             Stop { reason: EndReason::Shutdown, client_message: "bye".into(), detail: None }
         };
-        let task = tokio::spawn(relay(c, u, stop));
+        let task = tokio::spawn(relay(c, u, None, stop));
         let msg = crate::pgwire::message_bytes(b'D', &[7u8; 100]);
         u_peer.write_all(&msg[..50]).await.unwrap();
         let mut got = vec![0u8; 50];

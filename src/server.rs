@@ -1,6 +1,7 @@
-//! Stage 1, accept: the accept loop. It never exits on an error (it backs
-//! off and goes on), bounds live sessions with a semaphore, and on shutdown
-//! stops accepting, tells live sessions to end, and waits for them.
+//! Stage 1, accept: the accept loops (one per tailnet port). They never exit
+//! on an error (they back off and go on); live sessions are bounded by a
+//! semaphore; on shutdown they stop accepting, give running sessions a
+//! grace period, then end the rest and wait for their audit records.
 #![forbid(unsafe_code)]
 
 use crate::audit::{DenyReason, Event, Record};
@@ -10,69 +11,75 @@ use crate::tailnet::{Tailnet, TailnetError, TailnetListener};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 /// Accept errors back off from this, doubling up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// After the grace, how long ended sessions get to write their
+/// `session_end` and cancel their queries before they are aborted.
+const END_WAIT: Duration = Duration::from_secs(5);
 
 pub struct ServeOptions {
     pub max_sessions: usize,
-    /// How long live sessions get to end after shutdown is signalled.
-    pub drain: Duration,
+    /// How long running sessions may go on after shutdown is signalled.
+    pub grace: Duration,
 }
 
-/// Serves until `shutdown` resolves, then drains. `stop_sessions` is the
-/// sending side of `shared.shutdown`.
+/// Serves until `shutdown` resolves, then stops accepting at once, lets
+/// running sessions finish for `opts.grace` (cut short when `force`
+/// resolves), then ends the rest: each gets FATAL 57P01 and writes its
+/// `session_end` (reason `shutdown`). `stop_sessions` is the sending side of
+/// `shared.shutdown`.
 pub async fn serve<T: Tailnet>(
-    listener: TailnetListener,
+    listeners: Vec<TailnetListener>,
     tailnet: Arc<T>,
     shared: Arc<Shared>,
     stop_sessions: watch::Sender<bool>,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(opts.max_sessions));
     let mut tasks = JoinSet::new();
-    let mut backoff = MIN_BACKOFF;
+    let (conn_tx, mut conns) = mpsc::channel(64);
+    let mut acceptors = JoinSet::new();
+    for l in listeners {
+        tracing::info!(port = l.port(), max_sessions = opts.max_sessions, "accepting on the tailnet");
+        acceptors.spawn(accept_loop(l, conn_tx.clone(), shared.clone()));
+    }
+    drop(conn_tx);
     tokio::pin!(shutdown);
-    tracing::info!(port = listener.port(), max_sessions = opts.max_sessions, "accepting on the tailnet");
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    backoff = MIN_BACKOFF;
-                    let (tailnet, shared) = (tailnet.clone(), shared.clone());
-                    match permits.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            tasks.spawn(async move {
-                                session::run(stream, addr, &*tailnet, &shared).await;
-                                drop(permit);
-                            });
-                        }
-                        Err(_) => {
-                            let limit = opts.max_sessions;
-                            tasks.spawn(async move {
-                                let d = format!("session limit (--max-sessions {limit}) reached");
-                                tracing::warn!(peer = %addr, "{d}");
-                                let r = Record::new(crate::audit::new_session_id(), addr, Event::denied(DenyReason::TooManySessions, d));
-                                let _ = shared.audit.record(&r).await;
-                                session::refuse_unnegotiated(stream, &shared, sqlstate::TOO_MANY_CONNECTIONS,
-                                    "tailgres has too many sessions open; try again shortly").await;
-                            });
-                        }
-                    }
-                }
-                Err(TailnetError::Closed) => {
-                    tracing::error!("the tailnet listener closed; no more sessions can be accepted");
+            conn = conns.recv() => {
+                let Some((stream, addr, port)) = conn else {
+                    tracing::error!("every tailnet listener closed; no more sessions can be accepted");
                     break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, backoff = ?backoff, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                };
+                let (tailnet, shared) = (tailnet.clone(), shared.clone());
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tasks.spawn(async move {
+                            session::run(stream, addr, port, &*tailnet, &shared).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let limit = opts.max_sessions;
+                        tasks.spawn(async move {
+                            let d = format!("session limit (--max-sessions {limit}) reached");
+                            tracing::warn!(peer = %addr, "{d}");
+                            shared.metrics.denied(DenyReason::TooManySessions);
+                            let r = Record::new(crate::audit::new_session_id(), addr, Event::denied(DenyReason::TooManySessions, d));
+                            session::write_audit(&shared, &r).await;
+                            session::refuse_unnegotiated(stream, &shared, sqlstate::TOO_MANY_CONNECTIONS,
+                                "tailgres has too many sessions open; try again shortly").await;
+                        });
+                    }
                 }
             },
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
@@ -84,15 +91,60 @@ pub async fn serve<T: Tailnet>(
             }
         }
     }
-    drop(listener);
+    // Stop accepting at once: the listeners close, so new dials are refused.
+    acceptors.abort_all();
+    while acceptors.join_next().await.is_some() {}
+    drop(conns);
     let live = tasks.len();
+    tracing::info!(live, grace = ?opts.grace, "shutting down: no new sessions; running ones may finish");
+    tokio::pin!(force);
+    let finished = tokio::select! {
+        r = tokio::time::timeout(opts.grace, async { while tasks.join_next().await.is_some() {} }) => r.is_ok(),
+        _ = &mut force => {
+            tracing::warn!("second signal: ending sessions now");
+            false
+        }
+    };
+    if !finished {
+        tracing::info!(left = tasks.len(), "ending the remaining sessions");
+        let _ = stop_sessions.send(true);
+        let ended =
+            tokio::time::timeout(END_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+        if ended.is_err() {
+            tracing::warn!(left = tasks.len(), "sessions did not end in time; aborting them");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
     let _ = stop_sessions.send(true);
-    tracing::info!(live, drain = ?opts.drain, "shutting down: ending live sessions");
-    let drained =
-        tokio::time::timeout(opts.drain, async { while tasks.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(left = tasks.len(), "sessions did not end in time; aborting them");
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+}
+
+/// Accepts on one listener until it closes; never exits on a transient error.
+async fn accept_loop(
+    listener: TailnetListener,
+    out: mpsc::Sender<(UnixStream, std::net::SocketAddr, u16)>,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let port = listener.port();
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                backoff = MIN_BACKOFF;
+                if out.send((stream, addr, port)).await.is_err() {
+                    return;
+                }
+            }
+            Err(TailnetError::Closed) => {
+                tracing::error!(port, "a tailnet listener closed");
+                return;
+            }
+            Err(e) => {
+                shared.metrics.error("accept");
+                tracing::warn!(port, error = %e, backoff = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
     }
 }

@@ -8,15 +8,18 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::{self, AuditLog, DenyReason, EndReason, Event, Record, SessionEnd};
-use crate::authenticate::{self, AuthError, AuthMode};
-use crate::authorize::{Decision, Policy};
+use crate::authenticate::{self, AuthError};
+use crate::authorize::Decision;
 use crate::cancel::{CancelDecision, CancelOwner, CancelRegistry};
+use crate::metrics::{Metrics, Stage};
 use crate::negotiate::{self, ClientTransport, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
 use crate::relay;
+use crate::settings::{Settings, SettingsCell};
 use crate::tailnet::{PeerIdentity, Tailnet};
-use crate::upstream::{UpstreamError, UpstreamFacts, UpstreamTls};
+use crate::upstream::{UpstreamError, UpstreamTls};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -25,70 +28,89 @@ use tracing::Instrument;
 
 /// What every session shares (built once at start).
 pub struct Shared {
-    pub upstream: UpstreamTls,
+    /// Routes, policy and timeouts: what a reload may replace.
+    pub settings: SettingsCell,
     /// TLS for clients that ask for it; `None` answers 'N'.
     pub client_tls: Option<TlsAcceptor>,
     pub audit: AuditLog,
     pub cancels: CancelRegistry,
-    pub auth_mode: AuthMode,
-    /// Capability grants: who may be which database user.
-    pub policy: Policy,
+    pub metrics: Arc<Metrics>,
     /// Live sessions per identity, for grants' max_connections.
     pub per_identity: crate::cancel::Counter,
     /// Peer names to addresses (for `tailgres explain`).
     pub directory: crate::explain::Directory,
-    /// Send the verified identity to the database as tailgres.* settings.
-    pub identity_settings: bool,
     /// Relayed sessions, so access can be taken away while they run.
     pub live: crate::live::LiveSessions,
-    pub handshake_timeout: Duration,
-    /// Becomes true when the proxy shuts down: live sessions end.
+    /// Becomes true when the proxy ends its sessions (after the grace).
     pub shutdown: watch::Receiver<bool>,
 }
 
 /// Runs one session to its end. Never panics on peer input; every outcome
 /// is audited (or, if the audit log itself fails, logged as an error).
-pub async fn run<S, T>(stream: S, peer_addr: SocketAddr, tailnet: &T, shared: &Shared)
+/// `local_port` is the tailnet port the peer dialled (it selects routes).
+pub async fn run<S, T>(stream: S, peer_addr: SocketAddr, local_port: u16, tailnet: &T, shared: &Shared)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     T: Tailnet,
 {
     let id = audit::new_session_id();
     let span = tracing::info_span!("session", id = %id, peer = %peer_addr);
-    Session { base: Record::new(id, peer_addr, Event::SessionStart), shared, started: Instant::now() }
-        .run(stream, tailnet)
-        .instrument(span)
-        .await
+    let _active = shared.metrics.session_started();
+    Session {
+        base: Record::new(id, peer_addr, Event::SessionStart),
+        shared,
+        settings: shared.settings.get(),
+        upstream: None,
+        started: Instant::now(),
+    }
+    .run(stream, local_port, tailnet)
+    .instrument(span)
+    .await
 }
 
 struct Session<'a> {
     /// Identity, connection facts; each audit record starts from this.
     base: Record,
     shared: &'a Shared,
+    /// The settings when the session began, kept to its end.
+    settings: Arc<Settings>,
+    /// The route's upstream, once chosen (cancels go there too).
+    upstream: Option<Arc<UpstreamTls>>,
     started: Instant,
+}
+
+/// Writes one audit record, timing it.
+pub async fn write_audit(shared: &Shared, r: &Record) -> bool {
+    let began = Instant::now();
+    let res = shared.audit.record(r).await;
+    shared.metrics.audit_write(began.elapsed());
+    match res {
+        Ok(()) => true,
+        Err(e) => {
+            shared.metrics.error("audit_write");
+            tracing::error!(error = %e, event = r.event.name(), "audit record not written");
+            false
+        }
+    }
 }
 
 impl Session<'_> {
     async fn audit(&self, event: Event) -> bool {
         let mut r = self.base.with_event(event);
         r.ts = SystemTime::now();
-        match self.shared.audit.record(&r).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, event = r.event.name(), "audit record not written");
-                false
-            }
-        }
+        write_audit(self.shared, &r).await
     }
 
     async fn deny(&self, reason: DenyReason, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::info!(?reason, %detail, "session denied");
+        self.shared.metrics.denied(reason);
         self.audit(Event::denied(reason, detail)).await;
     }
 
     async fn end(&self, reason: EndReason, c2u: u64, u2c: u64, detail: Option<String>) {
         tracing::info!(?reason, c2u, u2c, "session ended");
+        self.shared.metrics.ended(reason, c2u, u2c);
         self.audit(Event::SessionEnd(SessionEnd {
             duration: self.started.elapsed(),
             bytes_client_to_upstream: c2u,
@@ -99,14 +121,18 @@ impl Session<'_> {
         .await;
     }
 
-    async fn run<S, T>(mut self, stream: S, tailnet: &T)
+    async fn run<S, T>(mut self, stream: S, local_port: u16, tailnet: &T)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
         T: Tailnet,
     {
         let peer_addr = self.base.peer_addr;
+        let handshake_timeout = self.settings.handshake_timeout;
         // 2. identify
-        let identity = match tailnet.whois(peer_addr).await {
+        let began = Instant::now();
+        let whois = tailnet.whois(peer_addr).await;
+        self.shared.metrics.stage(Stage::Whois, began.elapsed());
+        let identity = match whois {
             Ok(id) => id,
             Err(e) => {
                 // Still speak the protocol, so the client shows a message.
@@ -121,13 +147,13 @@ impl Session<'_> {
 
         // 3. negotiate
         let negotiated = tokio::time::timeout(
-            self.shared.handshake_timeout,
+            handshake_timeout,
             negotiate::negotiate(stream, self.shared.client_tls.as_ref()),
         )
         .await;
         let (mut client, startup, transport) = match negotiated {
             Err(_) => {
-                let d = format!("no startup within {:?}", self.shared.handshake_timeout);
+                let d = format!("no startup within {handshake_timeout:?}");
                 return self.deny(DenyReason::HandshakeTimeout, d).await;
             }
             // Every negotiation failure, a plain hang-up included, is audited
@@ -155,12 +181,13 @@ impl Session<'_> {
                 .await;
         }
         let mut startup = startup;
-        if self.shared.identity_settings {
+        if self.settings.identity_settings {
             startup.params.extend(crate::authorize::identity_parameters(&identity, peer_addr.ip()));
         }
 
         // 4. authorize: before any byte reaches the upstream.
-        let _slot = match self.shared.policy.decide(&identity, startup.user(), startup.database()) {
+        let settings = self.settings.clone();
+        let _slot = match settings.policy.decide(&identity, startup.user(), startup.database()) {
             Decision::Deny { detail, client_message } => {
                 fatal(&mut client, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
                 return self.deny(DenyReason::NotAuthorized, detail).await;
@@ -182,6 +209,18 @@ impl Session<'_> {
             }
         };
 
+        // Which database: the first route for this port and database name.
+        let Some(route) = settings.route(local_port, startup.database()) else {
+            let msg = format!(
+                "tailgres serves no database named \"{}\" on port {local_port}; ask its operator which databases it routes",
+                startup.database()
+            );
+            fatal(&mut client, sqlstate::INVALID_CATALOG_NAME, &msg).await;
+            let d = format!("no route for database {:?} on port {local_port}", startup.database());
+            return self.deny(DenyReason::NoRoute, d).await;
+        };
+        self.upstream = Some(route.upstream.clone());
+
         // Fail closed: no session whose session_start is not written. That
         // write is also the probe of an unhealthy log (skipping it while
         // unhealthy would leave nothing to make the log healthy again, and
@@ -200,7 +239,7 @@ impl Session<'_> {
 
         // 5. upstream
         let upstream = tokio::select! {
-            r = self.shared.upstream.connect() => r,
+            r = route.upstream.connect() => r,
             _ = shutdown_signalled(self.shared.shutdown.clone()) => {
                 fatal(&mut client, sqlstate::ADMIN_SHUTDOWN, "tailgres is shutting down").await;
                 return self.end(EndReason::Shutdown, 0, 0, None).await;
@@ -214,27 +253,33 @@ impl Session<'_> {
                 return self.deny(upstream_reason(&e), e.to_string()).await;
             }
         };
-        self.base.upstream = Some(audit_upstream(&upstream.facts));
+        let metrics = &self.shared.metrics;
+        metrics.stage(Stage::UpstreamConnect, upstream.connect_time);
+        metrics.stage(Stage::UpstreamTls, upstream.tls_time);
+        metrics.upstream_cert(&route.name, upstream.facts.cert_not_after);
+        self.base.upstream = Some(upstream.facts.clone());
 
         // 6. authenticate (bounded: a client that stalls mid-exchange must
         // not hold an upstream connection open)
+        let began = Instant::now();
         let auth = tokio::time::timeout(
-            self.shared.handshake_timeout,
+            handshake_timeout,
             authenticate::authenticate(
                 &mut client,
                 &mut upstream.stream,
                 &startup,
                 transport.is_tls(),
-                self.shared.auth_mode,
+                settings.auth_mode,
                 upstream.channel_binding.as_deref(),
             ),
         )
         .await;
+        self.shared.metrics.stage(Stage::Auth, began.elapsed());
         let out = match auth {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return self.auth_failed(&mut client, e).await,
             Err(_) => {
-                let d = format!("authentication not finished within {:?}", self.shared.handshake_timeout);
+                let d = format!("authentication not finished within {handshake_timeout:?}");
                 fatal(&mut client, sqlstate::PROTOCOL_VIOLATION, "authentication took too long").await;
                 return self.end(EndReason::ClientError, 0, 0, Some(d)).await;
             }
@@ -243,8 +288,11 @@ impl Session<'_> {
 
         // Only now may a cancel for this session be forwarded.
         let _registration = out.backend_key.clone().map(|(pid, key)| {
-            let owner =
-                CancelOwner { session_id: self.base.session_id.clone(), node: identity.stable_id.clone() };
+            let owner = CancelOwner {
+                session_id: self.base.session_id.clone(),
+                node: identity.stable_id.clone(),
+                upstream: route.upstream.clone(),
+            };
             self.shared.cancels.register(pid, key, owner)
         });
 
@@ -280,13 +328,13 @@ impl Session<'_> {
                 }
             }
         };
-        let r = relay::relay(client, upstream.stream, stop).await;
+        let r = relay::relay(client, upstream.stream, settings.idle_timeout, stop).await;
         if matches!(r.reason, EndReason::Revoked | EndReason::Shutdown) {
             // A backend busy with a query notices its client is gone only
             // when it next talks to it: cancel the query so the database
             // session ends now, not when the query does.
             if let Some((pid, key)) = &out.backend_key {
-                if let Err(e) = self.forward_cancel(*pid, key).await {
+                if let Err(e) = self.forward_cancel(&route.upstream, *pid, key).await {
                     tracing::warn!(error = %e, "could not cancel the ended session's query");
                 }
             }
@@ -333,20 +381,28 @@ impl Session<'_> {
             CancelDecision::OtherNode { target_session_id } => {
                 audit::CancelOutcome::OtherNode { target_session_id }
             }
-            CancelDecision::Forward { target_session_id } => match self.forward_cancel(pid, key).await {
-                Ok(()) => audit::CancelOutcome::Forwarded { target_session_id },
-                Err(e) => {
-                    tracing::warn!(error = %e, "cancel not delivered");
-                    audit::CancelOutcome::UpstreamError { target_session_id }
+            CancelDecision::Forward { target_session_id, upstream } => {
+                match self.forward_cancel(&upstream, pid, key).await {
+                    Ok(()) => audit::CancelOutcome::Forwarded { target_session_id },
+                    Err(e) => {
+                        self.shared.metrics.error("cancel_forward");
+                        tracing::warn!(error = %e, "cancel not delivered");
+                        audit::CancelOutcome::UpstreamError { target_session_id }
+                    }
                 }
-            },
+            }
         };
         tracing::info!(reason = outcome.reason(), "cancel request");
         self.audit(Event::Cancel(outcome)).await;
     }
 
-    async fn forward_cancel(&self, pid: u32, key: &[u8]) -> Result<(), UpstreamError> {
-        let mut up = self.shared.upstream.connect().await?;
+    async fn forward_cancel(
+        &self,
+        upstream: &UpstreamTls,
+        pid: u32,
+        key: &[u8],
+    ) -> Result<(), UpstreamError> {
+        let mut up = upstream.connect().await?;
         let addr = up.facts.address.clone();
         let io =
             |e| UpstreamError::Io { addr: addr.clone(), phase: crate::upstream::Phase::Handshake, source: e };
@@ -378,7 +434,7 @@ pub async fn refuse_unnegotiated<S>(stream: S, shared: &Shared, code: &str, msg:
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let limit = shared.handshake_timeout.min(Duration::from_secs(5));
+    let limit = shared.settings.get().handshake_timeout.min(Duration::from_secs(5));
     if let Ok(Ok(Negotiated::Startup { mut stream, .. })) =
         tokio::time::timeout(limit, negotiate::negotiate(stream, shared.client_tls.as_ref())).await
     {
@@ -441,24 +497,5 @@ fn audit_method(m: &str) -> audit::AuthMethod {
         "cleartext" => Cleartext,
         "trust" => Trust,
         _ => Other,
-    }
-}
-
-fn audit_upstream(f: &UpstreamFacts) -> audit::UpstreamInfo {
-    let mut sha = [0u8; 32];
-    for (i, b) in sha.iter_mut().enumerate() {
-        *b = f.cert_sha256.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
-    }
-    audit::UpstreamInfo {
-        address: f.address.clone(),
-        server_name: f.server_name.clone(),
-        tls_version: if f.tls_version == "TLSv1.2" {
-            audit::TlsVersion::Tls12
-        } else {
-            audit::TlsVersion::Tls13
-        },
-        cipher: f.cipher.clone(),
-        cert_sha256: sha,
-        cert_not_after: f.cert_not_after.as_deref().and_then(|s| humantime::parse_rfc3339(s).ok()),
     }
 }

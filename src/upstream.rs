@@ -34,7 +34,7 @@ pub enum Side {
 }
 
 /// How to reach and authenticate the database (from the `--upstream*` flags).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamOptions {
     /// host:port to dial (`--upstream`).
     pub addr: String,
@@ -72,22 +72,14 @@ pub struct Upstream {
     /// None when the certificate's signature has no single hash (then SCRAM
     /// uses gs2 flag `n`); see [`crate::scram::tls_server_end_point`].
     pub channel_binding: Option<Vec<u8>>,
+    /// How long the whole connect took, and its TLS handshake alone.
+    pub connect_time: Duration,
+    pub tls_time: Duration,
 }
 
-/// What the audit log records about the upstream leg.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct UpstreamFacts {
-    /// The resolved ip:port dialed.
-    pub address: String,
-    pub server_name: String,
-    /// "TLSv1.3" or "TLSv1.2".
-    pub tls_version: String,
-    pub cipher: String,
-    /// Lowercase hex SHA-256 of the end-entity certificate (DER).
-    pub cert_sha256: String,
-    /// RFC 3339.
-    pub cert_not_after: Option<String>,
-}
+/// What the audit log records about the upstream leg (its `address` is
+/// the resolved ip:port dialed).
+pub type UpstreamFacts = crate::audit::UpstreamInfo;
 
 /// The step of `connect()` that was under way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +309,8 @@ impl UpstreamTls {
     }
 
     pub async fn connect(&self) -> Result<Upstream, UpstreamError> {
-        let deadline = Instant::now() + self.connect_timeout;
+        let began = Instant::now();
+        let deadline = began + self.connect_timeout;
         let (mut tcp, peer) = self.dial(deadline).await?;
         let addr = peer.to_string();
         let io_err = |phase| {
@@ -345,6 +338,7 @@ impl UpstreamTls {
                 byte => return Err(UpstreamError::UnexpectedSslResponse { addr, byte }),
             }
         }
+        let tls_began = Instant::now();
         let connector = TlsConnector::from(self.config.clone());
         let handshake = connector.connect(self.server_name.clone(), tcp);
         let stream = match self.within(deadline, Phase::Handshake, &addr, handshake).await? {
@@ -358,9 +352,9 @@ impl UpstreamTls {
         let end_entity =
             conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
         let tls_version = match conn.protocol_version() {
-            Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-            Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-            other => format!("{other:?}"),
+            Some(ProtocolVersion::TLSv1_2) => crate::audit::TlsVersion::Tls12,
+            // rustls speaks nothing else (the config allows only these two).
+            _ => crate::audit::TlsVersion::Tls13,
         };
         let cipher = conn
             .negotiated_cipher_suite()
@@ -371,10 +365,22 @@ impl UpstreamTls {
             server_name: self.server_name_text.clone(),
             tls_version,
             cipher,
-            cert_sha256: hex(&sha2::Sha256::digest(&end_entity)),
+            cert_sha256: sha2::Sha256::digest(&end_entity).into(),
             cert_not_after: not_after(&end_entity),
         };
-        Ok(Upstream { stream, facts, channel_binding: crate::scram::tls_server_end_point(&end_entity) })
+        let tls_time = tls_began.elapsed();
+        Ok(Upstream {
+            stream,
+            facts,
+            channel_binding: crate::scram::tls_server_end_point(&end_entity),
+            connect_time: began.elapsed(),
+            tls_time,
+        })
+    }
+
+    /// The configured HOST:PORT.
+    pub fn address(&self) -> &str {
+        &self.addr
     }
 
     /// The configured TLS server name.
@@ -541,18 +547,18 @@ fn load_ca(roots: &mut RootCertStore, path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn not_after(cert_der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    rfc3339(cert.validity().not_after.timestamp())
-}
-
 fn rfc3339(unix: i64) -> Option<String> {
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).ok()?);
     Some(humantime::format_rfc3339_seconds(t).to_string())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A certificate's notAfter.
+pub fn not_after(cert_der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).ok()?),
+    )
 }
 
 #[cfg(test)]

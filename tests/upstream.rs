@@ -399,21 +399,24 @@ async fn verified_tls_and_scram_plus_login() {
     let ca = lab.pki.ca();
 
     let mut up = connect(&options(&pg.addr(), Some("db.test"), Some(&ca))).await.expect("verified TLS");
-    assert_eq!(up.facts.tls_version, "TLSv1.3");
+    assert_eq!(up.facts.tls_version, tailgres::audit::TlsVersion::Tls13);
     assert_eq!(up.facts.address, pg.addr());
     assert_eq!(up.facts.server_name, "db.test");
     assert!(up.facts.cipher.starts_with("TLS13_"), "{}", up.facts.cipher);
-    assert_eq!(up.facts.cert_sha256, fingerprint(&lab.dir.join("server.pem")));
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(hex(&up.facts.cert_sha256), fingerprint(&lab.dir.join("server.pem")));
     assert!(
-        up.facts.cert_not_after.as_deref().is_some_and(|t| t.ends_with('Z')),
+        up.facts.cert_not_after.is_some_and(|t| t > std::time::SystemTime::now()),
         "{:?}",
         up.facts.cert_not_after
     );
     // ecdsa-with-SHA256: the binding data is the SHA-256 of the certificate.
     let binding = up.channel_binding.clone().expect("tls-server-end-point data");
-    assert_eq!(binding.iter().map(|b| format!("{b:02x}")).collect::<String>(), up.facts.cert_sha256);
+    assert_eq!(binding, up.facts.cert_sha256);
     let json = serde_json::to_value(&up.facts).unwrap();
     assert_eq!(json["tls_version"], "TLSv1.3");
+    assert_eq!(json["cert_sha256"], fingerprint(&lab.dir.join("server.pem")));
+    assert!(json["cert_not_after"].as_str().is_some_and(|t| t.ends_with('Z')), "{json}");
 
     // SCRAM-SHA-256-PLUS: PostgreSQL checks the binding data against its own
     // certificate, so success means the binding was accepted.

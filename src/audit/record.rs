@@ -201,12 +201,14 @@ pub enum DenyReason {
     TooManySessions,
     /// The peer's grants do not allow this role or database.
     NotAuthorized,
+    /// No route serves the database asked for (on the port dialled).
+    NoRoute,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 15] = [
+    pub const ALL: [DenyReason; 16] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -222,13 +224,14 @@ impl DenyReason {
         DenyReason::UpstreamProtocolError,
         DenyReason::TooManySessions,
         DenyReason::NotAuthorized,
+        DenyReason::NoRoute,
     ];
 
     /// Who caused the refusal.
     pub fn side(self) -> Side {
         use DenyReason::*;
         match self {
-            UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized => Side::Client,
+            UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized | NoRoute => Side::Client,
             UpstreamUntrustedCertificate
             | UpstreamNameMismatch
             | UpstreamCertificateExpired

@@ -112,6 +112,7 @@ async fn serve_pg(
         "server_name": pg.server_name,
         "ca_file": pg.ca_file,
         "socket_dir": pg.socket_dir,
+        "superuser": pg.superuser,
         "log_file": pg.log_file,
     });
     let mut out = std::io::stdout().lock();

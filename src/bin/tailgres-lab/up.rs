@@ -325,7 +325,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let reason = tokio::select! {
         _ = int.recv() => None,
         _ = term.recv() => None,
-        s = proxy.child.wait() => Some(format!("tailgres exited ({s:?}); its log:\n{}", tail(&proxy.stderr))),
+        s = proxy.child.wait() => {
+            // Tests that stop tailgres themselves read how it ended here.
+            let code = s.as_ref().ok().and_then(|s| s.code()).map_or("signal".to_string(), |c| c.to_string());
+            let _ = std::fs::write(dir.join("tailgres.exit"), code);
+            Some(format!("tailgres exited ({s:?}); its log:\n{}", tail(&proxy.stderr)))
+        }
         s = control.child.wait() => Some(format!("tslab control exited ({s:?})")),
         e = async { match pg.as_mut() { Some(p) => p.unexpected_exit().await, None => std::future::pending().await } } => Some(e.to_string()),
     };

@@ -1,0 +1,161 @@
+//! What SIGHUP may change without a restart: the routes to the databases
+//! (with their TLS settings, CA bundles re-read), the access policy,
+//! password handling and the session timeouts.
+//!
+//! Each session takes one [`Settings`] snapshot when it starts and keeps it
+//! to its end, so a reload never changes a session halfway; a cancel goes
+//! to the very upstream its session used.
+#![forbid(unsafe_code)]
+
+use crate::authenticate::AuthMode;
+use crate::authorize::{glob, Policy};
+use crate::config::Config;
+use crate::upstream::{UpstreamError, UpstreamTls};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// One database behind the proxy.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub databases: Vec<String>,
+    /// The tailnet port whose sessions it serves.
+    pub port: u16,
+    pub upstream: Arc<UpstreamTls>,
+}
+
+#[derive(Debug)]
+pub struct Settings {
+    /// In order; the first match wins.
+    pub routes: Vec<Route>,
+    pub policy: Policy,
+    pub auth_mode: AuthMode,
+    pub identity_settings: bool,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Settings {
+    /// Builds every upstream TLS client (reading CA bundles and client keys
+    /// now, so a bad file is refused here and not at a session).
+    pub fn from_config(cfg: &Config) -> Result<Settings, RouteError> {
+        let routes = cfg
+            .routes
+            .iter()
+            .map(|r| {
+                let upstream = UpstreamTls::new(&r.upstream)
+                    .map_err(|e| RouteError { route: r.name.clone(), source: Box::new(e) })?;
+                Ok(Route {
+                    name: r.name.clone(),
+                    databases: r.databases.clone(),
+                    port: r.port,
+                    upstream: Arc::new(upstream),
+                })
+            })
+            .collect::<Result<_, RouteError>>()?;
+        Ok(Settings {
+            routes,
+            policy: cfg.policy.clone(),
+            auth_mode: cfg.auth,
+            identity_settings: cfg.identity_settings,
+            handshake_timeout: cfg.handshake_timeout,
+            idle_timeout: cfg.idle_timeout,
+        })
+    }
+
+    /// The route for a session accepted on tailnet `port` that asked for
+    /// `database`.
+    pub fn route(&self, port: u16, database: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.port == port && r.databases.iter().any(|g| glob(g, database)))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("route {route:?}: {source}")]
+pub struct RouteError {
+    pub route: String,
+    #[source]
+    pub source: Box<UpstreamError>,
+}
+
+/// The current settings; replaced whole by a reload.
+#[derive(Debug, Clone)]
+pub struct SettingsCell(Arc<RwLock<Arc<Settings>>>);
+
+impl SettingsCell {
+    pub fn new(s: Settings) -> Self {
+        SettingsCell(Arc::new(RwLock::new(Arc::new(s))))
+    }
+
+    pub fn get(&self) -> Arc<Settings> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, s: Settings) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn first_matching_route_on_the_port_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(
+            &f,
+            r#"
+audit-log = "-"
+upstream = "fallback.internal:5432"
+[[route]]
+name = "billing"
+databases = ["billing", "billing_*"]
+upstream = "billing.internal:5432"
+[[route]]
+name = "analytics"
+port = 6543
+upstream = "warehouse.internal:5432"
+upstream-server-name = "warehouse.example"
+"#,
+        )
+        .unwrap();
+        let args =
+            crate::config::Args::try_parse_from(["tailgres", "--config", f.to_str().unwrap()]).unwrap();
+        let cfg = args.merge_file().unwrap().validate(None).unwrap();
+        assert_eq!(cfg.ports(), vec![5432, 6543]);
+        let s = Settings::from_config(&cfg).unwrap();
+        let on = |port, db| s.route(port, db).map(|r| r.name.as_str());
+        assert_eq!(on(5432, "billing"), Some("billing"));
+        assert_eq!(on(5432, "billing_eu"), Some("billing"));
+        assert_eq!(on(5432, "app"), Some("upstream"));
+        assert_eq!(on(6543, "billing"), Some("analytics"));
+        assert_eq!(on(6543, "anything"), Some("analytics"));
+        assert_eq!(on(7000, "app"), None);
+        assert_eq!(s.route(6543, "x").unwrap().upstream.server_name(), "warehouse.example");
+    }
+
+    #[test]
+    fn route_mistakes_name_the_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        let cases = [
+            ("[[route]]\nname = \"a\"\n", "\"a\": upstream: required"),
+            ("[[route]]\nname = \"a\"\nupstream = \"db\"\n", "is not HOST:PORT"),
+            ("[[route]]\nname = \"a\"\nupstream = \"db:1\"\nupstream-ca = [\"/nonexistent\"]\n", "/nonexistent"),
+            ("[[route]]\nname = \"a\"\nupstream = \"db:1\"\n[[route]]\nname = \"a\"\nupstream = \"db:2\"\n", "two"),
+            ("[[route]]\nupstream = \"db:1\"\nport = 0\n", "route1"),
+            ("[[route]]\nupstream = \"db:1\"\ndatabase = [\"x\"]\n", "unknown field"),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&f, format!("audit-log = \"-\"\n{text}")).unwrap();
+            let args =
+                crate::config::Args::try_parse_from(["tailgres", "--config", f.to_str().unwrap()]).unwrap();
+            let e = args.merge_file().and_then(|a| a.validate(None)).expect_err(text);
+            assert_eq!(e.flag, "--config", "{text}");
+            assert!(e.problem.contains(want), "{text}: {e}");
+        }
+    }
+}
