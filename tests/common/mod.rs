@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod lab;
+pub mod ops;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
