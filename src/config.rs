@@ -523,6 +523,14 @@ mod tests {
     }
 
     #[test]
+    fn packaged_example_config_parses() {
+        let a: Args = toml::from_str(include_str!("../packaging/tailgres.toml")).unwrap();
+        assert_eq!(a.route.len(), 2);
+        assert_eq!(a.route[1].port, Some(5433));
+        assert_eq!(a.shutdown_grace.as_deref(), Some("20s"));
+    }
+
+    #[test]
     fn defaults_and_file() {
         let c = parse(&["--upstream=db.internal:5432", "--audit-log=-"]).unwrap();
         assert_eq!(c.port, 5432);
