@@ -153,7 +153,11 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
         tokio::spawn(async move { client_tls.renew(&*node, &metrics).await })
     };
     let explainer = tokio::spawn(crate::explain::serve(explain_socket, node.clone(), shared.clone()));
-    server::serve(listeners, node.clone(), shared.clone(), stop_tx, opts, nth_signal(1), nth_signal(2)).await;
+    let first_signal = async {
+        nth_signal(1).await;
+        health.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    server::serve(listeners, node.clone(), shared.clone(), stop_tx, opts, first_signal, nth_signal(2)).await;
     signal_task.abort();
     renewer.abort();
     let _ = follower.await;

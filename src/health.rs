@@ -3,8 +3,9 @@
 //! port the operator chooses.
 //!
 //! - `/healthz`: 200 while the process serves requests at all.
-//! - `/readyz`: 200 when the tailnet node is running and every route's
-//!   database answers a verified TLS handshake; else 503. The JSON body says
+//! - `/readyz`: 200 when the tailnet node is running, every route's
+//!   database answers a verified TLS handshake and no shutdown has begun;
+//!   else 503. The JSON body says
 //!   which part is not ready, and carries the interactive login URL while
 //!   the node needs a login.
 //! - `/metrics`: Prometheus text ([`crate::metrics`]).
@@ -41,11 +42,20 @@ pub struct Health<T> {
     pub metrics: Arc<Metrics>,
     /// Route name → its last probe.
     probes: Mutex<HashMap<String, Probe>>,
+    /// Set when shutdown begins: /readyz turns 503 so load balancers and
+    /// orchestrators stop sending new sessions during the drain.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl<T: Tailnet> Health<T> {
     pub fn new(tailnet: Arc<T>, settings: SettingsCell, metrics: Arc<Metrics>) -> Self {
-        Health { tailnet, settings, metrics, probes: Mutex::new(HashMap::new()) }
+        Health {
+            tailnet,
+            settings,
+            metrics,
+            probes: Mutex::new(HashMap::new()),
+            draining: Default::default(),
+        }
     }
 
     /// Answers one connection.
@@ -131,8 +141,9 @@ impl<T: Tailnet> Health<T> {
                 "error": res.err(),
             }));
         }
-        let ready = tailnet_ok && all_ok;
-        (ready, json!({"ready": ready, "tailnet": tailnet, "upstreams": upstreams}))
+        let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
+        let ready = tailnet_ok && all_ok && !draining;
+        (ready, json!({"ready": ready, "draining": draining, "tailnet": tailnet, "upstreams": upstreams}))
     }
 }
 

@@ -174,8 +174,11 @@ async fn metrics_move_with_sessions() {
 /// session_end says `shutdown`; tailgres exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_short_queries_and_ends_long_ones() {
+    let health = free_port();
+    let arg = format!("--health-listen=127.0.0.1:{health}");
     let lab =
-        LabUp::start(LabOptions { tailgres_args: vec!["--shutdown-grace=6s"], ..Default::default() }).await;
+        LabUp::start(LabOptions { tailgres_args: vec!["--shutdown-grace=6s", &arg], ..Default::default() })
+            .await;
     let short = connect(&lab, "app", "drain-short").await.unwrap();
     let long = connect(&lab, "app", "drain-long").await.unwrap();
     let short_q = tokio::spawn(async move { short.query_one("select pg_sleep(3)::text", &[]).await });
@@ -188,6 +191,8 @@ async fn drain_finishes_short_queries_and_ends_long_ones() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let late = connect(&lab, "app", "drain-late").await;
     assert!(late.is_err(), "a session started after SIGTERM");
+    let v = wait_readyz(health, "draining", |s, _| s == 503).await;
+    assert_eq!(v["draining"], true, "{v}");
 
     let short_r = within("the short query", short_q).await.unwrap();
     assert!(short_r.is_ok(), "the query inside the grace finished: {short_r:?}");
