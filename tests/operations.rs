@@ -405,3 +405,81 @@ async fn two_upstreams_routed_by_database_with_cancel() {
     lab.stop().await;
     second.stop().await;
 }
+
+/// Routes by tailnet port: the main port reaches the catch-all database, a
+/// route's own port reaches its database, a database that port does not
+/// route is refused with 3D000 (`no_route`). Health is also served on its
+/// own tailnet port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_tailnet_port_and_health_on_the_tailnet() {
+    let lab = common::Lab::start(None).await;
+    let (first, second) = (PgProc::start().await, PgProc::start().await);
+    let dir = lab.dir.path();
+    let cfg = dir.join("tailgres.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[route]]\nname = \"side\"\nport = 6543\ndatabases = [\"app\"]\nupstream = \"{}\"\nupstream-ca = [\"{}\"]\nupstream-server-name = \"{}\"\n",
+            second.addr(),
+            second.ca(),
+            second.server_name()
+        ),
+    )
+    .unwrap();
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_tailgres"))
+        .arg(format!("--config={}", cfg.display()))
+        .arg(format!("--control-url={}", lab.control_url))
+        .arg("--hostname=pg")
+        .arg(format!("--state-dir={}", dir.join("proxy").display()))
+        .arg(format!("--audit-log={}", dir.join("audit.jsonl").display()))
+        .arg(format!("--upstream={}", first.addr()))
+        .arg(format!("--upstream-ca={}", first.ca()))
+        .arg(format!("--upstream-server-name={}", first.server_name()))
+        .arg("--health-tailnet-port=9187")
+        .stderr(std::fs::File::create(dir.join("proxy.stderr")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let target = |port: u16| format!("--forward=127.0.0.1:0=pg.{}:{port}", lab.suffix);
+    let node = lab.node("laptop", &[&target(5432), &target(6543), &target(9187), "--dial-timeout=20s"]).await;
+    let port_of =
+        |n: usize| -> u16 { common::forward_addr(&node, n).rsplit_once(':').unwrap().1.parse().unwrap() };
+
+    // Health through the tailnet (retried until the proxy has joined).
+    let v = wait_readyz(port_of(2), "ready over the tailnet", |s, _| s == 200).await;
+    assert_eq!(v["upstreams"].as_array().unwrap().len(), 2, "{v}");
+    assert!(http_get(port_of(2), "/metrics").await.1.contains("tailgres_sessions_active"));
+
+    let server_port = |fwd: u16, db: &'static str| async move {
+        let conn = format!(
+            "host=127.0.0.1 port={fwd} user=role_scram password=scram-pass dbname={db} sslmode=disable"
+        );
+        let (c, connection) = within("connect", tokio_postgres::connect(&conn, NoTls)).await?;
+        tokio::spawn(connection);
+        let r = c.query_one("select inet_server_port()", &[]).await?;
+        Ok::<i32, tokio_postgres::Error>(r.get(0))
+    };
+    assert_eq!(server_port(port_of(0), "app").await.unwrap(), first.port() as i32);
+    assert_eq!(server_port(port_of(1), "app").await.unwrap(), second.port() as i32);
+    let e = server_port(port_of(1), "postgres").await.expect_err("no route for postgres on 6543");
+    assert_eq!(e.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{e}");
+    let denied = within("a no_route record", async {
+        loop {
+            let records = common::audit::validate_lines(&dir.join("audit.jsonl"));
+            if let Some(r) = records.into_iter().find(|r| r["reason"] == "no_route") {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(denied["postgres"]["database"], "postgres");
+    assert_eq!(denied["side"], "client");
+
+    signal(&proxy.id().unwrap().to_string(), "TERM").await;
+    assert_eq!(within("exit", proxy.wait()).await.unwrap().code(), Some(0));
+    node.stop().await;
+    lab.control.stop().await;
+    first.stop().await;
+    second.stop().await;
+}

@@ -57,18 +57,21 @@ pub fn free_port() -> u16 {
 }
 
 /// GET over HTTP/1.1 to 127.0.0.1; returns (status, body). Status 0 if the
-/// connection failed.
+/// connection failed or was reset.
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return (0, String::new());
     };
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut out))
-        .await
-        .expect("health answer")
-        .unwrap();
+    let answered = async {
+        s.write_all(req.as_bytes()).await?;
+        s.read_to_string(&mut out).await
+    };
+    // A forward whose far end is not listening yet resets: not an answer.
+    if tokio::time::timeout(Duration::from_secs(30), answered).await.expect("health answer").is_err() {
+        return (0, String::new());
+    }
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, body.to_string())
