@@ -14,6 +14,8 @@
 //!
 //! Around them: [`config`] (flags, env, TOML), [`app`] (the process),
 //! [`cancel`] (identity-bound cancel), [`pgwire`] and [`stream`] (wire helpers).
+//! Operator commands beside the proxy: [`explain`] (asks the running proxy
+//! about a peer) and [`auditcli`] (`tailgres audit`: reads the audit log back).
 //! The tailnet is reached only through the [`tailnet::Tailnet`] trait, whose
 //! one implementation today is the embedded Go node ([`tailnet::EmbeddedNode`]).
 //! `unsafe` lives only in `tailnet::ffi` and `sys`.
@@ -21,6 +23,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod auditcli;
 pub mod authenticate;
 pub mod authorize;
 pub mod cancel;
