@@ -165,6 +165,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::rfc3339;
 
     fn at(secs: u64, nanos: u32) -> SystemTime {
         UNIX_EPOCH + Duration::new(secs, nanos)
@@ -206,6 +207,16 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(parse_rfc3339(text), *want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn reads_back_what_the_writer_writes() {
+        for secs in [0u64, 59, 86_399, 951_782_400, 1_795_442_587, 4_102_444_800, 253_402_300_799] {
+            for micros in [0u32, 1, 999_999] {
+                let t = at(secs, micros * 1000);
+                assert_eq!(parse_rfc3339(&rfc3339(t, true)), Some(t), "{secs}.{micros}");
+            }
         }
     }
 
