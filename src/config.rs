@@ -14,7 +14,14 @@ use zeroize::Zeroizing;
 /// tailgres: a PostgreSQL proxy that joins your tailnet, knows who is
 /// connecting, and speaks verify-full TLS to the database.
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
-#[command(name = "tailgres", version, about, long_about = None)]
+#[command(
+    name = "tailgres",
+    version,
+    about,
+    long_about = None,
+    after_help = "Other commands: `tailgres audit` reads the audit log back (filters, summary, follow); \
+                  `tailgres explain PEER` asks the running proxy about a peer. Each takes --help."
+)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Args {
     /// TOML file with any of these settings (keys as the long flag names).

@@ -15,7 +15,9 @@
 //! Around them: [`config`] (flags, env, TOML), [`settings`] (what SIGHUP
 //! reloads), [`app`] (the process: drain, reload), [`cancel`] (identity-bound
 //! cancel), [`live`] (revocation), [`client_tls`], [`health`] and [`metrics`]
-//! (/healthz, /readyz, /metrics), [`explain`], [`pgwire`] and [`stream`].
+//! (/healthz, /readyz, /metrics), [`pgwire`] and [`stream`].
+//! Operator commands beside the proxy: [`explain`] (asks the running proxy
+//! about a peer) and [`auditcli`] (`tailgres audit`: reads the audit log back).
 //! The tailnet is reached only through the [`tailnet::Tailnet`] trait, whose
 //! one implementation today is the embedded Go node ([`tailnet::EmbeddedNode`]).
 //! `unsafe` lives only in `tailnet::ffi` and `sys`.
@@ -23,6 +25,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod auditcli;
 pub mod authenticate;
 pub mod authorize;
 pub mod cancel;

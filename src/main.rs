@@ -21,6 +21,10 @@ struct ExplainArgs {
 }
 
 fn main() -> Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "audit") {
+        let args = tailgres::auditcli::AuditArgs::parse_from(std::env::args_os().skip(1));
+        std::process::exit(tailgres::auditcli::main(args));
+    }
     if std::env::args().nth(1).as_deref() == Some("explain") {
         let a = ExplainArgs::parse_from(std::env::args().skip(1));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -22,6 +22,9 @@ mod record;
 mod time;
 mod writer;
 
+/// Record timestamps, for readers of the log (`tailgres audit`).
+pub(crate) use time::rfc3339;
+
 pub use record::{
     AuthFailure, AuthMethod, CancelOutcome, ClientTransport, Denial, DenyReason, EndReason, Event, Peer,
     PostgresInfo, ProtocolVersion, Record, SessionEnd, Side, SqlState, TlsVersion, UpstreamInfo,

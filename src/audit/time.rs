@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// the upstream and may lie before 1970 or after 9999, where humantime
 /// panics or fails. Years outside 0000..=9999 are clamped to those bounds
 /// (RFC 3339 has four-digit years).
-pub(super) fn rfc3339(t: SystemTime, micros: bool) -> String {
+pub(crate) fn rfc3339(t: SystemTime, micros: bool) -> String {
     // Seconds and microseconds since the epoch, floored (so pre-epoch
     // instants still have a fraction in 0..1_000_000).
     let (mut secs, mut micro) = match t.duration_since(UNIX_EPOCH) {
