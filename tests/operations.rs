@@ -166,6 +166,34 @@ async fn metrics_move_with_sessions() {
     assert_eq!(sample(&after, "tailgres_sessions_active"), 0.0);
     assert!(sample(&after, "tailgres_upstream_cert_expiry_seconds{route=\"default\"}") > 86_400.0);
     assert!(sample(&after, "tailgres_client_cert_expiry_seconds") > 86_400.0, "self-signed certificate");
+
+    // `tailgres audit` on this real log: the two ends, then the summary.
+    let audit = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"))
+            .arg("audit")
+            .args(args)
+            .arg(lab.audit_log())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tailgres audit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect::<Vec<Value>>()
+    };
+    let node = lab.info["clients"][0]["tailnet_name"].as_str().unwrap().to_string();
+    let ends =
+        audit(&["--format=json", "--event=session_end", "--database=app", "--who", &node, "--since=1h"]);
+    let mut reasons: Vec<&str> = ends.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["auth_failed", "client_terminated"], "{ends:#?}");
+    let summary = audit(&["--summary", "--format=json", "--user=role_scram"]);
+    assert_eq!(summary.len(), 1, "{summary:#?}");
+    assert_eq!((summary[0]["sessions"].as_u64(), summary[0]["auth_failed"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(summary[0]["node"], node.as_str());
+    assert!(summary[0]["bytes_upstream_to_client"].as_u64().unwrap() > 100_000);
+    assert!(audit(&["--format=json", "--who=nobody-else"]).is_empty());
     lab.stop().await;
 }
 
