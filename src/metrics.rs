@@ -121,7 +121,8 @@ impl Metrics {
 
     pub fn denied(&self, reason: DenyReason) {
         bump(&self.outcomes, ("session_denied", reason_name(reason)));
-        if !matches!(reason, DenyReason::NotAuthorized | DenyReason::NoRoute) {
+        // Refusals by policy and hang-ups are outcomes, not errors.
+        if !matches!(reason, DenyReason::NotAuthorized | DenyReason::NoRoute | DenyReason::ClientClosed) {
             bump(&self.errors, reason_kind(reason));
         }
     }
@@ -274,7 +275,8 @@ fn reason_kind(r: DenyReason) -> &'static str {
     match r {
         UnknownPeer | WhoisFailed => "whois",
         AuditUnavailable => "audit_write",
-        ProtocolError | HandshakeTimeout => "client_protocol",
+        ProtocolError | HandshakeTimeout | ClientClosed => "client_protocol",
+        ClientTlsFailed => "client_tls",
         TooManySessions => "session_limit",
         NotAuthorized | NoRoute => "not_authorized",
         UpstreamUntrustedCertificate | UpstreamNameMismatch | UpstreamCertificateExpired | UpstreamTls => {

@@ -156,9 +156,14 @@ impl Session<'_> {
                 let d = format!("no startup within {handshake_timeout:?}");
                 return self.deny(DenyReason::HandshakeTimeout, d).await;
             }
-            // Every negotiation failure, a plain hang-up included, is audited
-            // as protocol_error; the detail tells them apart.
-            Ok(Err(e)) => return self.deny(DenyReason::ProtocolError, e.to_string()).await,
+            Ok(Err(e)) => {
+                let reason = match e {
+                    negotiate::NegotiateError::Closed => DenyReason::ClientClosed,
+                    negotiate::NegotiateError::Tls(_) => DenyReason::ClientTlsFailed,
+                    _ => DenyReason::ProtocolError,
+                };
+                return self.deny(reason, e.to_string()).await;
+            }
             Ok(Ok(Negotiated::Cancel { request, transport })) => {
                 self.base.client_transport = Some(audit_transport(transport));
                 return self.cancel(request.pid, &request.key, &identity).await;

@@ -203,12 +203,16 @@ pub enum DenyReason {
     NotAuthorized,
     /// No route serves the database asked for (on the port dialled).
     NoRoute,
+    /// The client hung up before its startup was complete.
+    ClientClosed,
+    /// The client's TLS handshake with tailgres failed.
+    ClientTlsFailed,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 16] = [
+    pub const ALL: [DenyReason; 18] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -225,13 +229,16 @@ impl DenyReason {
         DenyReason::TooManySessions,
         DenyReason::NotAuthorized,
         DenyReason::NoRoute,
+        DenyReason::ClientClosed,
+        DenyReason::ClientTlsFailed,
     ];
 
     /// Who caused the refusal.
     pub fn side(self) -> Side {
         use DenyReason::*;
         match self {
-            UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized | NoRoute => Side::Client,
+            UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized | NoRoute | ClientClosed
+            | ClientTlsFailed => Side::Client,
             UpstreamUntrustedCertificate
             | UpstreamNameMismatch
             | UpstreamCertificateExpired
