@@ -111,6 +111,15 @@ fn io_err(e: std::io::Error) -> NegotiateError {
     }
 }
 
+/// A hang-up in the middle of the TLS handshake is a hang-up, not a TLS
+/// failure (e.g. a probe that only checks the port answers).
+fn tls_err(e: std::io::Error) -> NegotiateError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => NegotiateError::Closed,
+        _ => NegotiateError::Tls(e),
+    }
+}
+
 /// Runs negotiation on a fresh client connection. `tls` is the acceptor for
 /// clients that ask for TLS (SSLRequest or direct TLS); `None` answers 'N'.
 pub async fn negotiate<S>(stream: S, tls: Option<&TlsAcceptor>) -> Result<Negotiated<S>, NegotiateError>
@@ -128,7 +137,7 @@ where
             return Err(NegotiateError::Protocol("direct TLS requested but TLS is disabled".into()));
         };
         let rewound = Rewind::with_prefix(plain.into_inner(), first.to_vec());
-        let tls_stream = acceptor.accept(rewound).await.map_err(NegotiateError::Tls)?;
+        let tls_stream = acceptor.accept(rewound).await.map_err(tls_err)?;
         if tls_stream.get_ref().1.alpn_protocol() != Some(pgwire::ALPN_POSTGRESQL) {
             // PostgreSQL requires ALPN "postgresql" on direct TLS so that a
             // TLS connection meant for another protocol is never taken for
@@ -167,7 +176,7 @@ where
                 }
                 plain.write_all(b"S").await.map_err(io_err)?;
                 plain.flush().await.map_err(io_err)?;
-                let tls_stream = acceptor.accept(plain).await.map_err(NegotiateError::Tls)?;
+                let tls_stream = acceptor.accept(plain).await.map_err(tls_err)?;
                 s = ClientStream::Tls(Box::new(tls_stream));
                 transport = ClientTransport::Tls;
             }

@@ -284,6 +284,15 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The probe leaves one record (a client that hung up during negotiation);
+    // wait for it, so whoever reads the log next sees it in its place.
+    if a.audit_log.is_none() || audit_log.is_file() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read(&audit_log).map_or(true, |b| !b.contains(&b'\n')) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     let (host, port) = up_addr.rsplit_once(':').unwrap_or((up_addr.as_str(), ""));
     let description = json!({
         "dir": dir,
