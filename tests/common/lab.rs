@@ -54,13 +54,7 @@ impl LabUp {
             cmd.arg("--").args(&o.tailgres_args);
         }
         let stderr = std::fs::File::create(dir.path().join("lab.stderr")).unwrap();
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
         let info: Value = match line {
@@ -154,6 +148,22 @@ impl LabUp {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// A test that panics drops its lab without [`LabUp::stop`]: SIGTERM (not
+/// SIGKILL) lets `tailgres-lab` stop its own children, so no tailgres,
+/// tslab or postgres outlives the test.
+impl Drop for LabUp {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+/// Sends SIGTERM to a child that is still running; does not wait.
+pub fn terminate(child: &mut Child) {
+    if let (Ok(None), Some(pid)) = (child.try_wait(), child.id()) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     }
 }
 

@@ -20,7 +20,6 @@ impl PgProc {
             .arg("pg")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -48,6 +47,13 @@ impl PgProc {
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// SIGTERM on drop (a panicking test): the lab stops its postgres.
+impl Drop for PgProc {
+    fn drop(&mut self) {
+        super::lab::terminate(&mut self.child);
     }
 }
 
