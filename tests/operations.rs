@@ -511,3 +511,57 @@ async fn routes_by_tailnet_port_and_health_on_the_tailnet() {
     first.stop().await;
     second.stop().await;
 }
+
+/// SIGHUP re-reads a route's CA bundle: a database the old bundle could
+/// not verify is reachable after the operator puts the right CA in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_picks_up_a_new_upstream_ca() {
+    let second = PgProc::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("second-ca.pem");
+    let cfg = dir.path().join("tailgres.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[route]]\nname = \"second\"\ndatabases = [\"postgres\"]\nupstream = \"{}\"\nupstream-ca = [\"{}\"]\nupstream-server-name = \"{}\"\n",
+            second.addr(),
+            ca.display(),
+            second.server_name()
+        ),
+    )
+    .unwrap();
+    // The right CA at start; then the wrong one (the first database's,
+    // known once the lab is up), then the right one again.
+    std::fs::copy(second.ca(), &ca).unwrap();
+    let arg = format!("--config={}", cfg.display());
+    let lab = LabUp::start(LabOptions { tailgres_args: vec![&arg], ..Default::default() }).await;
+    connect(&lab, "postgres", "ca-reload").await.expect("verified with the right CA");
+    std::fs::copy(lab.info["upstream"]["ca_file"].as_str().unwrap(), &ca).unwrap();
+    signal(&proxy_pid(&lab), "HUP").await;
+    let refused = within("the wrong CA to take effect", async {
+        loop {
+            match connect(&lab, "postgres", "ca-reload").await {
+                Err(e) => break e,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Some(&SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION), "{refused:?}");
+    // Both lab CAs have the same name: the other one's signature fails.
+    let r = lab
+        .wait_record("refused upstream", |r| r["event"] == "session_denied" && r["side"] == "upstream")
+        .await;
+    assert_eq!(r["reason"], "upstream_tls", "{r}");
+
+    std::fs::copy(second.ca(), &ca).unwrap();
+    signal(&proxy_pid(&lab), "HUP").await;
+    within("the right CA to take effect", async {
+        while connect(&lab, "postgres", "ca-reload").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    lab.stop().await;
+    second.stop().await;
+}
