@@ -20,6 +20,9 @@ struct ExplainArgs {
     json: bool,
 }
 
+/// See the runtime builder in [`main`].
+const MAX_BLOCKING_THREADS: usize = 16;
+
 fn main() -> Result<()> {
     if std::env::args_os().nth(1).is_some_and(|a| a == "audit") {
         let args = tailgres::auditcli::AuditArgs::parse_from(std::env::args_os().skip(1));
@@ -54,5 +57,12 @@ fn main() -> Result<()> {
         LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
     }
     let run = tailgres::app::run(config, Box::new(load));
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Calls into the Go side (WhoIs per session, status) run on
+        // blocking threads; they are short, so a small pool serves a burst
+        // of a thousand new sessions without a thread (and a Go M) each.
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()?
+        .block_on(run)
 }
