@@ -278,17 +278,25 @@ async fn session_limit_refuses_the_excess_with_53300() {
     lab.stop().await;
 }
 
-/// --idle-timeout ends a session nobody uses with 57P05 (`idle_timeout`).
+/// --idle-timeout ends a session nobody uses with 57P05 (`idle_timeout`);
+/// with --log-format json the operator log is JSON lines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_are_ended() {
-    let lab =
-        LabUp::start(LabOptions { tailgres_args: vec!["--idle-timeout=2s"], ..Default::default() }).await;
+    let args = vec!["--idle-timeout=2s", "--log-format=json"];
+    let lab = LabUp::start(LabOptions { tailgres_args: args, ..Default::default() }).await;
     let c = connect(&lab, "app", "idle").await.unwrap();
     c.query_one("select 1", &[]).await.unwrap();
     let r = lab.wait_record("idle_timeout", |r| r["event"] == "session_end").await;
     assert_eq!(r["reason"], "idle_timeout");
     assert_eq!(r["ended_by"], "proxy");
     assert!(c.query_one("select 1", &[]).await.is_err(), "the session is gone");
+    // --log-format json: every line of the operator log is a JSON object.
+    let log = std::fs::read_to_string(lab.proxy_log()).unwrap();
+    assert!(log.lines().count() > 3, "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
     lab.stop().await;
 }
 
