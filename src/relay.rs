@@ -12,8 +12,31 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// Copy buffer per direction.
-const BUF: usize = 16 * 1024;
+/// Copy buffer per direction: it starts small, so an idle session holds
+/// little, doubles while reads fill it (bulk COPY gets big reads), and
+/// drops back once reads are small again.
+const MIN_BUF: usize = 2 * 1024;
+const MAX_BUF: usize = 64 * 1024;
+
+/// The adaptive copy buffer.
+struct Buffer(Vec<u8>);
+
+impl Buffer {
+    fn new() -> Self {
+        Buffer(vec![0u8; MIN_BUF])
+    }
+
+    /// After a read of `n` bytes: grow when it filled the buffer, shrink
+    /// when it used less than an eighth of it.
+    fn adapt(&mut self, n: usize) {
+        let len = self.0.len();
+        if n == len && len < MAX_BUF {
+            self.0 = vec![0u8; len * 2];
+        } else if n < len / 8 && len > MIN_BUF {
+            self.0 = vec![0u8; MIN_BUF];
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct RelayOutcome {
@@ -99,7 +122,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = Buffer::new();
     loop {
         // Only the read is raced against a stop (dropping a pending read
         // loses nothing); a write, once begun, always completes, so the
@@ -107,14 +130,14 @@ where
         let n = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return DirEnd::Stopped,
-            r = r.read(&mut buf) => match r {
+            r = r.read(&mut buf.0) => match r {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => return DirEnd::ReadErr(e),
             },
         };
-        frames.feed(&buf[..n]);
-        if let Err(e) = w.write_all(&buf[..n]).await {
+        frames.feed(&buf.0[..n]);
+        if let Err(e) = w.write_all(&buf.0[..n]).await {
             return DirEnd::WriteErr(e);
         }
         // Flush per read: small interactive messages must not linger in a
@@ -123,6 +146,7 @@ where
             return DirEnd::WriteErr(e);
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
+        buf.adapt(n);
     }
     // Forward the half-close; the other side's close then ends the session.
     let _ = w.shutdown().await;
@@ -328,6 +352,19 @@ mod tests {
         assert_eq!((code.as_deref(), text.as_deref()), (Some("57P01"), Some("access revoked")));
         let mut up_rest = Vec::new();
         u_peer.read_to_end(&mut up_rest).await.unwrap(); // the upstream sees EOF
+    }
+
+    #[test]
+    fn buffer_grows_for_bulk_and_shrinks_when_idle() {
+        let mut b = Buffer::new();
+        let sizes: Vec<usize> = [2048, 4096, 8192, 16384, 32768, 65536, 65536, 100, 10]
+            .iter()
+            .map(|n| {
+                b.adapt(*n);
+                b.0.len()
+            })
+            .collect();
+        assert_eq!(sizes, [4096, 8192, 16384, 32768, 65536, 65536, 65536, 2048, 2048]);
     }
 
     #[tokio::test(start_paused = true)]

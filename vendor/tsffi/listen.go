@@ -98,13 +98,14 @@ type halfCloser interface{ CloseWrite() error }
 
 // splice copies both ways, forwarding a half-close (EOF one way becomes a
 // write shutdown the other way) so that either side's close reaches the
-// other, and closes both once both directions are done.
+// other, and closes both once both directions are done. Two goroutines per
+// connection: one direction runs on the caller's.
 func splice(a, b net.Conn) {
 	var wg sync.WaitGroup
 	wg.Add(2)
 	pipe := func(dst, src net.Conn) {
 		defer wg.Done()
-		_, err := io.Copy(dst, src)
+		err := copyAdaptive(dst, src)
 		if hc, ok := dst.(halfCloser); ok && err == nil {
 			hc.CloseWrite()
 		} else {
@@ -114,10 +115,43 @@ func splice(a, b net.Conn) {
 		}
 	}
 	go pipe(a, b)
-	go pipe(b, a)
+	pipe(b, a)
 	wg.Wait()
 	a.Close()
 	b.Close()
+}
+
+// Copy buffers start small, so an idle connection holds little (io.Copy
+// would hold 32 KiB each way for its whole life), double while reads fill
+// them, and fall back once reads are small again.
+const (
+	minCopyBuf = 2 << 10
+	maxCopyBuf = 64 << 10
+)
+
+// copyAdaptive is io.Copy with an adaptive buffer; nil at EOF.
+func copyAdaptive(dst io.Writer, src io.Reader) error {
+	buf := make([]byte, minCopyBuf)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return werr
+			}
+			switch {
+			case n == len(buf) && len(buf) < maxCopyBuf:
+				buf = make([]byte, 2*len(buf))
+			case n < len(buf)/8 && len(buf) > minCopyBuf:
+				buf = make([]byte, minCopyBuf)
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 func socketpair(typ int) (goEnd, cEnd int, err error) {
