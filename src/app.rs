@@ -77,8 +77,12 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     tokio::select! {
         r = node.wait_running(&node_cfg) => r?,
         _ = signals.recv() => {
+            // Asked to stop before anything was served: a clean stop.
+            tracing::info!("stopped while joining the tailnet");
             node.shutdown().await;
-            anyhow::bail!("stopped while joining the tailnet")
+            audit.close().await;
+            let _ = audit_task.await;
+            return Ok(());
         }
     }
     if let Some(port) = cfg.health_tailnet_port {
@@ -114,7 +118,7 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let (signalled_tx, signalled) = watch::channel(0u32);
     let signal_task = {
         let (shared, client_tls, audit) = (shared.clone(), client_tls.clone(), audit.clone());
-        let current = std::sync::Mutex::new(cfg);
+        let mut current = cfg;
         tokio::spawn(async move {
             loop {
                 match signals.recv().await {
@@ -124,10 +128,9 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
                     Request::Reload => {
                         tracing::info!("SIGHUP: reopening the audit log and reloading");
                         audit.reopen();
-                        let mut cur = current.lock().unwrap_or_else(|e| e.into_inner());
-                        match reload(&reread, &cur, &shared, &client_tls) {
+                        match reload(&reread, &current, &shared, &client_tls) {
                             Ok(new) => {
-                                *cur = new;
+                                current = new;
                                 shared.metrics.reload(true);
                                 tracing::info!("reload done");
                             }
