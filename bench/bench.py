@@ -29,6 +29,7 @@ import asyncio
 import datetime
 import re
 import shutil
+import signal
 import ssl
 import statistics
 import subprocess
@@ -37,9 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import perfsum
 from report import report, report_soak
 from world import (DB, SCRAM, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab, TailnetSystem, World,
-                   git_commit, log, machine, proc_stats, require_loopback_only, rss_breakdown, run_pgbench)
+                   context_switches, git_commit, log, machine, proc_stats, require_loopback_only, rss_breakdown,
+                   run_pgbench)
 
 
 def pctl(sorted_xs, p):
@@ -70,11 +73,62 @@ def failed(what, out):
     return {"failed": True, "exit": out.returncode, "stdout": out.stdout[-3000:], "stderr": out.stderr[-3000:]}
 
 
+class Perf:
+    """With --perf: `perf record` during one measurement, then a flat
+    profile (self time by DSO and symbol) of each process of interest.
+    Sampling is system-wide on cpu-clock because that is what this kind of
+    VM allows (no PMU; attaching to a pid counts nothing); the reports
+    filter by pid. Frame-pointer call graphs (-g) are recorded for
+    flamegraphs: complete for Go, shallow for the Rust side."""
+
+    def __init__(self, world, label, pids):
+        self.on = world.args.perf
+        self.label, self.pids = label, pids
+        self.dir = world.perf_dir
+        self.p = None
+
+    def __enter__(self):
+        if self.on:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.data = self.dir / f"{self.label}.data"
+            self.p = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-F", "499",
+                                       "-o", str(self.data)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # perf attaches to every CPU before the measurement starts
+        return self
+
+    def __exit__(self, *exc):
+        if not self.p:
+            return False
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait()
+        for name, pid in self.pids.items():
+            (self.dir / f"{self.label}.{name}.txt").write_text(perfsum.render(self.data, pid))
+        return False
+
+
+def once_more_on_failure(sys_, run):
+    """Runs a measurement; if it fails, once more. pgbench aborts a whole run
+    when one connection fails, and through a tsnet server about one
+    connection in a thousand or two stalls past the client node's dial
+    timeout (see RESULTS.md). Both attempts are kept; the client node's
+    dial timeouts during them are counted."""
+    before = sys_.dial_timeouts()
+    res = run()
+    if res and res.get("failed"):
+        first = res
+        res = run()
+        res["first_attempt"] = {k: first[k] for k in ("exit", "stderr")}
+    res["client_dial_timeouts"] = sys_.dial_timeouts() - before
+    return res
+
+
 def select_only(world, sys_, clients, duration, pids):
     """pgbench -S: tps, mean and p99 latency (from the per-transaction log)."""
     logdir = Path(tempfile.mkdtemp(dir=world.dir, prefix="pgbench-log."))
     jobs = min(clients, world.args.pgbench_jobs)
     before = cpu_of(pids)
+    cs_before = {k: context_switches(p) for k, p in pids.items()}
     out = run_pgbench(world, sys_.env(SCRAM),
                       ["-n", "-S", "-c", str(clients), "-j", str(jobs), "-T", str(duration),
                        "-l", f"--log-prefix={logdir / 'tx'}"], timeout=duration + 300)
@@ -99,6 +153,7 @@ def select_only(world, sys_, clients, duration, pids):
     }
     if "proxy" in cpu and lat:
         res["proxy_cpu_us_per_txn"] = cpu["proxy"] / len(lat) * 1e6
+        res["proxy_ctxsw_per_txn"] = (context_switches(pids["proxy"]) - cs_before["proxy"]) / len(lat)
     return res
 
 
@@ -139,8 +194,9 @@ def copy_runs(world, lab, sys_, pids):
     t2 = time.perf_counter()
     cpu = cpu_delta(before, pids)
     if r1.returncode or r2.returncode:
-        log(f"{sys_.name}: COPY failed: {r1.stderr.decode()[-500:]} {r2.stderr.decode()[-500:]}")
-        return None
+        err = r1.stderr.decode()[-1000:] + r2.stderr.decode()[-1000:]
+        log(f"{sys_.name}: COPY failed: {err}")
+        return {"failed": True, "exit": r1.returncode or r2.returncode, "stderr": err}
     n = lab.bulk_bytes
     got = int(lab.admin_sql("select count(*) from bulk_in"))
     gb = 2 * n / 1e9
@@ -191,7 +247,7 @@ async def _close_all(conns):
         c.terminate()
     await asyncio.sleep(0)
 
-def idle_sessions(world, sys_, pid):
+def idle_sessions(world, sys_, pid, label):
     """Opens N idle sessions through sys_ and reads the proxy process's
     RSS, threads and fds before, right after, once settled, and after
     closing them again."""
@@ -204,7 +260,8 @@ def idle_sessions(world, sys_, pid):
     opened_in = time.perf_counter() - t0
     peak = proc_stats(pid)
     t_idle = time.perf_counter()
-    time.sleep(world.args.settle)
+    with Perf(world, label, {"proxy": pid}):
+        time.sleep(world.args.settle)
     settled = proc_stats(pid)
     idle_cpu_pct = (settled["cpu"] - peak["cpu"]) / (time.perf_counter() - t_idle) * 100
     settled_map = rss_breakdown(pid)
@@ -258,15 +315,20 @@ def measure(world, lab, sys_, rnd):
     warm_up(world, sys_)
     if pid and a.idle > 0:
         log(f"{sys_.name} r{rnd}: {a.idle} idle sessions")
-        res["idle"] = idle_sessions(world, sys_, pid)
+        res["idle"] = idle_sessions(world, sys_, pid, f"{sys_.name}-r{rnd}-idle")
     for c in a.clients:
         log(f"{sys_.name} r{rnd}: select-only, {c} clients, {a.duration}s")
-        res[f"select_c{c}"] = select_only(world, sys_, c, a.duration, pids)
+        with Perf(world, f"{sys_.name}-r{rnd}-select_c{c}", pids):
+            res[f"select_c{c}"] = once_more_on_failure(
+                sys_, lambda: select_only(world, sys_, c, a.duration, pids))
     for label, role in (("scram", SCRAM), ("trust", TRUST)):
         log(f"{sys_.name} r{rnd}: new connection per transaction ({role[0]}), {a.duration}s")
-        res[f"connect_{label}"] = connect_rate(world, sys_, role, a.duration, pids)
+        with Perf(world, f"{sys_.name}-r{rnd}-connect_{label}", pids):
+            res[f"connect_{label}"] = once_more_on_failure(
+                sys_, lambda: connect_rate(world, sys_, role, a.duration, pids))
     log(f"{sys_.name} r{rnd}: COPY out and in, {lab.bulk_bytes / 1e6:.0f} MB each way")
-    res["copy"] = copy_runs(world, lab, sys_, pids)
+    with Perf(world, f"{sys_.name}-r{rnd}-copy", pids):
+        res["copy"] = once_more_on_failure(sys_, lambda: copy_runs(world, lab, sys_, pids))
     if pid:
         res["proxy_after"] = proc_stats(pid)
     res["loadavg"] = open("/proc/loadavg").read().split()[:3]
@@ -378,6 +440,8 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=3, help="seconds of warm-up pgbench per system and round")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
     ap.add_argument("--derp", action="store_true", help="relay the tailnet through DERP (default: direct UDP)")
+    ap.add_argument("--perf", action="store_true",
+                    help="profile each measurement with perf (bench/results/perf-<timestamp>/)")
     ap.add_argument("--soak-sessions", type=int, default=100_000)
     ap.add_argument("--soak-role", choices=["scram", "trust"], default="scram")
     ap.add_argument("--soak-gc-wait", type=float, default=150,

@@ -39,10 +39,10 @@ def figures(clients):
         f.append((f"conn_cpu_{label}", f"  proxy CPU per connection ({label})", "ms", False,
                   lambda r, l=label: ok(r.get(f"connect_{l}")).get("proxy_cpu_ms_per_conn")))
     f += [
-        ("copy_out", "COPY out", "MB/s", True, lambda r: (r.get("copy") or {}).get("copy_out_MBps")),
-        ("copy_in", "COPY in", "MB/s", True, lambda r: (r.get("copy") or {}).get("copy_in_MBps")),
+        ("copy_out", "COPY out", "MB/s", True, lambda r: ok(r.get("copy")).get("copy_out_MBps")),
+        ("copy_in", "COPY in", "MB/s", True, lambda r: ok(r.get("copy")).get("copy_in_MBps")),
         ("cpu_per_gb", "proxy CPU per GB relayed", "s/GB", False,
-         lambda r: (r.get("copy") or {}).get("cpu_s_per_GB")),
+         lambda r: ok(r.get("copy")).get("cpu_s_per_GB")),
         ("idle_rss", "idle session: proxy RSS each", "kB", False,
          lambda r: (r.get("idle") or {}).get("rss_per_session_kB")),
         ("idle_threads", "idle session: proxy threads each", "thr", False,
@@ -72,6 +72,10 @@ def summarize(results, clients):
             out[sysname][key + "_all"] = vals
         out[sysname]["failed_runs"] = sum(
             1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("failed"))
+        out[sysname]["retried_runs"] = sum(
+            1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("first_attempt"))
+        out[sysname]["client_dial_timeouts"] = sum(
+            v.get("client_dial_timeouts", 0) for r in rounds for v in r.values() if isinstance(v, dict))
     return out
 
 
@@ -216,6 +220,9 @@ def report(meta, results, a):
     text += [f"[{'met' if met else 'MISSED'}] {n}: {ev}" for n, met, ev in tg]
     text += [f"note: {summary[s]['failed_runs']} {s} measurement(s) failed (kept in the JSON, left out "
              "of the medians)" for s in systems if summary[s]["failed_runs"]]
+    text += [f"note: {s}: {summary[s]['retried_runs']} pgbench run(s) failed once and were run again; the "
+             f"client node gave up on {summary[s]['client_dial_timeouts']} connection(s) (20 s dial timeout)"
+             for s in systems if summary[s]["retried_runs"] or summary[s]["client_dial_timeouts"]]
     text += ["", NOTES, "conninfo used (the forward's port differs per round):"]
     for s, c in meta.get("conninfo", {}).items():
         text.append(f"  {s}: {c['new connection per transaction'][0]}")

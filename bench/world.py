@@ -61,6 +61,20 @@ def require_loopback_only():
             die(f"{k}={v} must be in the environment; use bench/run")
 
 
+def context_switches(pid):
+    """Voluntary + involuntary context switches of all of pid's threads
+    (threads that ended are not counted)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            for line in open(f"/proc/{pid}/task/{tid}/status"):
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    n += int(line.split()[1])
+        except OSError:
+            pass  # the thread ended meanwhile
+    return n
+
+
 def proc_stats(pid):
     """RSS (bytes), OS threads, open fds and CPU seconds (user+system) of pid."""
     st = {}
@@ -76,6 +90,7 @@ def proc_stats(pid):
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "cpu": cpu,
     }
+
 
 class Proc:
     """A child process; stderr to a log file; optionally reads its first
@@ -151,6 +166,7 @@ class World:
         os.chmod(self.dir, 0o755)  # the lab database runs as 'postgres' and must get in
         self.procs = []
         self.bins = find_binaries(args)
+        self.perf_dir = ROOT / "bench" / "results" / ("perf-" + time.strftime("%Y%m%dT%H%M%S"))
 
     def close(self):
         for p in reversed(self.procs):
@@ -308,6 +324,9 @@ class DirectSystem:
     def conninfo(self, role):
         return conninfo(self.host, self.port, role)
 
+    def dial_timeouts(self):
+        return 0
+
     def stop(self):
         pass
 
@@ -382,6 +401,13 @@ class TailnetSystem:
 
     def conninfo(self, role):
         return conninfo(self.host, self.port, role)
+
+    def dial_timeouts(self):
+        """Connections the client node gave up on (its --dial-timeout)."""
+        try:
+            return self.client.log.read_text(errors="replace").count("dial: context deadline exceeded")
+        except OSError:
+            return 0
 
     def stop(self):
         self.client.stop()
