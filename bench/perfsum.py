@@ -66,8 +66,8 @@ def components(rows):
 
 def render(data, pid, top=30):
     samples, rows = symbols(data, pid)
-    lines = [f"{data} pid {pid}: {samples or '?'} samples of this process (cpu-clock, 499 Hz); its CPU by component:"]
-    lines.append("")
+    lines = [f"{data} pid {pid}: {samples or '?'} samples of this process (cpu-clock, 499 Hz)", "",
+             "its CPU by component:"]
     for name, pct in components(rows):
         if pct >= 0.1:
             lines.append(f"{pct:6.1f}%  {name}")
