@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::pg::{Pg, PgOptions, UpstreamCert};
+use crate::pg::{Pg, PgOptions, Setting, UpstreamCert};
 
 #[derive(Parser)]
 #[command(about = "Brings up a tailgres test world on loopback")]
@@ -49,6 +49,10 @@ struct PgArgs {
     /// Set log_connections = on.
     #[arg(long)]
     log_connections: bool,
+    /// A server setting NAME=VALUE, e.g. max_connections=1200 (repeatable;
+    /// applied after the lab's own settings).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = Setting::parse)]
+    settings: Vec<Setting>,
 }
 
 #[tokio::main]
@@ -84,6 +88,7 @@ async fn run_pg(a: PgArgs) -> anyhow::Result<()> {
         cert: a.cert,
         server_name: a.server_name,
         log_connections: a.log_connections,
+        settings: a.settings,
         ..PgOptions::new(&dir)
     };
     let result = serve_pg(opts, &mut int, &mut term).await;

@@ -87,6 +87,33 @@ pub struct PgOptions {
     pub cert: UpstreamCert,
     pub server_name: String,
     pub log_connections: bool,
+    /// Extra server settings (`name = 'value'`), after the lab's own, so
+    /// they win (e.g. `max_connections` for many sessions).
+    pub settings: Vec<Setting>,
+}
+
+/// One `NAME=VALUE` server setting, checked by [`Setting::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub name: String,
+    pub value: String,
+}
+
+impl Setting {
+    /// `NAME=VALUE`; NAME is a plain (possibly dotted) parameter name, so
+    /// nothing but VALUE needs quoting in postgresql.conf.
+    pub fn parse(s: &str) -> Result<Setting, String> {
+        let (name, value) = s.split_once('=').ok_or_else(|| format!("{s:?}: want NAME=VALUE"))?;
+        let name = name.trim();
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+        if name.is_empty() || !name.chars().all(plain) || name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!("{name:?}: not a PostgreSQL parameter name"));
+        }
+        if value.contains(['\n', '\r', '\0']) {
+            return Err(format!("{name}: the value may not contain line breaks or NUL"));
+        }
+        Ok(Setting { name: name.to_owned(), value: value.to_owned() })
+    }
 }
 
 impl PgOptions {
@@ -98,6 +125,7 @@ impl PgOptions {
             cert: UpstreamCert::Good,
             server_name: DEFAULT_SERVER_NAME.to_owned(),
             log_connections: false,
+            settings: Vec::new(),
         }
     }
 }
@@ -177,6 +205,7 @@ impl Pg {
                 socket_dir: &socket_dir,
                 tls: (o.cert != UpstreamCert::NoTls).then_some(&tls),
                 log_connections: o.log_connections,
+                settings: &o.settings,
             };
             let conf_path = data_dir.join("tailgres-lab.conf");
             fs::write(&conf_path, conf.render())
@@ -587,6 +616,7 @@ struct ServerConf<'a> {
     socket_dir: &'a Path,
     tls: Option<&'a Tls>,
     log_connections: bool,
+    settings: &'a [Setting],
 }
 
 impl ServerConf<'_> {
@@ -627,6 +657,9 @@ impl ServerConf<'_> {
                 );
             }
             None => c.push_str("ssl = off\n"),
+        }
+        for st in self.settings {
+            let _ = writeln!(c, "{} = {}", st.name, sql_literal(&st.value));
         }
         c
     }
@@ -742,6 +775,27 @@ mod tests {
         }
         assert_eq!(rules.len(), 1 + ROLES.len() + 1);
         assert_eq!(rules.last().unwrap()[4], "scram-sha-256");
+    }
+
+    #[test]
+    fn settings_parse_and_render_last() {
+        let ok = Setting::parse("max_connections=1200").unwrap();
+        assert_eq!((ok.name.as_str(), ok.value.as_str()), ("max_connections", "1200"));
+        let quoted = Setting::parse("application_name=it's").unwrap();
+        for bad in ["max_connections", "=1", "a b=1", "x;y=1", "1x=2", "a=b\nssl=off"] {
+            assert!(Setting::parse(bad).is_err(), "{bad:?}");
+        }
+        let settings = [ok, quoted];
+        let conf = ServerConf {
+            port: 5432,
+            socket_dir: Path::new("/run"),
+            tls: None,
+            log_connections: false,
+            settings: &settings,
+        }
+        .render();
+        let tail: Vec<&str> = conf.lines().rev().take(2).collect();
+        assert_eq!(tail, ["application_name = 'it''s'", "max_connections = '1200'"]);
     }
 
     #[test]

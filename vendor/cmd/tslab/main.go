@@ -13,9 +13,10 @@
 // grants-style access policy. See control.go and policy.go.
 //
 // "tslab node" runs one tsnet node that forwards loopback TCP ports into
-// the tailnet. See node.go. Its --echo PORT flag, left out of -h, also
-// serves a TCP echo on the node's tailnet port PORT, which gives smoke
-// tests something to dial.
+// the tailnet, and with --serve relays tailnet ports to loopback ones (a
+// plain TCP forward; the benchmark's "tailnet floor"). See node.go. Its
+// --echo PORT flag, left out of -h, also serves a TCP echo on the node's
+// tailnet port PORT, which gives smoke tests something to dial.
 //
 // Both subcommands print one JSON line on stdout once ready (and write
 // it to --ready-file, atomically) and run until SIGINT or SIGTERM.
@@ -49,6 +50,7 @@ const usage = `usage:
   tslab control [--admin-addr 127.0.0.1:0] [--auth-key KEY] [--ready-file PATH] [-v]
   tslab node --control-url URL --hostname NAME --state-dir DIR [--auth-key KEY]
              [--advertise-tags tag:a,tag:b] [--forward LISTEN=TARGET]...
+             [--serve PORT=TARGET]...
              [--announce-src] [--dial-timeout 5s] [--timeout 60s] [--direct]
              [--ready-file PATH] [-v]
 

@@ -57,12 +57,39 @@ func (f *forwardFlag) Set(s string) error {
 	return nil
 }
 
+// serveSpec is one --serve PORT=TARGET: the reverse of a forward.
+type serveSpec struct {
+	Port   int    `json:"port"`   // tailnet port this node listens on
+	Target string `json:"target"` // loopback ip:port each connection is relayed to
+}
+
+type serveFlag []serveSpec
+
+func (f *serveFlag) String() string { return fmt.Sprint(*f) }
+
+func (f *serveFlag) Set(s string) error {
+	port, target, ok := strings.Cut(s, "=")
+	if !ok {
+		return errors.New("want PORT=TARGET, e.g. 5432=127.0.0.1:5433")
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || p == 0 {
+		return fmt.Errorf("--serve %q: bad tailnet port", s)
+	}
+	if _, err := parseLoopbackAddrPort(target); err != nil {
+		return err
+	}
+	*f = append(*f, serveSpec{Port: int(p), Target: target})
+	return nil
+}
+
 // nodeReady is the line "tslab node" prints once it is serving.
 type nodeReady struct {
 	Hostname string        `json:"hostname"`
 	Name     string        `json:"name"`
 	IPs      []string      `json:"ips"`
 	Forwards []forwardSpec `json:"forwards"`
+	Serves   []serveSpec   `json:"serves,omitempty"`
 	EchoPort int           `json:"echo_port,omitempty"`
 }
 
@@ -84,6 +111,8 @@ func runNode(args []string) error {
 	tagList := fs.String("advertise-tags", "", "comma-separated tags to request, e.g. tag:ci,tag:db")
 	var forwards forwardFlag
 	fs.Var(&forwards, "forward", "LISTEN=TARGET: forward loopback LISTEN (port 0 = any) to tailnet TARGET (host:port); repeatable")
+	var serves serveFlag
+	fs.Var(&serves, "serve", "PORT=TARGET: accept on tailnet PORT and relay each connection, bytes only, to loopback TARGET (ip:port); repeatable")
 	announceSrc := fs.Bool("announce-src", false, `first send "TSLAB-SRC <tailnet local ip:port>\n" on each forwarded connection`)
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for each tailnet dial")
 	startTimeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the node to come up")
@@ -215,6 +244,15 @@ func runNode(args []string) error {
 		ready.Forwards = append(ready.Forwards, f)
 		go n.serveForward(ctx, ln, f.Target)
 	}
+	for _, sv := range serves {
+		ln, err := srv.Listen("tcp", fmt.Sprintf(":%d", sv.Port))
+		if err != nil {
+			return fmt.Errorf("--serve %d=%s: %w", sv.Port, sv.Target, err)
+		}
+		listeners = append(listeners, ln)
+		ready.Serves = append(ready.Serves, sv)
+		go n.serveReverse(ctx, ln, sv.Target)
+	}
 	if *echoPort != 0 {
 		ln, err := srv.Listen("tcp", fmt.Sprintf(":%d", *echoPort))
 		if err != nil {
@@ -338,6 +376,29 @@ func (n *labNode) forward(ctx context.Context, local net.Conn, target string) {
 		}
 	}
 	relay(local, remote)
+}
+
+// serveReverse relays each tailnet connection on ln to the loopback
+// target: a plain TCP forward with no protocol awareness (the benchmark's
+// "tailnet floor": what crossing the tailnet costs by itself).
+func (n *labNode) serveReverse(ctx context.Context, ln net.Listener, target string) {
+	d := net.Dialer{Timeout: n.dialTimeout}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			local, err := d.DialContext(ctx, "tcp", target)
+			if err != nil {
+				warnf("serve %v -> %s: dial: %v", c.RemoteAddr(), target, err)
+				c.Close()
+				return
+			}
+			n.logf("serve %v -> %s", c.RemoteAddr(), target)
+			relay(c, local)
+		}()
+	}
 }
 
 func (n *labNode) serveEcho(ln net.Listener) {
