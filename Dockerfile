@@ -30,7 +30,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /var/lib/tailgres tailgres \
+    && groupadd --system --gid 10001 tailgres \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/tailgres tailgres \
     && install -d -o tailgres -g tailgres -m 0700 /var/lib/tailgres
 COPY --from=build /src/target/release/tailgres /usr/local/bin/tailgres
 USER 10001:10001
