@@ -127,8 +127,20 @@ pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
     // The policy as it is now: a reload that tightens it applies to
     // running sessions too.
     let settings = shared.settings.get();
+    // WhoIs answers per address, so a node's sessions share one lookup per
+    // sweep (a thousand idle sessions from one machine are one call, not a
+    // thousand).
+    let mut seen: HashMap<std::net::IpAddr, Result<crate::tailnet::PeerIdentity, String>> = HashMap::new();
     for s in shared.live.snapshot() {
-        let verdict = match tailnet.whois(s.peer_addr).await {
+        let who = match seen.get(&s.peer_addr.ip()) {
+            Some(w) => w.clone(),
+            None => {
+                let w = tailnet.whois(s.peer_addr).await.map_err(|e| e.to_string());
+                seen.insert(s.peer_addr.ip(), w.clone());
+                w
+            }
+        };
+        let verdict = match who {
             Err(e) => Some(format!("the peer left the tailnet ({e})")),
             Ok(id) if id.stable_id != s.node => {
                 Some(format!("{} now belongs to another node ({})", s.peer_addr.ip(), id.node_name))
