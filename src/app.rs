@@ -72,7 +72,7 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let mut health_tasks = tokio::task::JoinSet::new();
     if let Some(l) = local_health {
         tracing::info!(address = %cfg.health_listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()), "serving /healthz, /readyz, /metrics");
-        health_tasks.spawn(health::serve_local(l, health.clone(), stopped(health_stopped.clone())));
+        health_tasks.spawn(health::serve(l, health.clone(), stopped(health_stopped.clone())));
     }
     tokio::select! {
         r = node.wait_running(&node_cfg) => r?,
@@ -88,7 +88,7 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     if let Some(port) = cfg.health_tailnet_port {
         let l = node.listen(port).with_context(|| format!("--health-tailnet-port {port}"))?;
         tracing::info!(port, "serving /healthz, /readyz, /metrics on the tailnet");
-        health_tasks.spawn(health::serve_tailnet(l, health.clone(), stopped(health_stopped.clone())));
+        health_tasks.spawn(health::serve(l, health.clone(), stopped(health_stopped.clone())));
     }
     let status = node.status().await?;
     let client_tls = Arc::new(ClientTls::new(cfg.client_tls.as_ref(), &*node, &status).await?);

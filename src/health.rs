@@ -197,33 +197,35 @@ async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, status: u16, ctype: &str, 
     let _ = conn.shutdown().await;
 }
 
-/// Serves on a local TCP listener until `stop` resolves.
-pub async fn serve_local<T: Tailnet + 'static>(
-    listener: tokio::net::TcpListener,
-    health: Arc<Health<T>>,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            r = listener.accept() => match r {
-                Ok((conn, _)) => {
-                    let h = health.clone();
-                    tokio::spawn(async move { h.handle(conn).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "health listener accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+/// A listener health is served on: a local TCP one or a tailnet port.
+pub trait Listener: Send + Sync + 'static {
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection; `Err(None)` once the listener is closed for
+    /// good, `Err(Some(why))` for a failure worth retrying.
+    fn next(&self) -> impl std::future::Future<Output = Result<Self::Conn, Option<String>>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Conn = tokio::net::TcpStream;
+    async fn next(&self) -> Result<Self::Conn, Option<String>> {
+        self.accept().await.map(|(c, _)| c).map_err(|e| Some(e.to_string()))
+    }
+}
+
+impl Listener for crate::tailnet::TailnetListener {
+    type Conn = tokio::net::UnixStream;
+    async fn next(&self) -> Result<Self::Conn, Option<String>> {
+        match self.accept().await {
+            Ok((c, _)) => Ok(c),
+            Err(crate::tailnet::TailnetError::Closed) => Err(None),
+            Err(e) => Err(Some(e.to_string())),
         }
     }
 }
 
-/// Serves on a tailnet port until `stop` resolves.
-pub async fn serve_tailnet<T: Tailnet + 'static>(
-    listener: crate::tailnet::TailnetListener,
+/// Serves on `listener` until `stop` resolves or the listener closes.
+pub async fn serve<T: Tailnet + 'static, L: Listener>(
+    listener: L,
     health: Arc<Health<T>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -231,14 +233,14 @@ pub async fn serve_tailnet<T: Tailnet + 'static>(
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            r = listener.accept() => match r {
-                Ok((conn, _)) => {
+            r = listener.next() => match r {
+                Ok(conn) => {
                     let h = health.clone();
                     tokio::spawn(async move { h.handle(conn).await });
                 }
-                Err(crate::tailnet::TailnetError::Closed) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "health tailnet listener accept");
+                Err(None) => return,
+                Err(Some(e)) => {
+                    tracing::warn!(error = %e, "health listener accept");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
