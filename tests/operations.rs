@@ -373,16 +373,7 @@ async fn two_upstreams_routed_by_database_with_cancel() {
     let second = PgProc::start().await;
     let cfg_dir = tempfile::tempdir().unwrap();
     let cfg = cfg_dir.path().join("tailgres.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[route]]\nname = \"second\"\ndatabases = [\"postgres\"]\nupstream = \"{}\"\nupstream-ca = [\"{}\"]\nupstream-server-name = \"{}\"\n",
-            second.addr(),
-            second.ca(),
-            second.server_name()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, second.route_toml("second", "postgres", None, second.ca())).unwrap();
     let arg = format!("--config={}", cfg.display());
     let lab = LabUp::start(LabOptions { tailgres_args: vec![&arg], ..Default::default() }).await;
     let first_port = lab.info["upstream"]["port"].as_u64().unwrap() as i32;
@@ -452,16 +443,7 @@ async fn routes_by_tailnet_port_and_health_on_the_tailnet() {
     let (first, second) = (PgProc::start().await, PgProc::start().await);
     let dir = lab.dir.path();
     let cfg = dir.join("tailgres.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[route]]\nname = \"side\"\nport = 6543\ndatabases = [\"app\"]\nupstream = \"{}\"\nupstream-ca = [\"{}\"]\nupstream-server-name = \"{}\"\n",
-            second.addr(),
-            second.ca(),
-            second.server_name()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, second.route_toml("side", "app", Some(6543), second.ca())).unwrap();
     let mut proxy = Command::new(env!("CARGO_BIN_EXE_tailgres"))
         .arg(format!("--config={}", cfg.display()))
         .arg(format!("--control-url={}", lab.control_url))
@@ -528,16 +510,7 @@ async fn reload_picks_up_a_new_upstream_ca() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("second-ca.pem");
     let cfg = dir.path().join("tailgres.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[route]]\nname = \"second\"\ndatabases = [\"postgres\"]\nupstream = \"{}\"\nupstream-ca = [\"{}\"]\nupstream-server-name = \"{}\"\n",
-            second.addr(),
-            ca.display(),
-            second.server_name()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, second.route_toml("second", "postgres", None, &ca.display().to_string())).unwrap();
     // The right CA at start; then the wrong one (the first database's,
     // known once the lab is up), then the right one again.
     std::fs::copy(second.ca(), &ca).unwrap();

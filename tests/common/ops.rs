@@ -41,6 +41,18 @@ impl PgProc {
         self.info["server_name"].as_str().unwrap()
     }
 
+    /// A `[[route]]` table sending `database` (on `port`, if given) here,
+    /// verified with the CA in `ca` under this server's name.
+    pub fn route_toml(&self, name: &str, database: &str, port: Option<u16>, ca: &str) -> String {
+        let port = port.map(|p| format!("port = {p}\n")).unwrap_or_default();
+        format!(
+            "[[route]]\nname = \"{name}\"\n{port}databases = [\"{database}\"]\nupstream = \"{}\"\n\
+             upstream-ca = [\"{ca}\"]\nupstream-server-name = \"{}\"\n",
+            self.addr(),
+            self.server_name()
+        )
+    }
+
     /// Stops it cleanly (SIGTERM) and waits.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
