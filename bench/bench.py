@@ -107,18 +107,32 @@ class Perf:
         return False
 
 
-def once_more_on_failure(sys_, run):
-    """Runs a measurement; if it fails, once more. pgbench aborts a whole run
-    when one connection fails, and through a tsnet server about one
-    connection in a thousand or two stalls past the client node's dial
-    timeout (see RESULTS.md). Both attempts are kept; the client node's
-    dial timeouts during them are counted."""
+# gVisor keeps a closed TCP connection in TIME_WAIT this long
+# (tcp.DefaultTCPTimeWaitTimeout; tsnet does not change it).
+GVISOR_TIME_WAIT = 60
+RETRIES = 2
+
+
+def again_on_failure(sys_, run):
+    """Runs a measurement; if it fails, up to RETRIES more times, each after
+    gVisor's TIME_WAIT has run out. pgbench aborts a whole run when one
+    connection fails, and through a tsnet server about one connection in a
+    thousand or two stalls past the client node's dial timeout: its SYN
+    reuses the 4-tuple of a connection the server closed first, which the
+    server's netstack still holds in TIME_WAIT, and gVisor hands such a SYN
+    only to a listening endpoint, which tsnet (a tcp.Forwarder) has not,
+    so it is dropped (see RESULTS.md). Every attempt is kept; the client
+    node's dial timeouts are counted."""
     before = sys_.dial_timeouts()
     res = run()
-    if res and res.get("failed"):
-        first = res
+    failures = []
+    while res.get("failed") and len(failures) < RETRIES:
+        failures.append({k: res.get(k) for k in ("exit", "stderr")})
+        log(f"{sys_.name}: waiting {GVISOR_TIME_WAIT + 5}s for the server's TIME_WAIT entries to expire")
+        time.sleep(GVISOR_TIME_WAIT + 5)
         res = run()
-        res["first_attempt"] = {k: first[k] for k in ("exit", "stderr")}
+    if failures:
+        res["earlier_attempts"] = failures
     res["client_dial_timeouts"] = sys_.dial_timeouts() - before
     return res
 
@@ -319,16 +333,16 @@ def measure(world, lab, sys_, rnd):
     for c in a.clients:
         log(f"{sys_.name} r{rnd}: select-only, {c} clients, {a.duration}s")
         with Perf(world, f"{sys_.name}-r{rnd}-select_c{c}", pids):
-            res[f"select_c{c}"] = once_more_on_failure(
+            res[f"select_c{c}"] = again_on_failure(
                 sys_, lambda: select_only(world, sys_, c, a.duration, pids))
     for label, role in (("scram", SCRAM), ("trust", TRUST)):
         log(f"{sys_.name} r{rnd}: new connection per transaction ({role[0]}), {a.duration}s")
         with Perf(world, f"{sys_.name}-r{rnd}-connect_{label}", pids):
-            res[f"connect_{label}"] = once_more_on_failure(
+            res[f"connect_{label}"] = again_on_failure(
                 sys_, lambda: connect_rate(world, sys_, role, a.duration, pids))
     log(f"{sys_.name} r{rnd}: COPY out and in, {lab.bulk_bytes / 1e6:.0f} MB each way")
     with Perf(world, f"{sys_.name}-r{rnd}-copy", pids):
-        res["copy"] = once_more_on_failure(sys_, lambda: copy_runs(world, lab, sys_, pids))
+        res["copy"] = again_on_failure(sys_, lambda: copy_runs(world, lab, sys_, pids))
     if pid:
         res["proxy_after"] = proc_stats(pid)
     res["loadavg"] = open("/proc/loadavg").read().split()[:3]

@@ -73,7 +73,7 @@ def summarize(results, clients):
         out[sysname]["failed_runs"] = sum(
             1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("failed"))
         out[sysname]["retried_runs"] = sum(
-            1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("first_attempt"))
+            1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("earlier_attempts"))
         out[sysname]["client_dial_timeouts"] = sum(
             v.get("client_dial_timeouts", 0) for r in rounds for v in r.values() if isinstance(v, dict))
     return out
@@ -220,7 +220,7 @@ def report(meta, results, a):
     text += [f"[{'met' if met else 'MISSED'}] {n}: {ev}" for n, met, ev in tg]
     text += [f"note: {summary[s]['failed_runs']} {s} measurement(s) failed (kept in the JSON, left out "
              "of the medians)" for s in systems if summary[s]["failed_runs"]]
-    text += [f"note: {s}: {summary[s]['retried_runs']} pgbench run(s) failed once and were run again; the "
+    text += [f"note: {s}: {summary[s]['retried_runs']} run(s) failed and were run again (after gVisor's 60 s TIME_WAIT); the "
              f"client node gave up on {summary[s]['client_dial_timeouts']} connection(s) (20 s dial timeout)"
              for s in systems if summary[s]["retried_runs"] or summary[s]["client_dial_timeouts"]]
     text += ["", NOTES, "conninfo used (the forward's port differs per round):"]
