@@ -269,16 +269,19 @@ def idle_sessions(world, sys_, pid, label):
     loop = asyncio.new_event_loop()
     base = proc_stats(pid)
     base_map = rss_breakdown(pid)
+    gcs_before = len(gc_lines(sys_.proc.log))
     t0 = time.perf_counter()
     conns, errors = loop.run_until_complete(_open_idle(sys_.host, sys_.port, n, world.args.idle_concurrency))
     opened_in = time.perf_counter() - t0
     peak = proc_stats(pid)
     t_idle = time.perf_counter()
+    gcs_at_open = len(gc_lines(sys_.proc.log))
     with Perf(world, label, {"proxy": pid}):
         time.sleep(world.args.settle)
     settled = proc_stats(pid)
     idle_cpu_pct = (settled["cpu"] - peak["cpu"]) / (time.perf_counter() - t_idle) * 100
     settled_map = rss_breakdown(pid)
+    go_live = go_live_heap_growth(world, sys_.proc.log, gcs_before, gcs_at_open) if world.args.gctrace else None
     loop.run_until_complete(_close_all(conns))
     # Wait for the proxy to notice the closes (fds are the exact signal).
     deadline = time.time() + 60
@@ -298,6 +301,9 @@ def idle_sessions(world, sys_, pid, label):
         "base": base, "peak": peak, "settled": settled, "closed": closed,
         "rss_per_session_kB": per("rss", settled) / 1024 if k else None,
         "rss_per_session_by_mapping_kB": {m: (settled_map[m] - base_map[m]) / k for m in base_map} if k else None,
+        "go_live_heap_MB": go_live,
+        "go_live_heap_per_session_kB": (go_live["after"] - go_live["before"]) * 1024 / k
+        if go_live and k and go_live["before"] is not None and go_live["after"] is not None else None,
         "threads_per_session": per("threads", settled),
         "idle_cpu_pct": idle_cpu_pct,
         "threads_delta_settled": settled["threads"] - base["threads"],
@@ -306,6 +312,21 @@ def idle_sessions(world, sys_, pid, label):
         "rss_after_close_delta_kB": (closed["rss"] - base["rss"]) / 1024,
         "threads_after_close_delta": closed["threads"] - base["threads"],
         "fds_after_close_delta": closed["fds"] - base["fds"],
+    }
+
+
+def go_live_heap_growth(world, log_path, gcs_before, gcs_at_open):
+    """With --gctrace: the Go live heap (MB, after a GC) before the sessions
+    were opened and at the first GC that started once they were all open
+    (an idle Go process collects only every 2 minutes; wait for it)."""
+    deadline = time.time() + world.args.gc_wait
+    while time.time() < deadline and len(gc_lines(log_path)) <= gcs_at_open:
+        time.sleep(1)
+    lines = gc_lines(log_path)
+    return {
+        "before": go_live_heap(gc_lines_before(lines, gcs_before)),
+        "after": go_live_heap(lines[-1]) if len(lines) > gcs_at_open else None,
+        "gc_after": lines[-1] if lines else None,
     }
 
 
@@ -454,6 +475,10 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=3, help="seconds of warm-up pgbench per system and round")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
     ap.add_argument("--derp", action="store_true", help="relay the tailnet through DERP (default: direct UDP)")
+    ap.add_argument("--gctrace", action="store_true",
+                    help="run the Go-based servers with GODEBUG=gctrace=1 and report their live heap per idle "
+                         "session (waits for a GC, up to --gc-wait s, after the idle sessions are open)")
+    ap.add_argument("--gc-wait", type=float, default=130)
     ap.add_argument("--perf", action="store_true",
                     help="profile each measurement with perf (bench/results/perf-<timestamp>/)")
     ap.add_argument("--soak-sessions", type=int, default=100_000)
@@ -510,7 +535,8 @@ def main():
         for rnd in range(1, a.runs + 1):
             for name in order:
                 log(f"=== round {rnd}/{a.runs}: {name}")
-                sys_ = DirectSystem(lab) if name == "direct" else TailnetSystem(lab, name, rnd)
+                env = {"GODEBUG": "gctrace=1"} if a.gctrace else None
+                sys_ = DirectSystem(lab) if name == "direct" else TailnetSystem(lab, name, rnd, extra_env=env)
                 if rnd == 1:
                     conninfos[name] = {
                         "select-only, copy, idle (asyncpg, same role/TLS)": sys_.conninfo(SCRAM),

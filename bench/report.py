@@ -47,6 +47,8 @@ def figures(clients):
          lambda r: (r.get("idle") or {}).get("rss_per_session_kB")),
         ("idle_threads", "idle session: proxy threads each", "thr", False,
          lambda r: (r.get("idle") or {}).get("threads_per_session")),
+        ("idle_go_live", "idle session: Go live heap each (--gctrace)", "kB", False,
+         lambda r: (r.get("idle") or {}).get("go_live_heap_per_session_kB")),
         ("idle_fds", "idle session: proxy fds each", "fds", False,
          lambda r: (r.get("idle") or {}).get("fds_per_session")),
         ("idle_cpu", "idle sessions: proxy CPU while idle", "%", False,
@@ -58,7 +60,7 @@ def figures(clients):
 # Figures the issue does not ask for, shown to explain the others; they
 # are left out of the "tailgres >= pgproxy on every figure" check.
 def diagnostic(key):
-    return key.startswith(("so_cpu_", "conn_cpu_")) or key in ("idle_fds", "idle_cpu")
+    return key.startswith(("so_cpu_", "conn_cpu_")) or key in ("idle_fds", "idle_cpu", "idle_go_live")
 
 
 def summarize(results, clients):
