@@ -479,6 +479,8 @@ def parse_args():
                     help="run the Go-based servers with GODEBUG=gctrace=1 and report their live heap per idle "
                          "session (waits for a GC, up to --gc-wait s, after the idle sessions are open)")
     ap.add_argument("--gc-wait", type=float, default=130)
+    ap.add_argument("--tailgres-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for tailgres, e.g. GOMAXPROCS=1 (experiments; repeatable)")
     ap.add_argument("--perf", action="store_true",
                     help="profile each measurement with perf (bench/results/perf-<timestamp>/)")
     ap.add_argument("--soak-sessions", type=int, default=100_000)
@@ -535,7 +537,9 @@ def main():
         for rnd in range(1, a.runs + 1):
             for name in order:
                 log(f"=== round {rnd}/{a.runs}: {name}")
-                env = {"GODEBUG": "gctrace=1"} if a.gctrace else None
+                env = {"GODEBUG": "gctrace=1"} if a.gctrace else {}
+                if name == "tailgres":
+                    env.update(kv.split("=", 1) for kv in a.tailgres_env)
                 sys_ = DirectSystem(lab) if name == "direct" else TailnetSystem(lab, name, rnd, extra_env=env)
                 if rnd == 1:
                     conninfos[name] = {
