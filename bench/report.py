@@ -246,15 +246,17 @@ def report_soak(meta, a):
     b, p, af = s["baseline"], s["peak"], s["after"]
     print()
     print(f"soak: {s['sessions']} sessions ({s['role']}, new connection each) through tailgres "
-          f"in {s['seconds']:.0f}s ({s['sessions'] / s['seconds']:.0f}/s), pgbench ok: {s['pgbench_ok']}")
+          f"in {s['seconds']:.0f}s ({s['sessions'] / s['seconds']:.0f}/s); pgbench chunks that failed: "
+          f"{len(s['pgbench_failed_chunks'])}; client-node dial timeouts: {s['client_dial_timeouts']}")
     print(f"{'':10} {'baseline':>12} {'peak':>12} {'idle after':>12} {'delta':>10}")
     for k, unit, div in (("fds", "", 1), ("threads", "", 1), ("rss", " MB", 1e6)):
         print(f"{k + unit:10} {b[k] / div:12.1f} {p.get(k, 0) / div:12.1f} {af[k] / div:12.1f} "
               f"{(af[k] - b[k]) / div:+10.1f}")
-    sm = s["samples_1s"]
-    if sm:
-        pts = [sm[min(len(sm) - 1, int(i * len(sm) / 10))] for i in range(1, 11)]
-        print("rss during the run, every tenth of it (MB): " + " ".join(f"{x['rss'] / 1e6:.0f}" for x in pts))
+    cum = 0
+    for ch in s["chunks"]:
+        cum += ch["sessions"]
+        st = ch["stats_after"]
+        print(f"  after {cum:>7} sessions: rss {st['rss'] / 1e6:6.1f} MB, threads {st['threads']}, fds {st['fds']}")
     g = s["after_gc"]
     print(f"after Go's next GC: fds {g['fds']}, threads {g['threads']}, rss {g['rss'] / 1e6:.1f} MB "
           f"({(g['rss'] - b['rss']) / 1e6:+.1f}); Go live heap {s['go_live_heap_MB_at_baseline']} MB at "
