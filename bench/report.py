@@ -47,6 +47,8 @@ def figures(clients):
          lambda r: (r.get("idle") or {}).get("rss_per_session_kB")),
         ("idle_threads", "idle session: proxy threads each", "thr", False,
          lambda r: (r.get("idle") or {}).get("threads_per_session")),
+        ("idle_go_live", "idle session: Go live heap each (--gctrace)", "kB", False,
+         lambda r: (r.get("idle") or {}).get("go_live_heap_per_session_kB")),
         ("idle_fds", "idle session: proxy fds each", "fds", False,
          lambda r: (r.get("idle") or {}).get("fds_per_session")),
         ("idle_cpu", "idle sessions: proxy CPU while idle", "%", False,
@@ -58,7 +60,7 @@ def figures(clients):
 # Figures the issue does not ask for, shown to explain the others; they
 # are left out of the "tailgres >= pgproxy on every figure" check.
 def diagnostic(key):
-    return key.startswith(("so_cpu_", "conn_cpu_")) or key in ("idle_fds", "idle_cpu")
+    return key.startswith(("so_cpu_", "conn_cpu_")) or key in ("idle_fds", "idle_cpu", "idle_go_live")
 
 
 def summarize(results, clients):
@@ -73,7 +75,7 @@ def summarize(results, clients):
         out[sysname]["failed_runs"] = sum(
             1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("failed"))
         out[sysname]["retried_runs"] = sum(
-            1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("first_attempt"))
+            1 for r in rounds for v in r.values() if isinstance(v, dict) and v.get("earlier_attempts"))
         out[sysname]["client_dial_timeouts"] = sum(
             v.get("client_dial_timeouts", 0) for r in rounds for v in r.values() if isinstance(v, dict))
     return out
@@ -220,7 +222,7 @@ def report(meta, results, a):
     text += [f"[{'met' if met else 'MISSED'}] {n}: {ev}" for n, met, ev in tg]
     text += [f"note: {summary[s]['failed_runs']} {s} measurement(s) failed (kept in the JSON, left out "
              "of the medians)" for s in systems if summary[s]["failed_runs"]]
-    text += [f"note: {s}: {summary[s]['retried_runs']} pgbench run(s) failed once and were run again; the "
+    text += [f"note: {s}: {summary[s]['retried_runs']} run(s) failed and were run again (after gVisor's 60 s TIME_WAIT); the "
              f"client node gave up on {summary[s]['client_dial_timeouts']} connection(s) (20 s dial timeout)"
              for s in systems if summary[s]["retried_runs"] or summary[s]["client_dial_timeouts"]]
     text += ["", NOTES, "conninfo used (the forward's port differs per round):"]
@@ -244,15 +246,17 @@ def report_soak(meta, a):
     b, p, af = s["baseline"], s["peak"], s["after"]
     print()
     print(f"soak: {s['sessions']} sessions ({s['role']}, new connection each) through tailgres "
-          f"in {s['seconds']:.0f}s ({s['sessions'] / s['seconds']:.0f}/s), pgbench ok: {s['pgbench_ok']}")
+          f"in {s['seconds']:.0f}s ({s['sessions'] / s['seconds']:.0f}/s); pgbench chunks that failed: "
+          f"{len(s['pgbench_failed_chunks'])}; client-node dial timeouts: {s['client_dial_timeouts']}")
     print(f"{'':10} {'baseline':>12} {'peak':>12} {'idle after':>12} {'delta':>10}")
     for k, unit, div in (("fds", "", 1), ("threads", "", 1), ("rss", " MB", 1e6)):
         print(f"{k + unit:10} {b[k] / div:12.1f} {p.get(k, 0) / div:12.1f} {af[k] / div:12.1f} "
               f"{(af[k] - b[k]) / div:+10.1f}")
-    sm = s["samples_1s"]
-    if sm:
-        pts = [sm[min(len(sm) - 1, int(i * len(sm) / 10))] for i in range(1, 11)]
-        print("rss during the run, every tenth of it (MB): " + " ".join(f"{x['rss'] / 1e6:.0f}" for x in pts))
+    cum = 0
+    for ch in s["chunks"]:
+        cum += ch["sessions"]
+        st = ch["stats_after"]
+        print(f"  after {cum:>7} sessions: rss {st['rss'] / 1e6:6.1f} MB, threads {st['threads']}, fds {st['fds']}")
     g = s["after_gc"]
     print(f"after Go's next GC: fds {g['fds']}, threads {g['threads']}, rss {g['rss'] / 1e6:.1f} MB "
           f"({(g['rss'] - b['rss']) / 1e6:+.1f}); Go live heap {s['go_live_heap_MB_at_baseline']} MB at "

@@ -348,7 +348,7 @@ class TailnetSystem:
                     f"--state-dir={state}", f"--serve={PG_PORT_ON_TAILNET}={up}"]
             if not w.args.derp:
                 argv.append("--direct")
-            self.proc = Proc(self.hostname, argv, w, env=TS_ENV, ready_line=True)
+            self.proc = Proc(self.hostname, argv, w, env=dict(TS_ENV, **(extra_env or {})), ready_line=True)
         elif name == "tailgres":
             argv = [str(b["tailgres"]), f"--upstream={up}", f"--upstream-server-name={SERVER_NAME}",
                     f"--upstream-ca={lab.ca_file}", f"--hostname={self.hostname}", f"--state-dir={state}",
@@ -361,7 +361,8 @@ class TailnetSystem:
             argv = [str(b["pgproxy"]), f"--hostname={self.hostname}", f"--state-dir={state}",
                     f"--upstream-addr={up}", f"--upstream-ca-file={lab.ca_file}",
                     f"--port={PG_PORT_ON_TAILNET}", "--debug-port=0"]
-            self.proc = Proc(self.hostname, argv, w, env=dict(TS_ENV, TS_CONTROL_URL=lab.control_url))
+            self.proc = Proc(self.hostname, argv, w,
+                             env=dict(TS_ENV, TS_CONTROL_URL=lab.control_url, **(extra_env or {})))
         else:
             raise ValueError(name)
         self.argv = argv
