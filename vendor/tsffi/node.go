@@ -243,66 +243,6 @@ func (n *node) status() ([]byte, error) {
 	return json.Marshal(out)
 }
 
-type identityJSON struct {
-	StableID        string                       `json:"stable_id"`
-	NodeName        string                       `json:"node_name"`
-	UserLogin       string                       `json:"user_login"`
-	UserDisplayName string                       `json:"user_display_name"`
-	Tags            []string                     `json:"tags"`
-	Addresses       []string                     `json:"addresses"`
-	OS              string                       `json:"os"`
-	SharedIn        bool                         `json:"shared_in"`
-	KeyExpiry       *time.Time                   `json:"key_expiry"`
-	Expired         bool                         `json:"expired"`
-	CapMap          map[string][]json.RawMessage `json:"cap_map"`
-}
-
-func (n *node) whois(addr string) ([]byte, error) {
-	lc, err := n.client()
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := n.callCtx()
-	defer cancel()
-	res, err := lc.WhoIs(ctx, addr)
-	if err != nil {
-		return nil, fmt.Errorf("whois %s: %w", addr, err)
-	}
-	if res.Node == nil || res.UserProfile == nil {
-		return nil, fmt.Errorf("whois %s: peer has no node or user profile", addr)
-	}
-	nd := res.Node
-	out := identityJSON{
-		StableID:        string(nd.StableID),
-		NodeName:        strings.TrimSuffix(nd.Name, "."),
-		UserLogin:       res.UserProfile.LoginName,
-		UserDisplayName: res.UserProfile.DisplayName,
-		Tags:            nonNil(nd.Tags),
-		Addresses:       []string{},
-		Expired:         nd.Expired || (!nd.KeyExpiry.IsZero() && nd.KeyExpiry.Before(time.Now())),
-		CapMap:          map[string][]json.RawMessage{},
-	}
-	if !nd.KeyExpiry.IsZero() {
-		t := nd.KeyExpiry.UTC()
-		out.KeyExpiry = &t
-	}
-	for _, p := range nd.Addresses {
-		out.Addresses = append(out.Addresses, p.Addr().String())
-	}
-	if hi := nd.Hostinfo; hi.Valid() {
-		out.OS = hi.OS()
-		out.SharedIn = hi.ShareeNode()
-	}
-	for name, vals := range res.CapMap {
-		raw := make([]json.RawMessage, 0, len(vals))
-		for _, v := range vals {
-			raw = append(raw, json.RawMessage(v))
-		}
-		out.CapMap[string(name)] = raw
-	}
-	return json.Marshal(out)
-}
-
 func (n *node) certPair(domain string) (cert, key []byte, err error) {
 	lc, err := n.client()
 	if err != nil {
@@ -333,6 +273,7 @@ func (n *node) close() {
 	// started has nothing to shut down.
 	if started {
 		n.srv.Close()
+		forgetBackend(n.srv.Sys())
 	}
 	if n.logOut != nil {
 		n.logOut.Close()
