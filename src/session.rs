@@ -79,6 +79,23 @@ struct Session<'a> {
     started: Instant,
 }
 
+/// An admitted session: what the relay stage needs from admission.
+///
+/// The streams are boxed: a TLS stream is over a kilobyte, and a value
+/// moved out of an async fn's local still occupies its state; boxed, each
+/// stream exists once, wherever it is moved.
+struct Admitted<S> {
+    client: Box<crate::stream::ClientStream<S>>,
+    upstream: Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    identity: PeerIdentity,
+    startup: Startup,
+    /// The route's upstream (cancels go there too).
+    upstream_tls: Arc<UpstreamTls>,
+    auth: authenticate::AuthOutcome,
+    /// The identity's session slot (its grant's limit), held to the end.
+    _slot: crate::cancel::Slot,
+}
+
 /// Writes one audit record, timing it.
 pub async fn write_audit(shared: &Shared, r: &Record) -> bool {
     let began = Instant::now();
@@ -126,6 +143,23 @@ impl Session<'_> {
         S: AsyncRead + AsyncWrite + Unpin + Send,
         T: Tailnet,
     {
+        // A task's future is as large as its largest state, and admission
+        // (TLS handshakes, SCRAM, upstream connect) is several times larger
+        // than the relay. Boxed, that state is freed once the session is
+        // admitted, so an idle session holds only what the relay needs.
+        if let Some(admitted) = Box::pin(self.admit(stream, local_port, tailnet)).await {
+            self.relay(admitted).await;
+        }
+    }
+
+    /// Stages 2 to 6: identify, negotiate, authorize, route, connect
+    /// upstream and authenticate. `None` when the session ended there (its
+    /// records are written).
+    async fn admit<S, T>(&mut self, stream: S, local_port: u16, tailnet: &T) -> Option<Admitted<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        T: Tailnet,
+    {
         let peer_addr = self.base.peer_addr;
         let handshake_timeout = self.settings.handshake_timeout;
         // 2. identify
@@ -139,7 +173,7 @@ impl Session<'_> {
                 self.deny(DenyReason::UnknownPeer, e.to_string()).await;
                 let msg = "tailgres could not identify this tailnet peer, so it refuses the connection";
                 refuse_unnegotiated(stream, self.shared, sqlstate::INVALID_AUTHORIZATION, msg).await;
-                return;
+                return None;
             }
         };
         self.base.peer = Some(audit_peer(&identity, peer_addr));
@@ -154,7 +188,8 @@ impl Session<'_> {
         let (mut client, startup, transport) = match negotiated {
             Err(_) => {
                 let d = format!("no startup within {handshake_timeout:?}");
-                return self.deny(DenyReason::HandshakeTimeout, d).await;
+                self.deny(DenyReason::HandshakeTimeout, d).await;
+                return None;
             }
             Ok(Err(e)) => {
                 let reason = match e {
@@ -162,11 +197,13 @@ impl Session<'_> {
                     negotiate::NegotiateError::Tls(_) => DenyReason::ClientTlsFailed,
                     _ => DenyReason::ProtocolError,
                 };
-                return self.deny(reason, e.to_string()).await;
+                self.deny(reason, e.to_string()).await;
+                return None;
             }
             Ok(Ok(Negotiated::Cancel { request, transport })) => {
                 self.base.client_transport = Some(audit_transport(transport));
-                return self.cancel(request.pid, &request.key, &identity).await;
+                self.cancel(request.pid, &request.key, &identity).await;
+                return None;
             }
             Ok(Ok(Negotiated::Startup { stream, startup, transport })) => (stream, startup, transport),
         };
@@ -181,9 +218,8 @@ impl Session<'_> {
                 crate::authorize::IDENTITY_PREFIX
             );
             fatal(&mut client, sqlstate::INSUFFICIENT_PRIVILEGE, &msg).await;
-            return self
-                .deny(DenyReason::NotAuthorized, format!("client supplied reserved parameter {param}"))
-                .await;
+            self.deny(DenyReason::NotAuthorized, format!("client supplied reserved parameter {param}")).await;
+            return None;
         }
         let mut startup = startup;
         if self.settings.identity_settings {
@@ -195,7 +231,8 @@ impl Session<'_> {
         let _slot = match settings.policy.decide(&identity, startup.user(), startup.database()) {
             Decision::Deny { detail, client_message } => {
                 fatal(&mut client, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
-                return self.deny(DenyReason::NotAuthorized, detail).await;
+                self.deny(DenyReason::NotAuthorized, detail).await;
+                return None;
             }
             Decision::Allow { limit, .. } => {
                 let principal = identity.principal();
@@ -208,7 +245,8 @@ impl Session<'_> {
                         );
                         fatal(&mut client, sqlstate::TOO_MANY_CONNECTIONS, &msg).await;
                         let d = format!("{principal}: grant limit of {n} sessions reached");
-                        return self.deny(DenyReason::NotAuthorized, d).await;
+                        self.deny(DenyReason::NotAuthorized, d).await;
+                        return None;
                     }
                 }
             }
@@ -222,7 +260,8 @@ impl Session<'_> {
             );
             fatal(&mut client, sqlstate::INVALID_CATALOG_NAME, &msg).await;
             let d = format!("no route for database {:?} on port {local_port}", startup.database());
-            return self.deny(DenyReason::NoRoute, d).await;
+            self.deny(DenyReason::NoRoute, d).await;
+            return None;
         };
         self.upstream = Some(route.upstream.clone());
 
@@ -237,9 +276,8 @@ impl Session<'_> {
                        the operator's log says why";
             tracing::error!("session refused: audit log unavailable");
             fatal(&mut client, sqlstate::CANNOT_CONNECT_NOW, msg).await;
-            return self
-                .deny(DenyReason::AuditUnavailable, "the session_start record could not be written")
-                .await;
+            self.deny(DenyReason::AuditUnavailable, "the session_start record could not be written").await;
+            return None;
         }
 
         // 5. upstream
@@ -247,7 +285,8 @@ impl Session<'_> {
             r = route.upstream.connect() => r,
             _ = shutdown_signalled(self.shared.shutdown.clone()) => {
                 fatal(&mut client, sqlstate::ADMIN_SHUTDOWN, "tailgres is shutting down").await;
-                return self.end(EndReason::Shutdown, 0, 0, None).await;
+                self.end(EndReason::Shutdown, 0, 0, None).await;
+                return None;
             }
         };
         let mut upstream = match upstream {
@@ -255,7 +294,8 @@ impl Session<'_> {
             Err(e) => {
                 tracing::warn!(error = %e, "upstream refused");
                 fatal(&mut client, e.sqlstate(), &e.client_message()).await;
-                return self.deny(upstream_reason(&e), e.to_string()).await;
+                self.deny(upstream_reason(&e), e.to_string()).await;
+                return None;
             }
         };
         let metrics = &self.shared.metrics;
@@ -282,21 +322,45 @@ impl Session<'_> {
         self.shared.metrics.stage(Stage::Auth, began.elapsed());
         let out = match auth {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return self.auth_failed(&mut client, e).await,
+            Ok(Err(e)) => {
+                self.auth_failed(&mut client, e).await;
+                return None;
+            }
             Err(_) => {
                 let d = format!("authentication not finished within {handshake_timeout:?}");
                 fatal(&mut client, sqlstate::PROTOCOL_VIOLATION, "authentication took too long").await;
-                return self.end(EndReason::ClientError, 0, 0, Some(d)).await;
+                self.end(EndReason::ClientError, 0, 0, Some(d)).await;
+                return None;
             }
         };
         self.audit(Event::auth_ok(audit_method(out.method))).await;
 
+        Some(Admitted {
+            client: Box::new(client),
+            upstream: Box::new(upstream.stream),
+            upstream_tls: route.upstream.clone(),
+            identity,
+            startup,
+            auth: out,
+            _slot,
+        })
+    }
+
+    /// Stage 7 and the end: relay until either side ends the session, the
+    /// proxy shuts down, or the tailnet takes this peer's access away.
+    async fn relay<S>(&self, a: Admitted<S>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Admitted { client, upstream, upstream_tls, identity, startup, auth: out, _slot } = a;
+        let peer_addr = self.base.peer_addr;
+        let settings = &self.settings;
         // Only now may a cancel for this session be forwarded.
         let _registration = out.backend_key.clone().map(|(pid, key)| {
             let owner = CancelOwner {
                 session_id: self.base.session_id.clone(),
                 node: identity.stable_id.clone(),
-                upstream: route.upstream.clone(),
+                upstream: upstream_tls.clone(),
             };
             self.shared.cancels.register(pid, key, owner)
         });
@@ -333,13 +397,15 @@ impl Session<'_> {
                 }
             }
         };
-        let r = relay::relay(client, upstream.stream, settings.idle_timeout, stop).await;
+        let r = relay::relay(client, upstream, settings.idle_timeout, stop).await;
         if matches!(r.reason, EndReason::Revoked | EndReason::Shutdown) {
             // A backend busy with a query notices its client is gone only
             // when it next talks to it: cancel the query so the database
             // session ends now, not when the query does.
             if let Some((pid, key)) = &out.backend_key {
-                if let Err(e) = self.forward_cancel(&route.upstream, *pid, key).await {
+                // Boxed: a TLS connect is large, and only a few sessions
+                // ever make one (see `run`).
+                if let Err(e) = Box::pin(self.forward_cancel(&upstream_tls, *pid, key)).await {
                     tracing::warn!(error = %e, "could not cancel the ended session's query");
                 }
             }
