@@ -15,7 +15,7 @@ use tokio::sync::watch;
 /// Copy buffer per direction: it starts small, so an idle session holds
 /// little, doubles while reads fill it (bulk COPY gets big reads), and
 /// drops back once reads are small again.
-const MIN_BUF: usize = 2 * 1024;
+const MIN_BUF: usize = 1024;
 const MAX_BUF: usize = 64 * 1024;
 
 /// The adaptive copy buffer.
@@ -357,14 +357,14 @@ mod tests {
     #[test]
     fn buffer_grows_for_bulk_and_shrinks_when_idle() {
         let mut b = Buffer::new();
-        let sizes: Vec<usize> = [2048, 4096, 8192, 16384, 32768, 65536, 65536, 100, 10]
+        let sizes: Vec<usize> = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 65536, 100, 10]
             .iter()
             .map(|n| {
                 b.adapt(*n);
                 b.0.len()
             })
             .collect();
-        assert_eq!(sizes, [4096, 8192, 16384, 32768, 65536, 65536, 65536, 2048, 2048]);
+        assert_eq!(sizes, [2048, 4096, 8192, 16384, 32768, 65536, 65536, 65536, 1024, 1024]);
     }
 
     #[tokio::test(start_paused = true)]

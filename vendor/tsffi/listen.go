@@ -125,7 +125,7 @@ func splice(a, b net.Conn) {
 // would hold 32 KiB each way for its whole life), double while reads fill
 // them, and fall back once reads are small again.
 const (
-	minCopyBuf = 2 << 10
+	minCopyBuf = 1 << 10
 	maxCopyBuf = 64 << 10
 )
 
