@@ -1,6 +1,7 @@
 //! [`EmbeddedNode`]: the [`Tailnet`] implemented by the Go shim in this
-//! process. Calls into Go may block (they are in-process LocalAPI calls with
-//! their own timeouts), so they run on tokio's blocking pool.
+//! process. Calls into Go may block (status and certificates are in-process
+//! LocalAPI calls with their own timeouts; WhoIs reads the backend directly
+//! but takes its lock), so they run on tokio's blocking pool.
 #![forbid(unsafe_code)]
 
 use super::ffi::Handle;

@@ -60,8 +60,9 @@ int tsffi_status(int node, char **out_json, char *err, size_t errlen);
 int tsffi_listen(int node, char *network, char *addr, int *out_fd,
                  char *err, size_t errlen);
 
-/* tsffi_whois identifies the tailnet peer at "ip:port" (in-process, no
- * LocalAPI socket) and returns a JSON object:
+/* tsffi_whois identifies the tailnet peer at "ip:port" straight from the
+ * node's backend (no LocalAPI request; the same lookup and capability map
+ * as the LocalAPI's /whois) and returns a JSON object:
  *   {"stable_id", "node_name" (no trailing dot), "user_login",
  *    "user_display_name", "tags": [...], "addresses": [...], "os",
  *    "shared_in": bool, "key_expiry": RFC 3339 or null, "expired": bool,
