@@ -60,7 +60,6 @@ where
         base: Record::new(id, peer_addr, Event::SessionStart),
         shared,
         settings: shared.settings.get(),
-        upstream: None,
         started: Instant::now(),
     }
     .run(stream, local_port, tailnet)
@@ -74,8 +73,6 @@ struct Session<'a> {
     shared: &'a Shared,
     /// The settings when the session began, kept to its end.
     settings: Arc<Settings>,
-    /// The route's upstream, once chosen (cancels go there too).
-    upstream: Option<Arc<UpstreamTls>>,
     started: Instant,
 }
 
@@ -263,7 +260,6 @@ impl Session<'_> {
             self.deny(DenyReason::NoRoute, d).await;
             return None;
         };
-        self.upstream = Some(route.upstream.clone());
 
         // Fail closed: no session whose session_start is not written. That
         // write is also the probe of an unhealthy log (skipping it while
