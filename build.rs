@@ -60,6 +60,7 @@ fn main() {
     bindgen::Builder::default()
         .header(header.to_str().unwrap())
         .allowlist_function("tsffi_.*")
+        .allowlist_var("TSFFI_.*")
         .generate()
         .unwrap_or_else(|e| {
             fail(&format!(

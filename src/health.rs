@@ -213,7 +213,7 @@ impl Listener for tokio::net::TcpListener {
 }
 
 impl Listener for crate::tailnet::TailnetListener {
-    type Conn = tokio::net::UnixStream;
+    type Conn = crate::tailnet::TailnetConn;
     async fn next(&self) -> Result<Self::Conn, Option<String>> {
         match self.accept().await {
             Ok((c, _)) => Ok(c),

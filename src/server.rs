@@ -7,11 +7,10 @@
 use crate::audit::{DenyReason, Event, Record};
 use crate::pgwire::sqlstate;
 use crate::session::{self, Shared};
-use crate::tailnet::{Tailnet, TailnetError, TailnetListener};
+use crate::tailnet::{Tailnet, TailnetConn, TailnetError, TailnetListener};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -122,7 +121,7 @@ pub async fn serve<T: Tailnet>(
 /// Accepts on one listener until it closes; never exits on a transient error.
 async fn accept_loop(
     listener: TailnetListener,
-    out: mpsc::Sender<(UnixStream, std::net::SocketAddr, u16)>,
+    out: mpsc::Sender<(TailnetConn, std::net::SocketAddr, u16)>,
     shared: Arc<Shared>,
 ) {
     let mut backoff = MIN_BACKOFF;

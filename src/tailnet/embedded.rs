@@ -4,6 +4,7 @@
 //! but takes its lock), so they run on tokio's blocking pool.
 #![forbid(unsafe_code)]
 
+use super::conn::TailnetConn;
 use super::ffi::Handle;
 use super::{CertPair, NetmapEvent, NodeConfig, PeerIdentity, Status, Tailnet, TailnetError, TsnetLog};
 use crate::sys;
@@ -196,37 +197,35 @@ impl TailnetListener {
     /// The next connection and its peer's tailnet address. The address and
     /// the connection arrive in one message, so they always belong together.
     ///
-    /// An error for one malformed hand-over does not end the listener: call
-    /// again. [`TailnetError::Closed`] means the node shut down.
-    pub async fn accept(&self) -> Result<(UnixStream, SocketAddr), TailnetError> {
+    /// An error for one malformed announcement does not end the listener:
+    /// call again. [`TailnetError::Closed`] means the node shut down.
+    pub async fn accept(&self) -> Result<(TailnetConn, SocketAddr), TailnetError> {
         loop {
             let mut guard = self.fd.readable().await.map_err(TailnetError::Accept)?;
-            let msg = match guard.try_io(|fd| sys::recv_with_fds(fd.get_ref().as_fd())) {
+            let msg = match guard.try_io(|fd| sys::recv_seqpacket(fd.get_ref().as_fd())) {
                 Ok(Ok(Some(msg))) => msg,
                 Ok(Ok(None)) => return Err(TailnetError::Closed),
                 Ok(Err(e)) => return Err(TailnetError::Accept(e)),
                 Err(_would_block) => continue,
             };
-            return Self::connection(msg);
+            return Self::connection(&msg);
         }
     }
 
-    fn connection(msg: sys::FdMessage) -> Result<(UnixStream, SocketAddr), TailnetError> {
+    /// Parses an announcement (8-byte little-endian id, then "ip:port") and
+    /// takes the connection over; a malformed one leaves it to the node,
+    /// which closes it with the listener.
+    fn connection(msg: &[u8]) -> Result<(TailnetConn, SocketAddr), TailnetError> {
         let bad =
             |why: String| TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
-        let mut fds = msg.fds;
-        if fds.len() != 1 {
-            return Err(bad(format!("hand-over carried {} descriptors, not 1", fds.len())));
-        }
+        let (id, text) = msg.split_first_chunk::<8>().ok_or_else(|| bad("announcement shorter than 8 bytes".into()))?;
+        let id = u64::from_le_bytes(*id);
+        let conn = TailnetConn::attach(id).map_err(TailnetError::Accept)?;
         let text =
-            std::str::from_utf8(&msg.payload).map_err(|_| bad("hand-over address is not UTF-8".into()))?;
+            std::str::from_utf8(text).map_err(|_| bad("announced address is not UTF-8".into()))?;
         let addr: SocketAddr =
-            text.parse().map_err(|_| bad(format!("hand-over address {text:?} is not ip:port")))?;
-        let fd = fds.pop().expect("checked length");
-        sys::set_nonblocking(fd.as_fd()).map_err(TailnetError::Accept)?;
-        let stream =
-            UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).map_err(TailnetError::Accept)?;
-        Ok((stream, addr))
+            text.parse().map_err(|_| bad(format!("announced address {text:?} is not ip:port")))?;
+        Ok((conn, addr))
     }
 }
 

@@ -144,3 +144,112 @@ impl Handle {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }
+
+/// What a tailnet connection's wake callback does (implemented by
+/// `conn::Wakers`). Called on one of Go's threads.
+pub trait Wake: Send + Sync + 'static {
+    fn wake(&self, readable: bool, writable: bool);
+}
+
+/// The callback tsffi calls; `ctx` is the `Arc<W>` [`Conn::attach`] leaked.
+extern "C" fn wake_trampoline<W: Wake>(ctx: *mut std::ffi::c_void, events: std::ffi::c_uint) {
+    // SAFETY: ctx came from Arc::into_raw in Conn::attach, and that
+    // reference is released only after tsffi_conn_close has returned, after
+    // which the shim never calls us with it (tsffi.h).
+    let w = unsafe { &*(ctx as *const W) };
+    w.wake(events & bindings::TSFFI_READABLE != 0, events & bindings::TSFFI_WRITABLE != 0);
+}
+
+fn errno(ret: i64) -> std::io::Error {
+    std::io::Error::from_raw_os_error(i32::try_from(-ret).unwrap_or(libc::EIO))
+}
+
+/// One tailnet connection, read and written straight from the node's
+/// TCP/IP stack (see tsffi.h). Dropping it closes the connection.
+#[derive(Debug)]
+pub struct Conn<W: Wake> {
+    id: u64,
+    /// The reference the shim holds as the callback's ctx (null until
+    /// attached); released on drop, after tsffi_conn_close.
+    ctx: *const W,
+}
+
+// SAFETY: the id is a plain number and the shim serialises access to the
+// connection; ctx points at a Send + Sync W.
+unsafe impl<W: Wake> Send for Conn<W> {}
+unsafe impl<W: Wake> Sync for Conn<W> {}
+
+impl<W: Wake> Drop for Conn<W> {
+    fn drop(&mut self) {
+        // SAFETY: valid for any id; when it returns the callback is done
+        // with ctx for good.
+        unsafe { bindings::tsffi_conn_close(self.id) };
+        if !self.ctx.is_null() {
+            // SAFETY: ctx came from Arc::into_raw in attach and is released
+            // exactly once, here.
+            drop(unsafe { std::sync::Arc::from_raw(self.ctx) });
+        }
+    }
+}
+
+impl<W: Wake> Conn<W> {
+    /// Takes ownership of an announced connection and registers `wake`.
+    pub fn attach(id: u64, wake: std::sync::Arc<W>) -> std::io::Result<Conn<W>> {
+        let mut conn = Conn { id, ctx: std::ptr::null() };
+        let ctx = std::sync::Arc::into_raw(wake);
+        // SAFETY: the trampoline matches tsffi_wake_fn and ctx stays valid
+        // until Drop (see wake_trampoline).
+        let ret = unsafe { bindings::tsffi_conn_attach(id, Some(wake_trampoline::<W>), ctx as *mut _) };
+        if ret < 0 {
+            // SAFETY: not registered, so the shim never saw ctx.
+            drop(unsafe { std::sync::Arc::from_raw(ctx) });
+            return Err(errno(ret.into()));
+        }
+        conn.ctx = ctx;
+        Ok(conn)
+    }
+
+    /// Reads into `buf`'s unfilled part: `Ok(true)` when bytes arrived or at
+    /// end of stream (nothing added), `Ok(false)` when nothing is there yet.
+    pub fn read(&self, buf: &mut tokio::io::ReadBuf<'_>) -> std::io::Result<bool> {
+        // SAFETY: the shim only writes (never reads) up to len bytes at the
+        // pointer, and returns how many it wrote.
+        let ret = unsafe {
+            let dst = buf.unfilled_mut();
+            bindings::tsffi_conn_read(self.id, dst.as_mut_ptr().cast(), dst.len())
+        };
+        match ret {
+            n if n >= 0 => {
+                let n = n as usize;
+                // SAFETY: the shim initialised the first n unfilled bytes.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                Ok(true)
+            }
+            n if n == -(libc::EAGAIN as i64) => Ok(false),
+            n => Err(errno(n)),
+        }
+    }
+
+    /// Writes from `data`: `Ok(Some(n))` bytes taken, `Ok(None)` when the
+    /// send buffer is full.
+    pub fn write(&self, data: &[u8]) -> std::io::Result<Option<usize>> {
+        // SAFETY: the shim only reads len bytes at the pointer.
+        let ret = unsafe { bindings::tsffi_conn_write(self.id, data.as_ptr() as *mut _, data.len()) };
+        match ret {
+            n if n >= 0 => Ok(Some(n as usize)),
+            n if n == -(libc::EAGAIN as i64) => Ok(None),
+            n => Err(errno(n)),
+        }
+    }
+
+    /// Half-closes: the peer reads end of stream.
+    pub fn shutdown_write(&self) -> std::io::Result<()> {
+        // SAFETY: plain call on our id.
+        let ret = unsafe { bindings::tsffi_conn_shutdown_write(self.id) };
+        if ret < 0 {
+            return Err(errno(ret.into()));
+        }
+        Ok(())
+    }
+}

@@ -5,10 +5,12 @@
 //! tsnet linked into the binary (see `vendor/tsffi`). A pure-Rust Tailscale
 //! could replace it without touching the pipeline.
 
+mod conn;
 mod embedded;
 mod ffi;
 mod identity;
 
+pub use conn::TailnetConn;
 pub use embedded::{EmbeddedNode, NetmapWatch, TailnetListener};
 pub use identity::PeerIdentity;
 

@@ -14,6 +14,7 @@ import "C"
 import (
 	"errors"
 	"sync"
+	"syscall"
 	"unsafe"
 )
 
@@ -158,6 +159,52 @@ func tsffi_close(h C.int) C.int {
 		n.close()
 	}
 	return 0
+}
+
+//export tsffi_conn_attach
+func tsffi_conn_attach(id C.ulonglong, wake C.tsffi_wake_fn, ctx unsafe.Pointer) C.int {
+	tc := lookupConn(id)
+	if tc == nil {
+		return -C.int(syscall.ECONNABORTED)
+	}
+	if err := tc.attach(wake, ctx); err != nil {
+		return -C.int(err.(syscall.Errno))
+	}
+	return 0
+}
+
+//export tsffi_conn_read
+func tsffi_conn_read(id C.ulonglong, buf unsafe.Pointer, n C.size_t) C.longlong {
+	tc := lookupConn(id)
+	if tc == nil {
+		return -C.longlong(syscall.ECONNABORTED)
+	}
+	return C.longlong(tc.read(unsafe.Slice((*byte)(buf), int(n))))
+}
+
+//export tsffi_conn_write
+func tsffi_conn_write(id C.ulonglong, buf unsafe.Pointer, n C.size_t) C.longlong {
+	tc := lookupConn(id)
+	if tc == nil {
+		return -C.longlong(syscall.ECONNABORTED)
+	}
+	return C.longlong(tc.write(unsafe.Slice((*byte)(buf), int(n))))
+}
+
+//export tsffi_conn_shutdown_write
+func tsffi_conn_shutdown_write(id C.ulonglong) C.int {
+	tc := lookupConn(id)
+	if tc == nil {
+		return -C.int(syscall.ECONNABORTED)
+	}
+	return C.int(tc.shutdownWrite())
+}
+
+//export tsffi_conn_close
+func tsffi_conn_close(id C.ulonglong) {
+	if tc := lookupConn(id); tc != nil {
+		tc.close(uint64(id), false, false)
+	}
 }
 
 //export tsffi_free

@@ -269,6 +269,7 @@ func (n *node) close() {
 	started := n.started
 	n.mu.Unlock()
 	n.cancel()
+	closeConns(func(tc *tconn) bool { return tc.owner == n }, false)
 	// tsnet.Server.Close must not run before Start; a node that never
 	// started has nothing to shut down.
 	if started {

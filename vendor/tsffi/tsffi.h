@@ -16,6 +16,8 @@
  *   - A node is an int handle (> 0) returned by tsffi_new.
  *   - File descriptors returned to the caller are owned by the caller
  *     (close them when done); they are close-on-exec.
+ *   - Tailnet connections are unsigned 64-bit ids (never reused); the
+ *     tsffi_conn_* calls return -errno rather than writing a message.
  */
 #ifndef TAILGRES_TSFFI_H
 #define TAILGRES_TSFFI_H
@@ -51,14 +53,47 @@ int tsffi_status(int node, char **out_json, char *err, size_t errlen);
 
 /* tsffi_listen listens on the tailnet ("tcp", ":5432") and returns, in
  * *out_fd, one end of an AF_UNIX SOCK_SEQPACKET socketpair. Each accepted
- * connection arrives there as ONE message whose payload is the peer's
- * "ip:port" (IPv6 as "[ip]:port") and whose SCM_RIGHTS control message
- * carries exactly one fd: a non-blocking AF_UNIX SOCK_STREAM socket relayed
- * to the tailnet connection. Shutting down the write side of that socket
- * half-closes the tailnet connection, and EOF means the peer half-closed.
- * Closing *out_fd closes the tailnet listener. */
+ * connection arrives there as ONE message: the connection id (8 bytes,
+ * little-endian) followed by the peer's "ip:port" (IPv6 as "[ip]:port").
+ * The caller then owns the connection: it must call tsffi_conn_attach, and
+ * tsffi_conn_close when done. Closing *out_fd closes the tailnet listener
+ * (and the connections announced on it that were never attached). */
 int tsffi_listen(int node, char *network, char *addr, int *out_fd,
                  char *err, size_t errlen);
+
+/* A tailnet connection is read and written without blocking, straight
+ * from the node's TCP/IP stack (no socket in between). When a call returns
+ * -EAGAIN, wake(ctx, events) follows once the connection may have changed:
+ * events has TSFFI_READABLE and/or TSFFI_WRITABLE set (both on hang-up or
+ * error). wake runs on one of the node's threads, must not block and must
+ * not call back into tsffi; it may be called spuriously, so retry the call
+ * and wait again on -EAGAIN. After tsffi_conn_close returns, wake is never
+ * called with that ctx again. Errors are -errno: -EAGAIN, -EPIPE,
+ * -ECONNRESET, -ECONNABORTED (also: unknown id, or the node closed it),
+ * -ENOTCONN, -ETIMEDOUT, -EIO. One thread at a time may read, and one
+ * may write, a given connection. */
+#define TSFFI_READABLE 1u
+#define TSFFI_WRITABLE 2u
+typedef void (*tsffi_wake_fn)(void *ctx, unsigned int events);
+
+/* tsffi_conn_attach registers the wake callback (once). Returns 0 or
+ * -errno. */
+int tsffi_conn_attach(unsigned long long conn, tsffi_wake_fn wake, void *ctx);
+
+/* tsffi_conn_read returns the number of bytes read (> 0), 0 at end of
+ * stream (the peer half-closed), or -errno. */
+long long tsffi_conn_read(unsigned long long conn, void *buf, size_t len);
+
+/* tsffi_conn_write returns the number of bytes taken (maybe fewer than
+ * len) or -errno. It may wait briefly while the node's outbound packet
+ * queue is full. */
+long long tsffi_conn_write(unsigned long long conn, void *buf, size_t len);
+
+/* tsffi_conn_shutdown_write half-closes: the peer reads end of stream. */
+int tsffi_conn_shutdown_write(unsigned long long conn);
+
+/* tsffi_conn_close closes the connection (idempotent, any id). */
+void tsffi_conn_close(unsigned long long conn);
 
 /* tsffi_whois identifies the tailnet peer at "ip:port" straight from the
  * node's backend (no LocalAPI request; the same lookup and capability map

@@ -1,0 +1,121 @@
+//! [`TailnetConn`]: an accepted tailnet connection as a tokio byte stream,
+//! read and written straight from the embedded node's TCP/IP stack.
+//!
+//! A read or write that finds nothing to do arms the task's waker; the node
+//! calls back (on a Go thread) whenever the connection changes.
+#![forbid(unsafe_code)]
+
+use super::ffi;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One direction's waiting task and a count of the node's wake-ups.
+#[derive(Debug, Default)]
+struct Slot {
+    waker: Mutex<Option<Waker>>,
+    /// Bumped by every wake-up for this direction, before the waker is
+    /// taken: an operation that saw -EAGAIN retries only if it changed.
+    wakes: AtomicU64,
+}
+
+impl Slot {
+    fn arm(&self, w: &Waker) {
+        let mut g = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Some(old) if old.will_wake(w) => {}
+            _ => *g = Some(w.clone()),
+        }
+    }
+
+    fn fire(&self) {
+        self.wakes.fetch_add(1, Ordering::AcqRel);
+        let w = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// Runs `op` (`None`: nothing to do yet) until it is ready or nothing
+    /// has changed since it last found nothing to do. A wake-up that lands
+    /// between the call into the node and arming the waker bumps `wakes`,
+    /// so it is never lost; and no second call into the node is made just
+    /// to be sure.
+    fn poll<T>(&self, cx: &mut Context<'_>, mut op: impl FnMut() -> io::Result<Option<T>>) -> Poll<io::Result<T>> {
+        loop {
+            let seen = self.wakes.load(Ordering::Acquire);
+            if let Some(v) = op().transpose() {
+                return Poll::Ready(v);
+            }
+            self.arm(cx.waker());
+            if self.wakes.load(Ordering::Acquire) == seen {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// The wakers of the task reading and of the task writing (one each).
+#[derive(Debug, Default)]
+struct Wakers {
+    read: Slot,
+    write: Slot,
+}
+
+impl ffi::Wake for Wakers {
+    fn wake(&self, readable: bool, writable: bool) {
+        if readable {
+            self.read.fire();
+        }
+        if writable {
+            self.write.fire();
+        }
+    }
+}
+
+/// An accepted tailnet connection. Dropping it closes it.
+#[derive(Debug)]
+pub struct TailnetConn {
+    conn: ffi::Conn<Wakers>,
+    wakers: Arc<Wakers>,
+}
+
+impl TailnetConn {
+    /// Takes over the connection the listener announced as `id`.
+    pub(super) fn attach(id: u64) -> io::Result<TailnetConn> {
+        let wakers = Arc::new(Wakers::default());
+        let conn = ffi::Conn::attach(id, wakers.clone())?;
+        Ok(TailnetConn { conn, wakers })
+    }
+}
+
+impl AsyncRead for TailnetConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let this = self.get_mut();
+        this.wakers.read.poll(cx, || Ok(this.conn.read(buf)?.then_some(())))
+    }
+}
+
+impl AsyncWrite for TailnetConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = self.get_mut();
+        this.wakers.write.poll(cx, || this.conn.write(data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(())) // writes go straight to the stack's send buffer
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.conn.shutdown_write())
+    }
+}

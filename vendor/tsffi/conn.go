@@ -1,0 +1,240 @@
+package main
+
+/*
+#include "tsffi.h"
+
+// cgo cannot call a C function pointer directly.
+static void call_wake(tsffi_wake_fn f, void *ctx, unsigned int events) { f(ctx, events); }
+*/
+import "C"
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// A tailnet connection handed to C by id. C reads and writes the netstack
+// endpoint directly, without blocking, and is woken through a callback when
+// the endpoint becomes readable or writable: no goroutine, no copy buffer
+// and no socket sits between the netstack and the caller. (The previous
+// design relayed each connection through a socketpair; that cost two
+// syscalls and a goroutine switch per message each way, which profiles
+// showed as the biggest gap to Tailscale's own Go proxy.)
+//
+// tsnet hands out *gonet.TCPConn, which keeps its endpoint and wait queue
+// unexported. They are read once per connection with reflect; the layout
+// is checked when the first listener opens (gonetLayout), so a
+// tailscale.com/gVisor upgrade that changes it makes listen fail loudly
+// rather than misbehave.
+type tconn struct {
+	ep    tcpip.Endpoint
+	wq    *waiter.Queue
+	owner *node
+	ln    *tailnetListener // for closing connections C never attached
+
+	// rw and wr are reused by read and write (C never reads, or writes,
+	// one connection from two threads at once) so neither allocates.
+	rw tcpip.SliceWriter
+	wr bytes.Reader
+
+	// mu is held for the whole of close, so a close from C waits for one
+	// the node started (which calls wake one last time) to finish: after
+	// tsffi_conn_close returns, ctx is never used again.
+	mu       sync.Mutex
+	entry    waiter.Entry
+	attached bool
+	closed   bool
+	wake     C.tsffi_wake_fn
+	ctx      unsafe.Pointer
+}
+
+var (
+	conns      sync.Map // uint64 -> *tconn
+	nextConnID atomic.Uint64
+)
+
+func lookupConn(id C.ulonglong) *tconn {
+	v, ok := conns.Load(uint64(id))
+	if !ok {
+		return nil
+	}
+	return v.(*tconn)
+}
+
+// gonetLayout checks, once, that gonet.TCPConn still has the fields
+// endpointOf reads.
+var gonetLayout = sync.OnceValue(func() error {
+	t := reflect.TypeOf(gonet.TCPConn{})
+	ep, ok1 := t.FieldByName("ep")
+	wq, ok2 := t.FieldByName("wq")
+	if !ok1 || !ok2 ||
+		ep.Type != reflect.TypeOf((*tcpip.Endpoint)(nil)).Elem() ||
+		wq.Type != reflect.TypeOf((*waiter.Queue)(nil)) {
+		return fmt.Errorf("tsffi: gvisor's gonet.TCPConn no longer has the ep and wq fields " +
+			"tailgres reads; this tailscale.com version is not supported")
+	}
+	return nil
+})
+
+// endpointOf returns the netstack endpoint and wait queue behind a
+// connection tsnet accepted. Call gonetLayout first.
+func endpointOf(c net.Conn) (tcpip.Endpoint, *waiter.Queue, error) {
+	tc, ok := c.(*gonet.TCPConn)
+	if !ok {
+		return nil, nil, fmt.Errorf("tsffi: tailnet connection is a %T, not a netstack TCP connection", c)
+	}
+	v := reflect.ValueOf(tc).Elem()
+	// SAFETY: gonetLayout checked both fields' types.
+	ep := *(*tcpip.Endpoint)(unsafe.Pointer(v.FieldByName("ep").UnsafeAddr()))
+	wq := *(**waiter.Queue)(unsafe.Pointer(v.FieldByName("wq").UnsafeAddr()))
+	return ep, wq, nil
+}
+
+// register adopts an accepted connection and returns its id.
+func register(n *node, ln *tailnetListener, c net.Conn) (uint64, error) {
+	ep, wq, err := endpointOf(c)
+	if err != nil {
+		return 0, err
+	}
+	id := nextConnID.Add(1)
+	conns.Store(id, &tconn{ep: ep, wq: wq, owner: n, ln: ln})
+	return id, nil
+}
+
+// Event bits passed to the wake callback (tsffi.h).
+const (
+	wakeReadable = 1
+	wakeWritable = 2
+)
+
+func (tc *tconn) attach(wake C.tsffi_wake_fn, ctx unsafe.Pointer) error {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	if tc.closed {
+		return syscall.ECONNABORTED
+	}
+	if tc.attached {
+		return syscall.EBUSY
+	}
+	tc.wake, tc.ctx = wake, ctx
+	// Runs on the netstack goroutine that changed the endpoint's state,
+	// under the wait queue's read lock (which EventUnregister waits for).
+	tc.entry = waiter.NewFunctionEntry(waiter.ReadableEvents|waiter.WritableEvents|waiter.EventHUp|waiter.EventErr,
+		func(m waiter.EventMask) {
+			var ev C.uint
+			if m&(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+				ev |= wakeReadable
+			}
+			if m&(waiter.WritableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+				ev |= wakeWritable
+			}
+			C.call_wake(wake, ctx, ev)
+		})
+	tc.wq.EventRegister(&tc.entry)
+	tc.attached = true
+	return nil
+}
+
+// read returns the count (> 0), 0 at end of stream, or -errno.
+func (tc *tconn) read(b []byte) int64 {
+	tc.rw = b
+	res, err := tc.ep.Read(&tc.rw, tcpip.ReadOptions{})
+	tc.rw = nil
+	if err != nil {
+		if _, eof := err.(*tcpip.ErrClosedForReceive); eof {
+			return 0
+		}
+		return -int64(errno(err))
+	}
+	if res.Count > 0 {
+		tc.ep.ModerateRecvBuf(res.Count) // receive-window autotuning, as gonet does
+	}
+	return int64(res.Count)
+}
+
+// write returns the count written (maybe short) or -errno.
+func (tc *tconn) write(b []byte) int64 {
+	tc.wr.Reset(b)
+	n, err := tc.ep.Write(&tc.wr, tcpip.WriteOptions{})
+	tc.wr.Reset(nil)
+	if n > 0 {
+		return n
+	}
+	if err != nil {
+		return -int64(errno(err))
+	}
+	return 0
+}
+
+func (tc *tconn) shutdownWrite() int64 {
+	if err := tc.ep.Shutdown(tcpip.ShutdownWrite); err != nil {
+		return -int64(errno(err))
+	}
+	return 0
+}
+
+// close closes the endpoint (idempotent). byNode says the node or the
+// listener is closing it, not C: C is then woken once so that a pending
+// read or write sees the connection gone. onlyUnattached leaves alone a
+// connection C has attached.
+func (tc *tconn) close(id uint64, byNode, onlyUnattached bool) {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	if tc.closed || (onlyUnattached && tc.attached) {
+		return
+	}
+	tc.closed = true
+	if tc.attached {
+		tc.wq.EventUnregister(&tc.entry)
+		if byNode {
+			C.call_wake(tc.wake, tc.ctx, wakeReadable|wakeWritable)
+		}
+	}
+	tc.ep.Close()
+	// Only now: a tsffi_conn_close that finds the id waits on mu for the
+	// wake above, and one that does not find it comes after it.
+	conns.Delete(id)
+}
+
+// closeConns closes the connections that match: the node's, or (with
+// onlyUnattached) a listener's that C never attached.
+func closeConns(match func(*tconn) bool, onlyUnattached bool) {
+	conns.Range(func(k, v any) bool {
+		if tc := v.(*tconn); match(tc) {
+			tc.close(k.(uint64), true, onlyUnattached)
+		}
+		return true
+	})
+}
+
+// errno maps a netstack error to the errno a kernel socket would give.
+func errno(err tcpip.Error) syscall.Errno {
+	switch err.(type) {
+	case *tcpip.ErrWouldBlock:
+		return syscall.EAGAIN
+	case *tcpip.ErrClosedForSend:
+		return syscall.EPIPE
+	case *tcpip.ErrConnectionReset:
+		return syscall.ECONNRESET
+	case *tcpip.ErrConnectionAborted, *tcpip.ErrAborted:
+		return syscall.ECONNABORTED
+	case *tcpip.ErrNotConnected:
+		return syscall.ENOTCONN
+	case *tcpip.ErrTimeout:
+		return syscall.ETIMEDOUT
+	case *tcpip.ErrConnectionRefused:
+		return syscall.ECONNREFUSED
+	default:
+		return syscall.EIO
+	}
+}
