@@ -72,31 +72,35 @@ func lookupConn(id C.ulonglong) *tconn {
 }
 
 // gonetLayout checks, once, that gonet.TCPConn still has the fields
-// endpointOf reads.
-var gonetLayout = sync.OnceValue(func() error {
+// endpointOf reads, and returns their indices (ep, wq).
+var gonetLayout = sync.OnceValues(func() ([2]int, error) {
 	t := reflect.TypeOf(gonet.TCPConn{})
 	ep, ok1 := t.FieldByName("ep")
 	wq, ok2 := t.FieldByName("wq")
-	if !ok1 || !ok2 ||
+	if !ok1 || !ok2 || len(ep.Index) != 1 || len(wq.Index) != 1 ||
 		ep.Type != reflect.TypeOf((*tcpip.Endpoint)(nil)).Elem() ||
 		wq.Type != reflect.TypeOf((*waiter.Queue)(nil)) {
-		return fmt.Errorf("tsffi: gvisor's gonet.TCPConn no longer has the ep and wq fields " +
+		return [2]int{}, fmt.Errorf("tsffi: gvisor's gonet.TCPConn no longer has the ep and wq fields " +
 			"tailgres reads; this tailscale.com version is not supported")
 	}
-	return nil
+	return [2]int{ep.Index[0], wq.Index[0]}, nil
 })
 
 // endpointOf returns the netstack endpoint and wait queue behind a
-// connection tsnet accepted. Call gonetLayout first.
+// connection tsnet accepted.
 func endpointOf(c net.Conn) (tcpip.Endpoint, *waiter.Queue, error) {
+	idx, err := gonetLayout()
+	if err != nil {
+		return nil, nil, err
+	}
 	tc, ok := c.(*gonet.TCPConn)
 	if !ok {
 		return nil, nil, fmt.Errorf("tsffi: tailnet connection is a %T, not a netstack TCP connection", c)
 	}
 	v := reflect.ValueOf(tc).Elem()
-	// SAFETY: gonetLayout checked both fields' types.
-	ep := *(*tcpip.Endpoint)(unsafe.Pointer(v.FieldByName("ep").UnsafeAddr()))
-	wq := *(**waiter.Queue)(unsafe.Pointer(v.FieldByName("wq").UnsafeAddr()))
+	// gonetLayout checked both fields' types, so these reads are sound.
+	ep := *(*tcpip.Endpoint)(unsafe.Pointer(v.Field(idx[0]).UnsafeAddr()))
+	wq := *(**waiter.Queue)(unsafe.Pointer(v.Field(idx[1]).UnsafeAddr()))
 	return ep, wq, nil
 }
 

@@ -22,7 +22,7 @@ func (n *node) listen(network, addr string) (int, error) {
 	if _, err := n.client(); err != nil {
 		return -1, err
 	}
-	if err := gonetLayout(); err != nil {
+	if _, err := gonetLayout(); err != nil {
 		return -1, err
 	}
 	ln, err := n.srv.Listen(network, addr)
