@@ -116,6 +116,6 @@ impl AsyncWrite for TailnetConn {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.conn.shutdown_write())
+        Poll::Ready(self.get_mut().conn.shutdown_write())
     }
 }

@@ -174,10 +174,10 @@ pub struct Conn<W: Wake> {
     ctx: *const W,
 }
 
-// SAFETY: the id is a plain number and the shim serialises access to the
-// connection; ctx points at a Send + Sync W.
+// SAFETY: the id is a plain number and ctx points at a Send + Sync W. Not
+// Sync: the shim allows one reader and one writer at a time, which the
+// `&mut self` of read and write enforce.
 unsafe impl<W: Wake> Send for Conn<W> {}
-unsafe impl<W: Wake> Sync for Conn<W> {}
 
 impl<W: Wake> Drop for Conn<W> {
     fn drop(&mut self) {
@@ -211,7 +211,7 @@ impl<W: Wake> Conn<W> {
 
     /// Reads into `buf`'s unfilled part: `Ok(true)` when bytes arrived or at
     /// end of stream (nothing added), `Ok(false)` when nothing is there yet.
-    pub fn read(&self, buf: &mut tokio::io::ReadBuf<'_>) -> std::io::Result<bool> {
+    pub fn read(&mut self, buf: &mut tokio::io::ReadBuf<'_>) -> std::io::Result<bool> {
         // SAFETY: the shim only writes (never reads) up to len bytes at the
         // pointer, and returns how many it wrote.
         let ret = unsafe {
@@ -233,7 +233,7 @@ impl<W: Wake> Conn<W> {
 
     /// Writes from `data`: `Ok(Some(n))` bytes taken, `Ok(None)` when the
     /// send buffer is full.
-    pub fn write(&self, data: &[u8]) -> std::io::Result<Option<usize>> {
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<Option<usize>> {
         // SAFETY: the shim only reads len bytes at the pointer.
         let ret = unsafe { bindings::tsffi_conn_write(self.id, data.as_ptr() as *mut _, data.len()) };
         match ret {
@@ -244,7 +244,7 @@ impl<W: Wake> Conn<W> {
     }
 
     /// Half-closes: the peer reads end of stream.
-    pub fn shutdown_write(&self) -> std::io::Result<()> {
+    pub fn shutdown_write(&mut self) -> std::io::Result<()> {
         // SAFETY: plain call on our id.
         let ret = unsafe { bindings::tsffi_conn_shutdown_write(self.id) };
         if ret < 0 {
