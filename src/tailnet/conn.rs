@@ -44,7 +44,11 @@ impl Slot {
     /// between the call into the node and arming the waker bumps `wakes`,
     /// so it is never lost; and no second call into the node is made just
     /// to be sure.
-    fn poll<T>(&self, cx: &mut Context<'_>, mut op: impl FnMut() -> io::Result<Option<T>>) -> Poll<io::Result<T>> {
+    fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut() -> io::Result<Option<T>>,
+    ) -> Poll<io::Result<T>> {
         loop {
             let seen = self.wakes.load(Ordering::Acquire);
             if let Some(v) = op().transpose() {

@@ -213,16 +213,17 @@ impl TailnetListener {
     }
 
     /// Parses an announcement (8-byte little-endian id, then "ip:port") and
-    /// takes the connection over; a malformed one leaves it to the node,
-    /// which closes it with the listener.
+    /// takes the connection over. With a malformed address the connection is
+    /// closed here; with no readable id it is left to the node, which closes
+    /// it with the listener.
     fn connection(msg: &[u8]) -> Result<(TailnetConn, SocketAddr), TailnetError> {
         let bad =
             |why: String| TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
-        let (id, text) = msg.split_first_chunk::<8>().ok_or_else(|| bad("announcement shorter than 8 bytes".into()))?;
+        let (id, text) =
+            msg.split_first_chunk::<8>().ok_or_else(|| bad("announcement shorter than 8 bytes".into()))?;
         let id = u64::from_le_bytes(*id);
         let conn = TailnetConn::attach(id).map_err(TailnetError::Accept)?;
-        let text =
-            std::str::from_utf8(text).map_err(|_| bad("announced address is not UTF-8".into()))?;
+        let text = std::str::from_utf8(text).map_err(|_| bad("announced address is not UTF-8".into()))?;
         let addr: SocketAddr =
             text.parse().map_err(|_| bad(format!("announced address {text:?} is not ip:port")))?;
         Ok((conn, addr))

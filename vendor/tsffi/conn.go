@@ -104,22 +104,17 @@ func endpointOf(c net.Conn) (tcpip.Endpoint, *waiter.Queue, error) {
 	return ep, wq, nil
 }
 
-// register adopts an accepted connection and returns its id.
-func register(n *node, ln *tailnetListener, c net.Conn) (uint64, error) {
+// register adopts an accepted connection and returns it with its id.
+func register(n *node, ln *tailnetListener, c net.Conn) (uint64, *tconn, error) {
 	ep, wq, err := endpointOf(c)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	id := nextConnID.Add(1)
-	conns.Store(id, &tconn{ep: ep, wq: wq, owner: n, ln: ln})
-	return id, nil
+	tc := &tconn{ep: ep, wq: wq, owner: n, ln: ln}
+	conns.Store(id, tc)
+	return id, tc, nil
 }
-
-// Event bits passed to the wake callback (tsffi.h).
-const (
-	wakeReadable = 1
-	wakeWritable = 2
-)
 
 func (tc *tconn) attach(wake C.tsffi_wake_fn, ctx unsafe.Pointer) error {
 	tc.mu.Lock()
@@ -137,10 +132,10 @@ func (tc *tconn) attach(wake C.tsffi_wake_fn, ctx unsafe.Pointer) error {
 		func(m waiter.EventMask) {
 			var ev C.uint
 			if m&(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
-				ev |= wakeReadable
+				ev |= C.TSFFI_READABLE
 			}
 			if m&(waiter.WritableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
-				ev |= wakeWritable
+				ev |= C.TSFFI_WRITABLE
 			}
 			C.call_wake(wake, ctx, ev)
 		})
@@ -201,7 +196,7 @@ func (tc *tconn) close(id uint64, byNode, onlyUnattached bool) {
 	if tc.attached {
 		tc.wq.EventUnregister(&tc.entry)
 		if byNode {
-			C.call_wake(tc.wake, tc.ctx, wakeReadable|wakeWritable)
+			C.call_wake(tc.wake, tc.ctx, C.TSFFI_READABLE|C.TSFFI_WRITABLE)
 		}
 	}
 	tc.ep.Close()

@@ -86,16 +86,14 @@ type tailnetListener struct{}
 // handOver adopts c and sends its id, with c's remote address, to the C
 // side in one message: 8 bytes little-endian id, then "ip:port".
 func handOver(ctrl *net.UnixConn, n *node, ln *tailnetListener, c net.Conn) error {
-	id, err := register(n, ln, c)
+	id, tc, err := register(n, ln, c)
 	if err != nil {
 		return err
 	}
 	msg := binary.LittleEndian.AppendUint64(make([]byte, 0, 64), id)
 	msg = append(msg, c.RemoteAddr().String()...)
 	if _, _, err := ctrl.WriteMsgUnix(msg, nil, nil); err != nil {
-		if v, ok := conns.Load(id); ok {
-			v.(*tconn).close(id, false, false)
-		}
+		tc.close(id, false, false)
 		return err
 	}
 	return nil
