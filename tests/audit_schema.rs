@@ -309,3 +309,35 @@ fn validate_lines_refuses_a_torn_tail() {
     std::fs::write(&path, format!("{good}\n{}", &good[..20])).unwrap();
     audit_check::validate_lines(&path);
 }
+
+#[test]
+fn validate_live_lines_waits_for_a_line_being_written() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (a, b) = (sample("session_start").to_string(), sample("session_end").to_string());
+    std::fs::write(&path, format!("{a}\n{}", &b[..20])).unwrap();
+    let rest = b[20..].to_string();
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+            f.write_all(format!("{rest}\n").as_bytes()).unwrap();
+        })
+    };
+    let records = audit_check::validate_live_lines(&path, Duration::from_secs(30));
+    writer.join().unwrap();
+    let events: Vec<&str> = records.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["session_start", "session_end"]);
+}
+
+#[test]
+#[should_panic(expected = "unterminated line")]
+fn validate_live_lines_refuses_a_tail_that_stays_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let good = sample("session_start").to_string();
+    std::fs::write(&path, format!("{good}\n{}", &good[..20])).unwrap();
+    audit_check::validate_live_lines(&path, Duration::from_millis(100));
+}

@@ -483,7 +483,8 @@ async fn routes_by_tailnet_port_and_health_on_the_tailnet() {
     assert_eq!(e.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{e}");
     let denied = within("a no_route record", async {
         loop {
-            let records = common::audit::validate_lines(&dir.join("audit.jsonl"));
+            let records =
+                common::audit::validate_live_lines(&dir.join("audit.jsonl"), Duration::from_secs(5));
             if let Some(r) = records.into_iter().find(|r| r["reason"] == "no_route") {
                 return r;
             }

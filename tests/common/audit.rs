@@ -9,6 +9,7 @@ use jsonschema::Validator;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// `audit-schema.json` at the repository root.
 pub fn schema_path() -> PathBuf {
@@ -51,8 +52,28 @@ pub fn validate_value(record: &Value, what: &str) {
 /// the offending line on any failure: a line that is not JSON, breaks the
 /// schema, is blank, or is the file's unterminated tail.
 pub fn validate_lines(path: &Path) -> Vec<Value> {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading audit log {}: {e}", path.display()));
+    validate_text(&read(path), path)
+}
+
+/// [`validate_lines`] for a log the proxy may be writing right now. A
+/// reader can see a `write(2)` to a regular file half done, so an
+/// unterminated tail is read again until the line is complete; it is
+/// still a failure if the tail stays unterminated for `settle`.
+pub fn validate_live_lines(path: &Path, settle: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + settle;
+    let mut text = read(path);
+    while !text.is_empty() && !text.ends_with('\n') && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        text = read(path);
+    }
+    validate_text(&text, path)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading audit log {}: {e}", path.display()))
+}
+
+fn validate_text(text: &str, path: &Path) -> Vec<Value> {
     if !text.is_empty() && !text.ends_with('\n') {
         let tail = text.rsplit('\n').next().unwrap_or_default();
         panic!("audit log {} ends with an unterminated line: {tail}", path.display());
