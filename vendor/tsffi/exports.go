@@ -161,43 +161,39 @@ func tsffi_close(h C.int) C.int {
 	return 0
 }
 
-//export tsffi_conn_attach
-func tsffi_conn_attach(id C.ulonglong, wake C.tsffi_wake_fn, ctx unsafe.Pointer) C.int {
+// onConn runs op on the connection id names; an unknown (or already
+// closed) id gives -ECONNABORTED, as every tsffi_conn_* call documents.
+func onConn(id C.ulonglong, op func(*tconn) int64) int64 {
 	tc := lookupConn(id)
 	if tc == nil {
-		return -C.int(syscall.ECONNABORTED)
+		return -int64(syscall.ECONNABORTED)
 	}
-	if err := tc.attach(wake, ctx); err != nil {
-		return -C.int(err.(syscall.Errno))
-	}
-	return 0
+	return op(tc)
+}
+
+//export tsffi_conn_attach
+func tsffi_conn_attach(id C.ulonglong, wake C.tsffi_wake_fn, ctx unsafe.Pointer) C.int {
+	return C.int(onConn(id, func(tc *tconn) int64 {
+		if err := tc.attach(wake, ctx); err != nil {
+			return -int64(err.(syscall.Errno))
+		}
+		return 0
+	}))
 }
 
 //export tsffi_conn_read
 func tsffi_conn_read(id C.ulonglong, buf unsafe.Pointer, n C.size_t) C.longlong {
-	tc := lookupConn(id)
-	if tc == nil {
-		return -C.longlong(syscall.ECONNABORTED)
-	}
-	return C.longlong(tc.read(unsafe.Slice((*byte)(buf), int(n))))
+	return C.longlong(onConn(id, func(tc *tconn) int64 { return tc.read(unsafe.Slice((*byte)(buf), int(n))) }))
 }
 
 //export tsffi_conn_write
 func tsffi_conn_write(id C.ulonglong, buf unsafe.Pointer, n C.size_t) C.longlong {
-	tc := lookupConn(id)
-	if tc == nil {
-		return -C.longlong(syscall.ECONNABORTED)
-	}
-	return C.longlong(tc.write(unsafe.Slice((*byte)(buf), int(n))))
+	return C.longlong(onConn(id, func(tc *tconn) int64 { return tc.write(unsafe.Slice((*byte)(buf), int(n))) }))
 }
 
 //export tsffi_conn_shutdown_write
 func tsffi_conn_shutdown_write(id C.ulonglong) C.int {
-	tc := lookupConn(id)
-	if tc == nil {
-		return -C.int(syscall.ECONNABORTED)
-	}
-	return C.int(tc.shutdownWrite())
+	return C.int(onConn(id, (*tconn).shutdownWrite))
 }
 
 //export tsffi_conn_close
