@@ -85,6 +85,12 @@ impl ffi::Wake for Wakers {
 pub struct TailnetConn {
     conn: ffi::Conn<Wakers>,
     wakers: Arc<Wakers>,
+    /// `Some(n)`: a read left nothing to take (no data, no end of stream
+    /// or error pending), and `n` is the read wake-up count from before
+    /// it. The node wakes readers after any such change, so while the
+    /// count is still `n` there is nothing to read, and no call into the
+    /// node is needed to find that out.
+    drained_at: Option<u64>,
 }
 
 impl TailnetConn {
@@ -92,7 +98,7 @@ impl TailnetConn {
     pub(super) fn attach(id: u64) -> io::Result<TailnetConn> {
         let wakers = Arc::new(Wakers::default());
         let conn = ffi::Conn::attach(id, wakers.clone())?;
-        Ok(TailnetConn { conn, wakers })
+        Ok(TailnetConn { conn, wakers, drained_at: None })
     }
 }
 
@@ -102,7 +108,18 @@ impl AsyncRead for TailnetConn {
             return Poll::Ready(Ok(()));
         }
         let this = self.get_mut();
-        this.wakers.read.poll(cx, || Ok(this.conn.read(buf)?.then_some(())))
+        let slot = &this.wakers.read;
+        let seen = slot.wakes.load(Ordering::Acquire);
+        if this.drained_at == Some(seen) {
+            slot.arm(cx.waker());
+            if slot.wakes.load(Ordering::Acquire) == seen {
+                return Poll::Pending;
+            }
+        }
+        let mut drained = false;
+        let res = slot.poll(cx, || Ok(this.conn.read(buf)?.map(|d| drained = d)));
+        this.drained_at = drained.then_some(seen);
+        res
     }
 }
 

@@ -209,14 +209,17 @@ impl<W: Wake> Conn<W> {
         Ok(conn)
     }
 
-    /// Reads into `buf`'s unfilled part: `Ok(true)` when bytes arrived or at
-    /// end of stream (nothing added), `Ok(false)` when nothing is there yet.
-    pub fn read(&mut self, buf: &mut tokio::io::ReadBuf<'_>) -> std::io::Result<bool> {
+    /// Reads into `buf`'s unfilled part: `Ok(Some(drained))` when bytes
+    /// arrived or at end of stream (nothing added), `Ok(None)` when nothing
+    /// is there yet. `drained`: nothing is left to take until the next
+    /// wake-up (tsffi.h).
+    pub fn read(&mut self, buf: &mut tokio::io::ReadBuf<'_>) -> std::io::Result<Option<bool>> {
+        let mut drained: std::ffi::c_int = 0;
         // SAFETY: the shim only writes (never reads) up to len bytes at the
-        // pointer, and returns how many it wrote.
+        // pointer, returns how many it wrote, and writes at most drained.
         let ret = unsafe {
             let dst = buf.unfilled_mut();
-            bindings::tsffi_conn_read(self.id, dst.as_mut_ptr().cast(), dst.len())
+            bindings::tsffi_conn_read(self.id, dst.as_mut_ptr().cast(), dst.len(), &mut drained)
         };
         match ret {
             n if n >= 0 => {
@@ -224,9 +227,9 @@ impl<W: Wake> Conn<W> {
                 // SAFETY: the shim initialised the first n unfilled bytes.
                 unsafe { buf.assume_init(n) };
                 buf.advance(n);
-                Ok(true)
+                Ok(Some(drained != 0))
             }
-            n if n == -(libc::EAGAIN as i64) => Ok(false),
+            n if n == -(libc::EAGAIN as i64) => Ok(None),
             n => Err(errno(n)),
         }
     }

@@ -144,8 +144,12 @@ func (tc *tconn) attach(wake C.tsffi_wake_fn, ctx unsafe.Pointer) error {
 	return nil
 }
 
-// read returns the count (> 0), 0 at end of stream, or -errno.
-func (tc *tconn) read(b []byte) int64 {
+// read returns the count (> 0), 0 at end of stream, or -errno. *drained
+// says the read left nothing to take: no data queued, no end of stream or
+// error pending. The endpoint notifies the wait queue after every such
+// change (a queued segment, the peer's FIN, a reset), so until the next
+// wake the caller may take the connection as empty without calling again.
+func (tc *tconn) read(b []byte, drained *bool) int64 {
 	tc.rw = b
 	res, err := tc.ep.Read(&tc.rw, tcpip.ReadOptions{})
 	tc.rw = nil
@@ -158,6 +162,10 @@ func (tc *tconn) read(b []byte) int64 {
 	if res.Count > 0 {
 		tc.ep.ModerateRecvBuf(res.Count) // receive-window autotuning, as gonet does
 	}
+	// Read copies queued segments until b is full or none is left; a full
+	// b may have left more behind, so only a short read is checked.
+	*drained = res.Count < len(b) &&
+		tc.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0
 	return int64(res.Count)
 }
 

@@ -182,8 +182,15 @@ func tsffi_conn_attach(id C.ulonglong, wake C.tsffi_wake_fn, ctx unsafe.Pointer)
 }
 
 //export tsffi_conn_read
-func tsffi_conn_read(id C.ulonglong, buf unsafe.Pointer, n C.size_t) C.longlong {
-	return C.longlong(onConn(id, func(tc *tconn) int64 { return tc.read(unsafe.Slice((*byte)(buf), int(n))) }))
+func tsffi_conn_read(id C.ulonglong, buf unsafe.Pointer, n C.size_t, drained *C.int) C.longlong {
+	return C.longlong(onConn(id, func(tc *tconn) int64 {
+		var d bool
+		ret := tc.read(unsafe.Slice((*byte)(buf), int(n)), &d)
+		if d {
+			*drained = 1
+		}
+		return ret
+	}))
 }
 
 //export tsffi_conn_write

@@ -81,8 +81,12 @@ typedef void (*tsffi_wake_fn)(void *ctx, unsigned int events);
 int tsffi_conn_attach(unsigned long long conn, tsffi_wake_fn wake, void *ctx);
 
 /* tsffi_conn_read returns the number of bytes read (> 0), 0 at end of
- * stream (the peer half-closed), or -errno. */
-long long tsffi_conn_read(unsigned long long conn, void *buf, size_t len);
+ * stream (the peer half-closed), or -errno. It sets *drained to 1 (and
+ * otherwise leaves it alone) when the read left nothing to take: no data
+ * queued, no end of stream or error pending. wake(READABLE) follows any
+ * later change, so until the next wake the caller may take the
+ * connection as empty without calling again. */
+long long tsffi_conn_read(unsigned long long conn, void *buf, size_t len, int *drained);
 
 /* tsffi_conn_write returns the number of bytes taken (maybe fewer than
  * len) or -errno. It may wait briefly while the node's outbound packet
