@@ -123,8 +123,9 @@ fn pattern(len: usize) -> Vec<u8> {
 /// Accepted connections are read and written straight from the node's
 /// TCP/IP stack: 8 MiB echoed through it both ways at once (so writes meet
 /// a full send buffer and reads an empty one, again and again) arrive
-/// intact, a half-close travels both ways, and shutting the node down ends a
-/// read that is waiting for data instead of leaving it hanging.
+/// intact, a half-close travels both ways (also when it arrives together
+/// with the last data), and shutting the node down ends a read that is
+/// waiting for data instead of leaving it hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bulk_echo_half_close_and_shutdown_wake_pending_reads() {
     const LEN: usize = 8 << 20;
@@ -154,6 +155,20 @@ async fn bulk_echo_half_close_and_shutdown_wake_pending_reads() {
     assert_eq!(within("echo task", echo).await.unwrap(), LEN as u64);
     assert_eq!(got.len(), LEN);
     assert!(got == pattern(LEN), "echoed bytes differ from those sent");
+
+    // Data and the peer's FIN queued together before the first read: the
+    // read that takes the data must not leave the end of stream unseen
+    // (its wake-up came before the read, so none follows it).
+    let mut short = TcpStream::connect(forward_addr(&alice, 0)).await.unwrap();
+    short.write_all(b"last words").await.unwrap();
+    short.shutdown().await.unwrap();
+    let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
+    // Not a timing assumption: the read below must end either way; the
+    // pause only makes the queued-together case the likely one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got = Vec::new();
+    within("data then end of stream", stream.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"last words");
 
     // A read waiting on a quiet connection when the node shuts down.
     let mut quiet = TcpStream::connect(forward_addr(&alice, 0)).await.unwrap();
