@@ -54,11 +54,17 @@ impl Slot {
             if let Some(v) = op().transpose() {
                 return Poll::Ready(v);
             }
-            self.arm(cx.waker());
-            if self.wakes.load(Ordering::Acquire) == seen {
+            if self.park(cx, seen) {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Arms the waker; true if no wake-up came since the count was `seen`
+    /// (the task may then wait), false if one did (look again).
+    fn park(&self, cx: &mut Context<'_>, seen: u64) -> bool {
+        self.arm(cx.waker());
+        self.wakes.load(Ordering::Acquire) == seen
     }
 }
 
@@ -110,11 +116,8 @@ impl AsyncRead for TailnetConn {
         let this = self.get_mut();
         let slot = &this.wakers.read;
         let seen = slot.wakes.load(Ordering::Acquire);
-        if this.drained_at == Some(seen) {
-            slot.arm(cx.waker());
-            if slot.wakes.load(Ordering::Acquire) == seen {
-                return Poll::Pending;
-            }
+        if this.drained_at == Some(seen) && slot.park(cx, seen) {
+            return Poll::Pending;
         }
         let mut drained = false;
         let res = slot.poll(cx, || Ok(this.conn.read(buf)?.map(|d| drained = d)));
