@@ -304,10 +304,15 @@ fn validate_lines_names_the_offending_line() {
 #[should_panic(expected = "unterminated line")]
 fn validate_lines_refuses_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
+    audit_check::validate_lines(&torn_log(dir.path()));
+}
+
+/// A log of one record followed by the first 20 bytes of another.
+fn torn_log(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("audit.jsonl");
     let good = sample("session_start").to_string();
     std::fs::write(&path, format!("{good}\n{}", &good[..20])).unwrap();
-    audit_check::validate_lines(&path);
+    path
 }
 
 #[test]
@@ -336,8 +341,5 @@ fn validate_live_lines_waits_for_a_line_being_written() {
 #[should_panic(expected = "unterminated line")]
 fn validate_live_lines_refuses_a_tail_that_stays_torn() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.jsonl");
-    let good = sample("session_start").to_string();
-    std::fs::write(&path, format!("{good}\n{}", &good[..20])).unwrap();
-    audit_check::validate_live_lines(&path, Duration::from_millis(100));
+    audit_check::validate_live_lines(&torn_log(dir.path()), Duration::from_millis(100));
 }

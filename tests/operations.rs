@@ -484,7 +484,7 @@ async fn routes_by_tailnet_port_and_health_on_the_tailnet() {
     let denied = within("a no_route record", async {
         loop {
             let records =
-                common::audit::validate_live_lines(&dir.join("audit.jsonl"), Duration::from_secs(5));
+                common::audit::validate_live_lines(&dir.join("audit.jsonl"), common::audit::LIVE_TAIL_WAIT);
             if let Some(r) = records.into_iter().find(|r| r["reason"] == "no_route") {
                 return r;
             }

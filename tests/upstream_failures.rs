@@ -245,7 +245,7 @@ async fn unwritable_audit_log_refuses_sessions_until_reopened() {
         })
         .await;
     let sid = end["session_id"].as_str().unwrap();
-    let records = common::audit::validate_live_lines(&link, Duration::from_secs(5));
+    let records = common::audit::validate_live_lines(&link, common::audit::LIVE_TAIL_WAIT);
     let events: Vec<&str> =
         records.iter().filter(|r| r["session_id"] == sid).map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["session_start", "auth_ok", "session_end"]);
@@ -292,7 +292,7 @@ async fn audit_log_rotates_on_sighup() {
             .collect()
     };
     let old = common::audit::validate_lines(&rotated);
-    let new = common::audit::validate_live_lines(&current, Duration::from_secs(5));
+    let new = common::audit::validate_live_lines(&current, common::audit::LIVE_TAIL_WAIT);
     assert_eq!(events_of(&old, &first), ["session_start", "auth_ok", "session_end"]);
     assert!(events_of(&old, &second).is_empty(), "the second session went to the rotated file");
     assert_eq!(events_of(&new, &second), ["session_start", "auth_ok", "session_end"]);

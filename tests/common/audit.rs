@@ -55,6 +55,9 @@ pub fn validate_lines(path: &Path) -> Vec<Value> {
     validate_text(&read(path), path)
 }
 
+/// How long the tests' live reads wait for a torn last line to complete.
+pub const LIVE_TAIL_WAIT: Duration = Duration::from_secs(5);
+
 /// [`validate_lines`] for a log the proxy may be writing right now. A
 /// reader can see a `write(2)` to a regular file half done, so an
 /// unterminated tail is read again until the line is complete; it is

@@ -105,13 +105,13 @@ impl LabUp {
 
     /// Audit records so far, each validated against audit-schema.json.
     /// The proxy may be mid-write of a record: an unterminated last line
-    /// is read again for up to 5 s before it counts as broken.
+    /// is read again for up to `LIVE_TAIL_WAIT` before it counts as broken.
     pub fn audit_records(&self) -> Vec<Value> {
         let p = self.audit_log();
         if !p.exists() {
             return vec![];
         }
-        super::audit::validate_live_lines(&p, std::time::Duration::from_secs(5))
+        super::audit::validate_live_lines(&p, super::audit::LIVE_TAIL_WAIT)
     }
 
     /// Waits until an audit record matches `pred` (records are written
