@@ -176,6 +176,7 @@ def connect_rate(world, sys_, role, duration, pids):
     """pgbench -S -C: a new connection per transaction."""
     c = world.args.connect_clients
     before = cpu_of(pids)
+    cs_before = {k: context_switches(p) for k, p in pids.items()}
     out = run_pgbench(world, sys_.env(role),
                       ["-n", "-S", "-C", "-c", str(c), "-j", str(min(c, world.args.pgbench_jobs)),
                        "-T", str(duration)], timeout=duration + 300)
@@ -190,6 +191,7 @@ def connect_rate(world, sys_, role, duration, pids):
     }
     if "proxy" in cpu and res["connections"]:
         res["proxy_cpu_ms_per_conn"] = cpu["proxy"] / res["connections"] * 1e3
+        res["proxy_ctxsw_per_conn"] = (context_switches(pids["proxy"]) - cs_before["proxy"]) / res["connections"]
     return res
 
 

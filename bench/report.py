@@ -31,6 +31,8 @@ def figures(clients):
                   lambda r, c=c: ok(r.get(f"select_c{c}")).get("lat_p99_ms")))
         f.append((f"so_cpu_c{c}", f"  proxy CPU per transaction, {c}", "µs", False,
                   lambda r, c=c: ok(r.get(f"select_c{c}")).get("proxy_cpu_us_per_txn")))
+        f.append((f"so_cs_c{c}", f"  proxy context switches per transaction, {c}", "cs", False,
+                  lambda r, c=c: ok(r.get(f"select_c{c}")).get("proxy_ctxsw_per_txn")))
     for label in ("scram", "trust"):
         f.append((f"conn_rate_{label}", f"new conn/txn ({label}): conn/s", "conn/s", True,
                   lambda r, l=label: ok(r.get(f"connect_{l}")).get("conn_per_s")))
@@ -38,6 +40,8 @@ def figures(clients):
                   lambda r, l=label: ok(r.get(f"connect_{l}")).get("conn_time_ms")))
         f.append((f"conn_cpu_{label}", f"  proxy CPU per connection ({label})", "ms", False,
                   lambda r, l=label: ok(r.get(f"connect_{l}")).get("proxy_cpu_ms_per_conn")))
+        f.append((f"conn_cs_{label}", f"  proxy context switches per connection ({label})", "cs", False,
+                  lambda r, l=label: ok(r.get(f"connect_{l}")).get("proxy_ctxsw_per_conn")))
     f += [
         ("copy_out", "COPY out", "MB/s", True, lambda r: ok(r.get("copy")).get("copy_out_MBps")),
         ("copy_in", "COPY in", "MB/s", True, lambda r: ok(r.get("copy")).get("copy_in_MBps")),
@@ -60,7 +64,7 @@ def figures(clients):
 # Figures the issue does not ask for, shown to explain the others; they
 # are left out of the "tailgres >= pgproxy on every figure" check.
 def diagnostic(key):
-    return key.startswith(("so_cpu_", "conn_cpu_")) or key in ("idle_fds", "idle_cpu", "idle_go_live")
+    return key.startswith(("so_cpu_", "so_cs_", "conn_cpu_", "conn_cs_")) or key in ("idle_fds", "idle_cpu", "idle_go_live")
 
 
 def summarize(results, clients):
