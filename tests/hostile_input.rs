@@ -9,6 +9,7 @@
 mod common;
 
 use common::lab::{psql, LabOptions, LabUp};
+use common::wire::{startup, PROTOCOL_3_0};
 use serde_json::Value;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,7 +18,6 @@ use tokio::net::TcpStream;
 const SSL_REQUEST: u32 = 80877103;
 const GSSENC_REQUEST: u32 = 80877104;
 const CANCEL_REQUEST: u32 = 80877102;
-const PROTOCOL_3_0: u32 = 196608;
 /// PostgreSQL's MAX_STARTUP_PACKET_LENGTH, which the proxy copies.
 const MAX_STARTUP: usize = 10000;
 /// The handshake timeout the lab's proxy runs with, and how it is written
@@ -38,20 +38,6 @@ fn be(n: u32) -> [u8; 4] {
 /// An 8-byte SSLRequest / GSSENCRequest.
 fn request(code: u32) -> Vec<u8> {
     [be(8), be(code)].concat()
-}
-
-/// A StartupMessage with these parameters, built by hand (not with the
-/// proxy's own encoder).
-fn startup(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = be(version).to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    [be(body.len() as u32 + 4).to_vec(), body].concat()
 }
 
 /// A well-formed startup for role_scram exactly `total` bytes long: many

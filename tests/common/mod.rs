@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod lab;
 pub mod ops;
+pub mod wire;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
