@@ -121,9 +121,8 @@ impl Metrics {
 
     pub fn denied(&self, reason: DenyReason) {
         bump(&self.outcomes, ("session_denied", reason_name(reason)));
-        // Refusals by policy and hang-ups are outcomes, not errors.
-        if !matches!(reason, DenyReason::NotAuthorized | DenyReason::NoRoute | DenyReason::ClientClosed) {
-            bump(&self.errors, reason_kind(reason));
+        if let Some(kind) = error_kind(reason) {
+            bump(&self.errors, kind);
         }
     }
 
@@ -270,21 +269,23 @@ impl Metrics {
     }
 }
 
-fn reason_kind(r: DenyReason) -> &'static str {
+/// The error kind a refusal counts under; `None` for refusals by policy,
+/// hang-ups and shutdown, which are outcomes, not errors.
+fn error_kind(r: DenyReason) -> Option<&'static str> {
     use DenyReason::*;
-    match r {
+    Some(match r {
+        NotAuthorized | NoRoute | ClientClosed | ShuttingDown => return None,
         UnknownPeer | WhoisFailed => "whois",
         AuditUnavailable => "audit_write",
-        ProtocolError | HandshakeTimeout | ClientClosed => "client_protocol",
+        ProtocolError | HandshakeTimeout => "client_protocol",
         ClientTlsFailed => "client_tls",
         TooManySessions => "session_limit",
-        NotAuthorized | NoRoute => "not_authorized",
         UpstreamUntrustedCertificate | UpstreamNameMismatch | UpstreamCertificateExpired | UpstreamTls => {
             "upstream_tls"
         }
         UpstreamNoTls | UpstreamProtocolError => "upstream_protocol",
         UpstreamUnreachable | UpstreamTimeout => "upstream_connect",
-    }
+    })
 }
 
 fn header(o: &mut String, name: &str, kind: &str, help: &str) {

@@ -61,6 +61,7 @@ where
         shared,
         settings: shared.settings.get(),
         started: Instant::now(),
+        start_requested: false,
     }
     .run(stream, local_port, tailnet)
     .instrument(span)
@@ -74,6 +75,9 @@ struct Session<'a> {
     /// The settings when the session began, kept to its end.
     settings: Arc<Settings>,
     started: Instant,
+    /// The session_start record was handed to the audit log: an end from
+    /// here on is a session_end, not a session_denied.
+    start_requested: bool,
 }
 
 /// An admitted session: what the relay stage needs from admission.
@@ -144,7 +148,28 @@ impl Session<'_> {
         // (TLS handshakes, SCRAM, upstream connect) is several times larger
         // than the relay. Boxed, that state is freed once the session is
         // admitted, so an idle session holds only what the relay needs.
-        if let Some(admitted) = Box::pin(self.admit(stream, local_port, tailnet)).await {
+        //
+        // Admission waits on the client and the database with timeouts of
+        // its own; when the proxy ends its sessions (the shutdown grace is
+        // over) it stops waiting, so a handshake cannot outlive the
+        // shutdown unaudited. The connection is closed without a message:
+        // the client has not yet got as far as reading one. Biased, so
+        // admission's own shutdown handling (which sends one) goes first.
+        let shutdown = self.shared.shutdown.clone();
+        let admitted = tokio::select! {
+            biased;
+            a = Box::pin(self.admit(stream, local_port, tailnet)) => a,
+            _ = shutdown_signalled(shutdown) => {
+                if self.start_requested {
+                    let d = "tailgres shut down before the session was admitted";
+                    self.end(EndReason::Shutdown, 0, 0, Some(d.into())).await;
+                } else {
+                    self.deny(DenyReason::ShuttingDown, "tailgres shut down during the handshake").await;
+                }
+                None
+            }
+        };
+        if let Some(admitted) = admitted {
             self.relay(admitted).await;
         }
     }
@@ -267,6 +292,7 @@ impl Session<'_> {
         // every session refused after the operator repaired it and sent
         // SIGHUP). The denial is best effort: it gets through if the failure
         // was transient.
+        self.start_requested = true;
         if !self.audit(Event::SessionStart).await {
             let msg = "tailgres cannot write its audit log, so it refuses new sessions; \
                        the operator's log says why";

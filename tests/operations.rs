@@ -8,10 +8,12 @@ mod common;
 
 use common::lab::{psql, LabOptions, LabUp};
 use common::ops::{free_port, http_get, sample, wait_readyz, PgProc};
+use common::wire::{startup, PROTOCOL_3_0};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -255,6 +257,59 @@ async fn second_signal_ends_sessions_at_once() {
     assert_eq!(e.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{e}");
     assert_eq!(exit_code(&lab).await.trim(), "0");
     assert_eq!(ends_of(&lab, "drain-twice")[0]["reason"], "shutdown");
+    lab.stop().await;
+}
+
+/// Sessions still in their handshake when the grace ends are ended too,
+/// and audited: one whose session_start is written gets a session_end
+/// (`shutdown`), one that had not got that far a session_denied
+/// (`shutting_down`). Neither waits for its handshake timeout (ten minutes
+/// here), and tailgres exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_audits_sessions_still_in_their_handshake() {
+    let health = free_port();
+    let arg = format!("--health-listen=127.0.0.1:{health}");
+    let lab = LabUp::start(LabOptions {
+        tailgres_args: vec!["--shutdown-grace=1s", "--handshake-timeout=10m", &arg],
+        ..Default::default()
+    })
+    .await;
+    // Says nothing: the proxy waits for its startup.
+    let silent = within("connect", tokio::net::TcpStream::connect(lab.forward(0))).await.unwrap();
+    // Sends its startup, reads the database's SCRAM request, then stalls.
+    let app = "drain-mid-auth";
+    let mut stalled = within("connect", tokio::net::TcpStream::connect(lab.forward(0))).await.unwrap();
+    let params = [("user", "role_scram"), ("database", "app"), ("application_name", app)];
+    stalled.write_all(&startup(PROTOCOL_3_0, &params)).await.unwrap();
+    let mut head = [0u8; 9];
+    within("authentication request", stalled.read_exact(&mut head)).await.unwrap();
+    assert_eq!((head[0], head[8]), (b'R', 10), "AuthenticationSASL, got {head:?}");
+    let start = lab.wait_record("session_start", |r| {
+        r["event"] == "session_start" && r["postgres"]["application_name"] == app
+    });
+    let start = start.await;
+    within("both sessions to be live", async {
+        while sample(&http_get(health, "/metrics").await.1, "tailgres_sessions_active") != 2.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    signal(&proxy_pid(&lab), "TERM").await;
+    assert_eq!(exit_code(&lab).await.trim(), "0");
+    let records = lab.audit_records();
+    let ends: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "session_end" && r["session_id"] == start["session_id"])
+        .collect();
+    assert_eq!(ends.len(), 1, "{records:#?}");
+    assert_eq!(ends[0]["reason"], "shutdown");
+    let denied: Vec<&Value> =
+        records.iter().filter(|r| r["event"] == "session_denied" && r["reason"] == "shutting_down").collect();
+    assert_eq!(denied.len(), 1, "the silent client: {records:#?}");
+    assert_ne!(denied[0]["session_id"], start["session_id"]);
+    assert_eq!(denied[0]["side"], "proxy");
+    drop((silent, stalled));
     lab.stop().await;
 }
 

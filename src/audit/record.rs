@@ -207,12 +207,15 @@ pub enum DenyReason {
     ClientClosed,
     /// The client's TLS handshake with tailgres failed.
     ClientTlsFailed,
+    /// tailgres was shutting down (its grace over) before the session
+    /// started: the connection was closed mid-handshake.
+    ShuttingDown,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 18] = [
+    pub const ALL: [DenyReason; 19] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -231,6 +234,7 @@ impl DenyReason {
         DenyReason::NoRoute,
         DenyReason::ClientClosed,
         DenyReason::ClientTlsFailed,
+        DenyReason::ShuttingDown,
     ];
 
     /// Who caused the refusal.
@@ -247,7 +251,7 @@ impl DenyReason {
             | UpstreamTimeout
             | UpstreamTls
             | UpstreamProtocolError => Side::Upstream,
-            WhoisFailed | AuditUnavailable | TooManySessions => Side::Proxy,
+            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown => Side::Proxy,
         }
     }
 }
