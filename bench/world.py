@@ -18,15 +18,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+
+def read_lab_env(path):
+    """KEY=VALUE lines of path (blank lines and # comments skipped)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            k, sep, v = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: not KEY=VALUE: {line}")
+            env[k] = v
+    return env
+
+
 # The knobs every tailnet process runs with (design/tailnet.md); the Go
-# runtime reads them once, at start.
-TS_ENV = {
-    "TS_NO_LOGS_NO_SUPPORT": "true",
-    "TS_DISABLE_PORTMAPPER": "1",
-    "TS_DEBUG_OMIT_LOCAL_ADDRS": "1",
-    "TS_ASSUME_NETWORK_UP_FOR_TEST": "1",
-    "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
-}
+# runtime reads them once, at start. vendor/cmd/tslab/lab.env is the one list.
+TS_ENV = read_lab_env(ROOT / "vendor" / "cmd" / "tslab" / "lab.env")
 TAILSCALE_VERSION = "v1.102.5"  # vendor/go.mod; pgproxy is installed at this version
 DB = "app"
 SCRAM = ("role_scram", "scram-pass")

@@ -310,7 +310,7 @@ async fn refused_at_start(args: &[String], flag: &str) -> String {
     // directory, and the test knobs.
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(common::TS_TEST_ENV.iter().copied())
+        .envs(common::ts_test_env())
         .arg("--control-url=http://127.0.0.1:1")
         .arg(format!("--state-dir={}", dir.path().join("state").display()))
         .args(args)

@@ -19,16 +19,18 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-/// The knobs every tailnet process in tests runs with (see tailnet.md). They
+/// The knobs every tailnet process in tests runs with:
+/// vendor/cmd/tslab/lab.env, the one list (it says what each is for). They
 /// must be in the environment when the process starts, because the Go
 /// runtime copies it at initialisation: scripts/test exports them.
-pub const TS_TEST_ENV: &[(&str, &str)] = &[
-    ("TS_NO_LOGS_NO_SUPPORT", "true"),
-    ("TS_DISABLE_PORTMAPPER", "1"),
-    ("TS_DEBUG_OMIT_LOCAL_ADDRS", "1"),
-    ("TS_ASSUME_NETWORK_UP_FOR_TEST", "1"),
-    ("TS_PANIC_IF_HIT_MAIN_CONTROL", "1"),
-];
+pub fn ts_test_env() -> Vec<(&'static str, &'static str)> {
+    include_str!("../../vendor/cmd/tslab/lab.env")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_once('=').unwrap_or_else(|| panic!("lab.env: not KEY=VALUE: {l}")))
+        .collect()
+}
 
 /// How long a lab process may take to report ready (cold caches, 2 cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -46,10 +48,10 @@ pub fn require_sandbox() {
         "tailnet tests must run in a network namespace with only `lo` (found {ifaces:?}); \
          run them with scripts/test"
     );
-    for (k, v) in TS_TEST_ENV {
+    for (k, v) in ts_test_env() {
         assert_eq!(
             std::env::var(k).ok().as_deref(),
-            Some(*v),
+            Some(v),
             "{k}={v} must be in the environment at exec time; run the tests with scripts/test"
         );
     }

@@ -27,6 +27,7 @@ package main
 
 import (
 	"context"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -41,6 +42,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"tailscale.com/types/logger"
@@ -58,18 +60,30 @@ Run "tslab control -h" or "tslab node -h" for details.
 `
 
 // labEnv is the environment every tailnet process in the lab must run
-// with: no log uploads, no port mapping (UPnP/NAT-PMP/PCP probes), no
-// advertising of non-loopback interface addresses, no waiting for a
-// "real" network, and a panic instead of ever contacting the production
-// control plane.
+// with (lab.env says what each setting is for; it is the one list, shared
+// with the Rust tests and the benchmark).
 type envVar struct{ name, value string }
 
-var labEnv = []envVar{
-	{"TS_NO_LOGS_NO_SUPPORT", "true"},
-	{"TS_DISABLE_PORTMAPPER", "1"},
-	{"TS_DEBUG_OMIT_LOCAL_ADDRS", "1"},
-	{"TS_ASSUME_NETWORK_UP_FOR_TEST", "1"},
-	{"TS_PANIC_IF_HIT_MAIN_CONTROL", "1"},
+//go:embed lab.env
+var labEnvFile string
+
+var labEnv = parseLabEnv(labEnvFile)
+
+// parseLabEnv reads KEY=VALUE lines, skipping blank lines and # comments.
+func parseLabEnv(text string) []envVar {
+	var out []envVar
+	for _, line := range strings.Split(text, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			panic("tslab: lab.env: not KEY=VALUE: " + line)
+		}
+		out = append(out, envVar{k, v})
+	}
+	return out
 }
 
 // ensureLabEnv re-executes the current binary with labEnv and extra
