@@ -19,6 +19,7 @@ use crate::settings::{Settings, SettingsCell};
 use crate::tailnet::{PeerIdentity, Tailnet};
 use crate::upstream::{UpstreamError, UpstreamTls};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -62,6 +63,7 @@ where
         settings: shared.settings.get(),
         started: Instant::now(),
         start_requested: false,
+        finished: AtomicBool::new(false),
     }
     .run(stream, local_port, tailnet)
     .instrument(span)
@@ -78,7 +80,14 @@ struct Session<'a> {
     /// The session_start record was handed to the audit log: an end from
     /// here on is a session_end, not a session_denied.
     start_requested: bool,
+    /// A session_denied or session_end was handed to the audit log: the
+    /// session's last record, so nothing may write another.
+    finished: AtomicBool,
 }
+
+/// When the proxy ends its sessions, how long admission may go on to end
+/// itself (sending the client a FATAL where it can) before it is dropped.
+const ADMISSION_WIND_DOWN: Duration = Duration::from_secs(1);
 
 /// An admitted session: what the relay stage needs from admission.
 ///
@@ -120,6 +129,7 @@ impl Session<'_> {
     }
 
     async fn deny(&self, reason: DenyReason, detail: impl Into<String>) {
+        self.finished.store(true, Ordering::Relaxed);
         let detail = detail.into();
         tracing::info!(?reason, %detail, "session denied");
         self.shared.metrics.denied(reason);
@@ -127,6 +137,7 @@ impl Session<'_> {
     }
 
     async fn end(&self, reason: EndReason, c2u: u64, u2c: u64, detail: Option<String>) {
+        self.finished.store(true, Ordering::Relaxed);
         tracing::info!(?reason, c2u, u2c, "session ended");
         self.shared.metrics.ended(reason, c2u, u2c);
         self.audit(Event::SessionEnd(SessionEnd {
@@ -151,16 +162,21 @@ impl Session<'_> {
         //
         // Admission waits on the client and the database with timeouts of
         // its own; when the proxy ends its sessions (the shutdown grace is
-        // over) it stops waiting, so a handshake cannot outlive the
-        // shutdown unaudited. The connection is closed without a message:
-        // the client has not yet got as far as reading one. Biased, so
-        // admission's own shutdown handling (which sends one) goes first.
+        // over) it gets ADMISSION_WIND_DOWN to end itself (a stage that
+        // watches for shutdown sends the client 57P01), then it is dropped,
+        // which closes the connection, so a handshake cannot outlive the
+        // shutdown unaudited. Whichever ends it writes the one last record.
         let shutdown = self.shared.shutdown.clone();
+        let wound_down = async move {
+            shutdown_signalled(shutdown).await;
+            tokio::time::sleep(ADMISSION_WIND_DOWN).await;
+        };
         let admitted = tokio::select! {
-            biased;
             a = Box::pin(self.admit(stream, local_port, tailnet)) => a,
-            _ = shutdown_signalled(shutdown) => {
-                if self.start_requested {
+            _ = wound_down => {
+                if self.finished.load(Ordering::Relaxed) {
+                    // Its last record is written, or on its way.
+                } else if self.start_requested {
                     let d = "tailgres shut down before the session was admitted";
                     self.end(EndReason::Shutdown, 0, 0, Some(d.into())).await;
                 } else {
