@@ -24,13 +24,12 @@ use tokio::process::{Child, Command};
 /// must be in the environment when the process starts, because the Go
 /// runtime copies it at initialisation: scripts/test exports them.
 pub fn ts_test_env() -> Vec<(&'static str, &'static str)> {
-    include_str!("../../vendor/cmd/tslab/lab.env")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_once('=').unwrap_or_else(|| panic!("lab.env: not KEY=VALUE: {l}")))
-        .collect()
+    lab_env::lab_env().collect()
 }
+
+/// tailgres-lab's reader of lab.env, shared rather than written twice.
+#[path = "../../src/bin/tailgres-lab/lab_env.rs"]
+mod lab_env;
 
 /// How long a lab process may take to report ready (cold caches, 2 cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);

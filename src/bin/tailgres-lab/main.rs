@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod lab_env;
 mod pg;
 mod up;
 

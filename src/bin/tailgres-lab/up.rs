@@ -15,20 +15,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-/// The knobs every tailnet process of the lab runs with (tailnet.md): no
-/// log upload, no port mapping, no LAN addresses, and never Tailscale's
-/// own control plane. vendor/cmd/tslab/lab.env is the one list.
-const TS_LAB_ENV: &str = include_str!("../../../vendor/cmd/tslab/lab.env");
-
-/// [`TS_LAB_ENV`]'s KEY=VALUE lines (blank lines and # comments skipped).
-fn ts_lab_env() -> impl Iterator<Item = (&'static str, &'static str)> {
-    TS_LAB_ENV
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_once('=').unwrap_or_else(|| panic!("lab.env: not KEY=VALUE: {l}")))
-}
-
 /// The proxy's tailnet hostname in the lab.
 pub const PROXY_HOSTNAME: &str = "pg";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -91,7 +77,7 @@ impl Proc {
         let stderr = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&stderr).with_context(|| format!("create {}", stderr.display()))?;
         cmd.stdin(Stdio::null()).stderr(file).kill_on_drop(true);
-        cmd.envs(ts_lab_env());
+        cmd.envs(crate::lab_env::lab_env());
         cmd.stdout(if ready_line { Stdio::piped() } else { Stdio::null() });
         let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
         let mut ready = Value::Null;
