@@ -237,8 +237,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             .arg(format!("--state-dir={}", dir.join(format!("client-{name}")).display()))
             .arg(format!("--forward=127.0.0.1:{port}={PROXY_HOSTNAME}.{suffix}:5432"))
             // Generous: a loaded machine must not turn a slow first dial
-            // (via DERP) into a refused client.
-            .arg("--dial-timeout=20s");
+            // (via DERP) into a refused client. A second dial (another
+            // source port) after one that stalled: see tslab's labNode.dial.
+            .arg("--dial-timeout=20s")
+            .arg("--dial-attempts=2");
         if !tags.is_empty() {
             cmd.arg(format!("--advertise-tags={tags}"));
         }

@@ -98,6 +98,7 @@ type labNode struct {
 	srv         *tsnet.Server
 	logf        logger.Logf
 	dialTimeout time.Duration
+	dialTries   int
 	announceSrc bool
 	suffix      string // MagicDNS suffix, without dots at the ends
 }
@@ -115,6 +116,7 @@ func runNode(args []string) error {
 	fs.Var(&serves, "serve", "PORT=TARGET: accept on tailnet PORT and relay each connection, bytes only, to loopback TARGET (ip:port); repeatable")
 	announceSrc := fs.Bool("announce-src", false, `first send "TSLAB-SRC <tailnet local ip:port>\n" on each forwarded connection`)
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for each tailnet dial")
+	dialTries := fs.Int("dial-attempts", 1, "tailnet dials per forwarded connection when one times out (each a new source port)")
 	startTimeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the node to come up")
 	direct := fs.Bool("direct", false, "allow direct UDP paths to peers (default: everything goes through the lab DERP)")
 	echoPort := fs.Int("echo", 0, "testing aid: echo TCP on this tailnet port (not shown in -h)")
@@ -208,6 +210,7 @@ func runNode(args []string) error {
 		srv:         srv,
 		logf:        logf,
 		dialTimeout: *dialTimeout,
+		dialTries:   max(1, *dialTries),
 		announceSrc: *announceSrc,
 	}
 	if st.CurrentTailnet != nil {
@@ -360,9 +363,8 @@ func (n *labNode) forward(ctx context.Context, local net.Conn, target string) {
 		local.Close()
 		return
 	}
-	remote, err := n.srv.Dial(dctx, "tcp", target)
+	remote, err := n.dial(ctx, dctx, local.RemoteAddr(), target)
 	if err != nil {
-		warnf("forward %v -> %s: dial: %v", local.RemoteAddr(), target, err)
 		local.Close()
 		return
 	}
@@ -376,6 +378,28 @@ func (n *labNode) forward(ctx context.Context, local net.Conn, target string) {
 		}
 	}
 	relay(local, remote)
+}
+
+// dial dials target, the first time within dctx, and again (up to
+// dialTries in all, each with its own dialTimeout) after a dial that timed
+// out. A dial can stall when gVisor picks a source port whose 4-tuple the
+// peer still holds in TIME_WAIT: every SYN retransmission reuses the port
+// and meets the same state, while a new dial picks another port. Nothing
+// has been relayed yet, so dialling again is safe. Each failure is logged.
+func (n *labNode) dial(ctx, dctx context.Context, from net.Addr, target string) (net.Conn, error) {
+	for try := 1; ; try++ {
+		remote, err := n.srv.Dial(dctx, "tcp", target)
+		if err == nil {
+			return remote, nil
+		}
+		warnf("forward %v -> %s: dial: %v", from, target, err)
+		if try >= n.dialTries || !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+			return nil, err
+		}
+		var cancel context.CancelFunc
+		dctx, cancel = context.WithTimeout(ctx, n.dialTimeout)
+		defer cancel()
+	}
 }
 
 // serveReverse relays each tailnet connection on ln to the loopback
