@@ -181,26 +181,39 @@ async fn session(forward: &str, pki: &Pki, tls: bool) -> Result<(), String> {
     }
 }
 
-/// Runs `n` sessions, `PARALLEL` at once; panics on the first failure.
-async fn sessions(forward: &str, pki: &Arc<Pki>, n: usize) {
+/// Runs `n` sessions, `PARALLEL` at once. On the first failure it stops
+/// and panics with the failure and the tails of the lab's logs (the proxy's,
+/// the client node's, the database's): a rare failure in CI must leave
+/// enough behind to be explained.
+async fn sessions(lab: &LabUp, pki: &Arc<Pki>, n: usize) {
+    let forward = lab.forward(0);
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..PARALLEL {
-        let (forward, pki, next) = (forward.to_string(), pki.clone(), next.clone());
+        let (forward, pki, next) = (forward.clone(), pki.clone(), next.clone());
         workers.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
-                    return;
+                    return Ok(());
                 }
                 if let Err(e) = session(&forward, &pki, i % 2 == 1).await {
-                    panic!("session {i} of {n}: {e}");
+                    next.store(n, Ordering::Relaxed); // the other workers stop too
+                    return Err(format!("session {i} of {n}: {e}"));
                 }
             }
         });
     }
+    let mut failures = Vec::new();
     while let Some(r) = workers.join_next().await {
-        r.unwrap();
+        if let Err(e) = r.expect("session worker panicked") {
+            failures.push(e);
+        }
+    }
+    if !failures.is_empty() {
+        // Give the proxy a moment to log how the session ended on its side.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        panic!("{}\n\nlab logs:\n{}", failures.join("\n"), lab.log_tails(40));
     }
 }
 
@@ -211,14 +224,13 @@ async fn short_sessions_leave_no_fds_or_threads_behind() {
     let key = format!("--client-tls-key={}", pki.key_file.display());
     let lab = LabUp::start(LabOptions { tailgres_args: vec![&cert, &key], ..Default::default() }).await;
     let pid = lab.info["proxy"]["pid"].as_u64().expect("proxy pid") as u32;
-    let forward = lab.forward(0);
 
-    sessions(&forward, &pki, WARM_UP).await;
+    sessions(&lab, &pki, WARM_UP).await;
     wait_ended(&lab, WARM_UP).await;
     let base = settled(pid).await;
     let base_names = thread_names(pid);
 
-    sessions(&forward, &pki, SESSIONS).await;
+    sessions(&lab, &pki, SESSIONS).await;
     wait_ended(&lab, WARM_UP + SESSIONS).await;
     let after = settled(pid).await;
     let after_names = thread_names(pid);

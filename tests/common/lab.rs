@@ -151,6 +151,36 @@ impl LabUp {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The last `lines` lines of every log in the lab directory (each
+    /// process's `NAME.log`, and `lab.stderr`), for a failure message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut logs = Vec::new();
+        let mut dirs = vec![self.dir.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "log" || x == "stderr") {
+                    logs.push(p);
+                }
+            }
+        }
+        logs.sort();
+        let mut out = String::new();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_else(|e| format!("(unreadable: {e})"));
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            out += &format!("--- {} (last {} of {} lines)\n", p.display(), tail.len(), all.len());
+            for l in tail {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
 }
 
 /// A test that panics drops its lab without [`LabUp::stop`]: SIGTERM (not
