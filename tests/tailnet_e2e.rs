@@ -10,11 +10,12 @@ mod common;
 use common::{forward_addr, Lab};
 use serde_json::json;
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tailgres::tailnet::{EmbeddedNode, PeerIdentity, Tailnet, TailnetConn, TailnetError};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 const PG_PORT: u16 = 5432;
@@ -155,6 +156,37 @@ async fn bulk_echo_half_close_and_shutdown_wake_pending_reads() {
     assert_eq!(within("echo task", echo).await.unwrap(), LEN as u64);
     assert_eq!(got.len(), LEN);
     assert!(got == pattern(LEN), "echoed bytes differ from those sent");
+
+    // Gathered writes (how TLS hands over a flight): up to 64 buffers of 1
+    // byte to 24 KiB per call, against a full send buffer, so calls take
+    // only part of what they are given and stop inside a buffer.
+    let mut gathered = TcpStream::connect(forward_addr(&alice, 0)).await.unwrap();
+    let (mut stream, _) = within("accept", listener.accept()).await.unwrap();
+    assert!(stream.is_write_vectored());
+    let sender = tokio::spawn(async move {
+        let data = pattern(LEN);
+        let (mut off, mut calls, mut short) = (0, 0, 0);
+        while off < data.len() {
+            let mut bufs = Vec::new();
+            let mut at = off;
+            for k in 0..(calls % 64 + 1) {
+                let end = (at + (off + k * 4099) % (24 << 10) + 1).min(data.len());
+                bufs.push(IoSlice::new(&data[at..end]));
+                at = end;
+            }
+            let n = stream.write_vectored(&bufs).await.unwrap();
+            assert!(n > 0 && off + n <= at, "write_vectored took {n} of {} bytes", at - off);
+            short += usize::from(off + n < at);
+            (off, calls) = (off + n, calls + 1);
+        }
+        stream.shutdown().await.unwrap();
+        short
+    });
+    let mut got = Vec::with_capacity(LEN);
+    within("8 MiB of gathered writes", gathered.read_to_end(&mut got)).await.unwrap();
+    let short = within("gathering writer", sender).await.unwrap();
+    assert!(got == pattern(LEN), "gathered bytes differ from those written ({} of {LEN})", got.len());
+    assert!(short > 0, "no gathered write met a full send buffer: the partial case went untested");
 
     // Data and the peer's FIN queued together before the first read: the
     // read that takes the data must not leave the end of stream unseen

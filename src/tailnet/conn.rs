@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use super::ffi;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,11 +128,26 @@ impl AsyncRead for TailnetConn {
 
 impl AsyncWrite for TailnetConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        if data.is_empty() {
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
+    }
+
+    /// One call into the node for all of `bufs`: rustls hands over a TLS
+    /// flight (or a large write's records) as several buffers, which then
+    /// leave in full segments instead of a segment per record.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if bufs.iter().all(|b| b.is_empty()) {
             return Poll::Ready(Ok(0));
         }
         let this = self.get_mut();
-        this.wakers.write.poll(cx, || this.conn.write(data))
+        this.wakers.write.poll(cx, || this.conn.write(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -234,11 +234,14 @@ impl<W: Wake> Conn<W> {
         }
     }
 
-    /// Writes from `data`: `Ok(Some(n))` bytes taken, `Ok(None)` when the
-    /// send buffer is full.
-    pub fn write(&mut self, data: &[u8]) -> std::io::Result<Option<usize>> {
-        // SAFETY: the shim only reads len bytes at the pointer.
-        let ret = unsafe { bindings::tsffi_conn_write(self.id, data.as_ptr() as *mut _, data.len()) };
+    /// Writes `bufs` in order as one write (see tsffi.h): `Ok(Some(n))`
+    /// bytes taken from their start, `Ok(None)` when the send buffer is full.
+    pub fn write(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<Option<usize>> {
+        // SAFETY: IoSlice is ABI-compatible with struct iovec on Unix (its
+        // documented guarantee), and the shim only reads the iovcnt entries
+        // and the bytes they point at, during the call.
+        let ret =
+            unsafe { bindings::tsffi_conn_write(self.id, bufs.as_ptr() as *mut bindings::iovec, bufs.len()) };
         match ret {
             n if n >= 0 => Ok(Some(n as usize)),
             n if n == -(libc::EAGAIN as i64) => Ok(None),

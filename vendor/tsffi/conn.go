@@ -9,8 +9,8 @@ static void call_wake(tsffi_wake_fn f, void *ctx, unsigned int events) { f(ctx, 
 import "C"
 
 import (
-	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"reflect"
 	"sync"
@@ -45,7 +45,7 @@ type tconn struct {
 	// rw and wr are reused by read and write (C never reads, or writes,
 	// one connection from two threads at once) so neither allocates.
 	rw tcpip.SliceWriter
-	wr bytes.Reader
+	wr gather
 
 	// mu is held for the whole of close, so a close from C waits for one
 	// the node started (which calls wake one last time) to finish: after
@@ -170,10 +170,10 @@ func (tc *tconn) read(b []byte, drained *bool) int64 {
 }
 
 // write returns the count written (maybe short) or -errno.
-func (tc *tconn) write(b []byte) int64 {
-	tc.wr.Reset(b)
+func (tc *tconn) write(bufs []C.struct_iovec) int64 {
+	tc.wr.reset(bufs)
 	n, err := tc.ep.Write(&tc.wr, tcpip.WriteOptions{})
-	tc.wr.Reset(nil)
+	tc.wr.reset(nil)
 	if n > 0 {
 		return n
 	}
@@ -181,6 +181,46 @@ func (tc *tconn) write(b []byte) int64 {
 		return -int64(errno(err))
 	}
 	return 0
+}
+
+// gather is the netstack's view (a tcpip.Payloader) of the buffers of one
+// tsffi_conn_write: it copies from them, in order, into one send-queue
+// entry. The buffers are C's and are read only during the call.
+type gather struct {
+	bufs []C.struct_iovec // not yet started
+	cur  []byte           // the unread rest of the current buffer
+	left int              // unread bytes in all of them
+}
+
+func (g *gather) reset(bufs []C.struct_iovec) {
+	g.bufs, g.cur, g.left = bufs, nil, 0
+	for _, b := range bufs {
+		g.left += int(b.iov_len)
+	}
+}
+
+// Len is what is left to read (tcpip.Payloader).
+func (g *gather) Len() int { return g.left }
+
+func (g *gather) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		for len(g.cur) == 0 {
+			if len(g.bufs) == 0 {
+				if n == 0 {
+					return 0, io.EOF
+				}
+				return n, nil
+			}
+			g.cur = unsafe.Slice((*byte)(g.bufs[0].iov_base), int(g.bufs[0].iov_len))
+			g.bufs = g.bufs[1:]
+		}
+		c := copy(p[n:], g.cur)
+		g.cur = g.cur[c:]
+		g.left -= c
+		n += c
+	}
+	return n, nil
 }
 
 func (tc *tconn) shutdownWrite() int64 {

@@ -194,8 +194,8 @@ func tsffi_conn_read(id C.ulonglong, buf unsafe.Pointer, n C.size_t, drained *C.
 }
 
 //export tsffi_conn_write
-func tsffi_conn_write(id C.ulonglong, buf unsafe.Pointer, n C.size_t) C.longlong {
-	return C.longlong(onConn(id, func(tc *tconn) int64 { return tc.write(unsafe.Slice((*byte)(buf), int(n))) }))
+func tsffi_conn_write(id C.ulonglong, iov *C.struct_iovec, n C.size_t) C.longlong {
+	return C.longlong(onConn(id, func(tc *tconn) int64 { return tc.write(unsafe.Slice(iov, int(n))) }))
 }
 
 //export tsffi_conn_shutdown_write

@@ -23,6 +23,7 @@
 #define TAILGRES_TSFFI_H
 
 #include <stddef.h>
+#include <sys/uio.h>
 
 /*
  * tsffi_new creates (but does not start) a node from a JSON configuration:
@@ -88,10 +89,13 @@ int tsffi_conn_attach(unsigned long long conn, tsffi_wake_fn wake, void *ctx);
  * connection as empty without calling again. */
 long long tsffi_conn_read(unsigned long long conn, void *buf, size_t len, int *drained);
 
-/* tsffi_conn_write returns the number of bytes taken (maybe fewer than
- * len) or -errno. It may wait briefly while the node's outbound packet
- * queue is full. */
-long long tsffi_conn_write(unsigned long long conn, void *buf, size_t len);
+/* tsffi_conn_write writes the iovcnt buffers at iov, in order, as one
+ * write: a TLS flight of several records leaves in full segments rather
+ * than a segment per record. It returns the number of bytes taken (maybe
+ * fewer than the buffers hold, and then the first ones) or -errno. It may
+ * wait briefly while the node's outbound packet queue is full. The buffers
+ * are only read, and only during the call. */
+long long tsffi_conn_write(unsigned long long conn, struct iovec *iov, size_t iovcnt);
 
 /* tsffi_conn_shutdown_write half-closes: the peer reads end of stream. */
 int tsffi_conn_shutdown_write(unsigned long long conn);
