@@ -24,6 +24,9 @@ use zeroize::Zeroizing;
 const MAX_AUTH_MESSAGE: usize = 1 << 20;
 /// A password message is small; anything bigger is not a password.
 const MAX_PASSWORD_MESSAGE: usize = 8 * 1024;
+/// Messages held for the client (see [`Exchange::hold_client`]) are sent
+/// once they reach this much: one full TLS record.
+const MAX_HELD: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -77,6 +80,8 @@ struct Exchange<'a, C, U> {
     upstream: &'a mut U,
     c2u: u64,
     u2c: u64,
+    /// Messages for the client not yet written (see `hold_client`).
+    held: Vec<u8>,
 }
 
 impl<C, U> Exchange<'_, C, U>
@@ -84,10 +89,30 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Writes the held messages and `bytes`, in one write.
     async fn send_client(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
-        self.client.write_all(bytes).await.map_err(AuthError::ClientClosed)?;
+        let out = if self.held.is_empty() {
+            bytes
+        } else {
+            self.held.extend_from_slice(bytes);
+            &self.held
+        };
+        self.client.write_all(out).await.map_err(AuthError::ClientClosed)?;
         self.client.flush().await.map_err(AuthError::ClientClosed)?;
-        self.u2c += bytes.len() as u64;
+        self.u2c += out.len() as u64;
+        self.held.clear();
+        Ok(())
+    }
+    /// Holds a message that needs no answer until the next `send_client`,
+    /// as PostgreSQL itself holds AuthenticationOk and what follows it
+    /// until ReadyForQuery: the client then gets them in one TLS record and
+    /// one packet, not one per message (a connection's dozen or more
+    /// ParameterStatus messages included). Bounded by `MAX_HELD`.
+    async fn hold_client(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
+        self.held.extend_from_slice(bytes);
+        if self.held.len() >= MAX_HELD {
+            self.send_client(&[]).await?;
+        }
         Ok(())
     }
     async fn send_upstream(&mut self, bytes: &[u8]) -> Result<(), AuthError> {
@@ -145,7 +170,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut x = Exchange { client, upstream, c2u: 0, u2c: 0 };
+    let mut x = Exchange { client, upstream, c2u: 0, u2c: 0, held: Vec::new() };
     x.send_upstream(&startup.to_bytes()).await?;
     let mut method: Option<&'static str> = None;
 
@@ -159,7 +184,7 @@ where
                 })?;
                 match code {
                     auth::OK => {
-                        x.send_client(&m.to_bytes()).await?;
+                        x.hold_client(&m.to_bytes()).await?;
                         method.get_or_insert("trust");
                         break;
                     }
@@ -183,7 +208,7 @@ where
                     }
                     auth::SASL_FINAL => {
                         // Relayed SASL: the final message needs no answer.
-                        x.send_client(&m.to_bytes()).await?;
+                        x.hold_client(&m.to_bytes()).await?;
                     }
                     other => {
                         // Cleartext, MD5, SASL continue, GSS, SSPI: relay the
@@ -223,7 +248,7 @@ where
                 }
                 let pid = u32::from_be_bytes(m.body[..4].try_into().unwrap());
                 backend_key = Some((pid, m.body[4..].to_vec()));
-                x.send_client(&m.to_bytes()).await?;
+                x.hold_client(&m.to_bytes()).await?;
             }
             b'Z' => {
                 x.send_client(&m.to_bytes()).await?;
@@ -235,7 +260,7 @@ where
                 });
             }
             b'E' => return Err(x.rejected(&m, method).await),
-            b'S' | b'N' | b'v' => x.send_client(&m.to_bytes()).await?,
+            b'S' | b'N' | b'v' => x.hold_client(&m.to_bytes()).await?,
             t => {
                 return Err(AuthError::UpstreamProtocol(format!(
                     "unexpected message '{}' before ReadyForQuery",
@@ -324,6 +349,86 @@ fn strip_plus(list: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// The client's side: records each write, reads nothing.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncRead for Writes {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+    impl AsyncWrite for Writes {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.get_mut().0.push(b.to_vec());
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// AuthenticationOk and everything up to ReadyForQuery reach the client
+    /// in one write, unchanged and in order, as PostgreSQL sends them.
+    #[tokio::test]
+    async fn what_follows_authentication_ok_is_one_write() {
+        let mut from_db = pgwire::auth_request(auth::OK, &[]);
+        for i in 0..20 {
+            from_db.extend(pgwire::message_bytes(b'S', format!("param{i}\0value{i}\0").as_bytes()));
+        }
+        from_db.extend(pgwire::message_bytes(b'K', &[0, 0, 0, 42, 1, 2, 3, 4]));
+        from_db.extend(pgwire::message_bytes(b'Z', b"I"));
+        let (mut db, mut upstream) = tokio::io::duplex(1 << 16);
+        db.write_all(&from_db).await.unwrap();
+        let mut client = Writes::default();
+        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
+        let out = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None)
+            .await
+            .unwrap();
+        assert_eq!(out.method, "trust");
+        assert_eq!(out.backend_key, Some((42, vec![1, 2, 3, 4])));
+        assert_eq!(client.0, vec![from_db.clone()], "one write of exactly what the database sent");
+        assert_eq!(out.upstream_to_client, from_db.len() as u64);
+    }
+
+    /// A hostile database that never sends ReadyForQuery does not make the
+    /// proxy hold an unbounded amount: held messages go out at MAX_HELD.
+    #[tokio::test]
+    async fn held_messages_are_bounded() {
+        // Room for all of it, so the feed finishes before authenticate runs.
+        let (mut db, mut upstream) = tokio::io::duplex(1 << 20);
+        let feed = tokio::spawn(async move {
+            db.write_all(&pgwire::auth_request(auth::OK, &[])).await.unwrap();
+            let s = pgwire::message_bytes(b'S', &[b'x'; 1000]);
+            for _ in 0..100 {
+                db.write_all(&s).await.unwrap();
+            }
+            db // the stream stays open: no ReadyForQuery, no end
+        });
+        let mut client = Writes::default();
+        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
+        let auth = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None);
+        let _db = feed.await.unwrap();
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(200), auth).await.is_err());
+        let sent: usize = client.0.iter().map(Vec::len).sum();
+        assert!(client.0.len() >= 5, "{} writes: held messages were not sent at MAX_HELD", client.0.len());
+        assert!(client.0.iter().all(|w| w.len() < MAX_HELD + 1100), "a write beyond the bound");
+        let total = 9 + 100 * 1005; // AuthenticationOk, then 100 ParameterStatus
+        assert!(
+            sent + MAX_HELD > total,
+            "{sent} of {total} bytes reached the client: more than MAX_HELD held"
+        );
+    }
 
     #[test]
     fn plus_is_stripped() {
