@@ -106,9 +106,35 @@ struct Counters {
 
 enum DirEnd {
     Eof,
+    /// Stopped between writes: the peer has whole messages only.
     Stopped,
+    /// Stopped while a write to a peer that does not read was still under
+    /// way, after [`STOP_WRITE_GRACE`]: the peer may have half a message.
+    StoppedMidWrite,
     ReadErr(io::Error),
     WriteErr(io::Error),
+}
+
+/// Once the session is stopped, how long a write already under way (or the
+/// last FATAL, or the close) may still take. A client that stops reading
+/// blocks a write for as long as it likes; without this bound it would
+/// keep a revoked or drained session, its backend and its locks, forever.
+pub const STOP_WRITE_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `fut` unless the stop is signalled and [`STOP_WRITE_GRACE`] passes
+/// first (`None` then).
+async fn unless_stopped<F: Future>(fut: F, mut stop: watch::Receiver<bool>) -> Option<F::Output> {
+    let deadline = async move {
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(STOP_WRITE_GRACE).await;
+    };
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        _ = deadline => None,
+    }
 }
 
 async fn pump<R, W>(
@@ -124,9 +150,9 @@ where
 {
     let mut buf = Buffer::new();
     loop {
-        // Only the read is raced against a stop (dropping a pending read
-        // loses nothing); a write, once begun, always completes, so the
-        // stream stays at a known message position.
+        // A pending read is dropped at once on a stop (that loses nothing);
+        // a write under way gets STOP_WRITE_GRACE to finish, so the peer
+        // normally stays at a known message position.
         let n = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return DirEnd::Stopped,
@@ -137,19 +163,22 @@ where
             },
         };
         frames.feed(&buf.0[..n]);
-        if let Err(e) = w.write_all(&buf.0[..n]).await {
-            return DirEnd::WriteErr(e);
-        }
         // Flush per read: small interactive messages must not linger in a
         // TLS writer's buffer.
-        if let Err(e) = w.flush().await {
-            return DirEnd::WriteErr(e);
+        let write = async {
+            w.write_all(&buf.0[..n]).await?;
+            w.flush().await
+        };
+        match unless_stopped(write, stop.clone()).await {
+            None => return DirEnd::StoppedMidWrite,
+            Some(Err(e)) => return DirEnd::WriteErr(e),
+            Some(Ok(())) => {}
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
         buf.adapt(n);
     }
     // Forward the half-close; the other side's close then ends the session.
-    let _ = w.shutdown().await;
+    let _ = unless_stopped(w.shutdown(), stop).await;
     DirEnd::Eof
 }
 
@@ -215,6 +244,7 @@ where
     let mut c_frames = Frames::default();
     let mut u_frames = Frames::default();
     let mut stopped: Option<Stop> = None;
+    let mut client_mid_message = false;
     let first = {
         let c2u = pump(&mut cr, &mut uw, &counters.c2u, &mut c_frames, stop_rx.clone());
         let u2c = pump(&mut ur, &mut cw, &counters.u2c, &mut u_frames, stop_rx);
@@ -227,7 +257,7 @@ where
                     c_done = true;
                     match end {
                         DirEnd::Eof => { first.get_or_insert(EndReason::ClientClosed); }
-                        DirEnd::Stopped => {}
+                        DirEnd::Stopped | DirEnd::StoppedMidWrite => {}
                         DirEnd::ReadErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
                         DirEnd::WriteErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
                     }
@@ -237,6 +267,7 @@ where
                     match end {
                         DirEnd::Eof => { first.get_or_insert(EndReason::UpstreamClosed); }
                         DirEnd::Stopped => {}
+                        DirEnd::StoppedMidWrite => client_mid_message = true,
                         DirEnd::ReadErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
                         DirEnd::WriteErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
                     }
@@ -250,16 +281,21 @@ where
         first
     };
     if let Some(s) = stopped {
-        if u_frames.at_boundary() {
-            let code = match s.reason {
-                EndReason::IdleTimeout => pgwire::sqlstate::IDLE_SESSION_TIMEOUT,
-                _ => pgwire::sqlstate::ADMIN_SHUTDOWN,
-            };
-            let _ = cw.write_all(&pgwire::fatal(code, &s.client_message)).await;
-            let _ = cw.flush().await;
-        }
-        let _ = cw.shutdown().await;
-        let _ = uw.shutdown().await;
+        // The FATAL and the closes are bounded too: the client may still
+        // not be reading.
+        let _ = tokio::time::timeout(STOP_WRITE_GRACE, async {
+            if u_frames.at_boundary() && !client_mid_message {
+                let code = match s.reason {
+                    EndReason::IdleTimeout => pgwire::sqlstate::IDLE_SESSION_TIMEOUT,
+                    _ => pgwire::sqlstate::ADMIN_SHUTDOWN,
+                };
+                let _ = cw.write_all(&pgwire::fatal(code, &s.client_message)).await;
+                let _ = cw.flush().await;
+            }
+            let _ = cw.shutdown().await;
+        })
+        .await;
+        let _ = tokio::time::timeout(STOP_WRITE_GRACE, uw.shutdown()).await;
         return outcome(s.reason, s.detail);
     }
     // A client that said Terminate ended the session, whichever close we
@@ -409,5 +445,50 @@ mod tests {
         let mut rest = Vec::new();
         c_peer.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "nothing may follow half a message: {rest:?}");
+    }
+
+    /// A client that stops reading must not keep a stopped session alive:
+    /// the write under way gets STOP_WRITE_GRACE, then the relay ends, and
+    /// no FATAL is spliced into the half-written message.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_cannot_outlive_a_stop() {
+        for reason in [EndReason::Revoked, EndReason::Shutdown] {
+            let (mut c_peer, c) = duplex(1024);
+            let (mut u_peer, u) = duplex(1024);
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let stop = async move {
+                let _ = rx.await;
+                Stop { reason, client_message: "bye".into(), detail: None }
+            };
+            let task = tokio::spawn(relay(c, u, None, stop));
+            // The database streams rows; the client reads none of them.
+            let row = crate::pgwire::message_bytes(b'D', &[7u8; 300]);
+            let flood = tokio::spawn(async move {
+                for _ in 0..10_000 {
+                    if u_peer.write_all(&row).await.is_err() {
+                        break;
+                    }
+                }
+                u_peer
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!task.is_finished());
+            let stopped_at = tokio::time::Instant::now();
+            tx.send(()).unwrap();
+            let out = tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("the relay ended despite a client that never reads")
+                .unwrap();
+            assert_eq!(out.reason, reason);
+            assert!(stopped_at.elapsed() <= STOP_WRITE_GRACE * 2, "{:?}", stopped_at.elapsed());
+            // What the client got is whole rows and then at most part of one:
+            // never a FATAL in the middle of a row.
+            let mut got = Vec::new();
+            c_peer.read_to_end(&mut got).await.unwrap();
+            let row = crate::pgwire::message_bytes(b'D', &[7u8; 300]);
+            let expected: Vec<u8> = row.iter().copied().cycle().take(got.len()).collect();
+            assert_eq!(got, expected, "{reason:?}: only row bytes reach the client");
+            flood.abort();
+        }
     }
 }
