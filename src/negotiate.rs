@@ -55,6 +55,30 @@ impl Startup {
     pub fn application_name(&self) -> Option<&str> {
         self.param("application_name")
     }
+    /// Replaces the user and database with `user` and `database` (one
+    /// occurrence each, where the first user or database was).
+    pub fn set_names(&mut self, user: &str, database: &str) {
+        let mut seen = (false, false);
+        let mut params = Vec::with_capacity(self.params.len() + 1);
+        for (k, v) in self.params.drain(..) {
+            match k.as_str() {
+                "user" if !seen.0 => {
+                    seen.0 = true;
+                    params.push((k, user.to_string()));
+                }
+                "database" if !seen.1 => {
+                    seen.1 = true;
+                    params.push((k, database.to_string()));
+                }
+                "user" | "database" => {}
+                _ => params.push((k, v)),
+            }
+        }
+        if !seen.1 {
+            params.push(("database".to_string(), database.to_string()));
+        }
+        self.params = params;
+    }
     pub fn protocol_label(&self) -> String {
         format!("{}.{}", self.version >> 16, self.version & 0xffff)
     }
@@ -82,8 +106,19 @@ pub struct CancelRequest {
 }
 
 pub enum Negotiated<S> {
-    Startup { stream: ClientStream<S>, startup: Startup, transport: ClientTransport },
-    Cancel { request: CancelRequest, transport: ClientTransport },
+    Startup {
+        stream: ClientStream<S>,
+        startup: Startup,
+        transport: ClientTransport,
+    },
+    /// The stream is kept so that, once the cancel is handled, it is
+    /// closed as PostgreSQL closes it: with a TLS close_notify on a TLS
+    /// connection (libpq 17+ reports an error for a bare close there).
+    Cancel {
+        stream: ClientStream<S>,
+        request: CancelRequest,
+        transport: ClientTransport,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +165,7 @@ where
     let mut first = [0u8; 4];
     plain.read_exact(&mut first).await.map_err(io_err)?;
 
-    if first[0] == pgwire::TLS_HANDSHAKE_BYTE {
+    let (mut s, mut transport, mut header) = if first[0] == pgwire::TLS_HANDSHAKE_BYTE {
         // Direct TLS (PostgreSQL 17+ sslnegotiation=direct): the bytes are
         // the start of a ClientHello; replay them into the TLS handshake.
         let Some(acceptor) = tls else {
@@ -138,35 +173,44 @@ where
         };
         let rewound = Rewind::with_prefix(plain.into_inner(), first.to_vec());
         let tls_stream = acceptor.accept(rewound).await.map_err(tls_err)?;
-        if tls_stream.get_ref().1.alpn_protocol() != Some(pgwire::ALPN_POSTGRESQL) {
+        let alpn_ok = tls_stream.get_ref().1.alpn_protocol() == Some(pgwire::ALPN_POSTGRESQL);
+        let mut s = ClientStream::Tls(Box::new(tls_stream));
+        if !alpn_ok {
             // PostgreSQL requires ALPN "postgresql" on direct TLS so that a
             // TLS connection meant for another protocol is never taken for
             // ours; so do we.
-            let mut s = ClientStream::Tls(Box::new(tls_stream));
             return refuse(&mut s, "direct TLS connection without ALPN \"postgresql\"").await;
         }
-        let mut s = ClientStream::Tls(Box::new(tls_stream));
-        return read_packets(&mut s, None, 0).await.map(|r| r.finish(s, ClientTransport::DirectTls));
-    }
+        (s, ClientTransport::DirectTls, None)
+    } else {
+        (ClientStream::Plain(plain), ClientTransport::Plaintext, Some(first))
+    };
 
-    let mut s = ClientStream::Plain(plain);
-    let mut transport = ClientTransport::Plaintext;
-    let mut header = Some(first);
+    // The same loop whichever way the client came in: inside TLS (after an
+    // SSLRequest or direct), a further SSLRequest or GSSENCRequest is
+    // answered 'N', as for a server with nothing more to offer.
     let mut requests = 0;
     loop {
         match read_packets(&mut s, header.take(), requests).await? {
+            Step::Startup(startup) => return Ok(Negotiated::Startup { stream: s, startup, transport }),
+            Step::Cancel(request) => return Ok(Negotiated::Cancel { stream: s, request, transport }),
+            Step::GssEncRequest => {
+                requests += 1;
+                // No GSSAPI encryption here: 'N', and the client continues
+                // on the same connection (closing it breaks Kerberos users).
+                write(&mut s, b"N").await?;
+            }
             Step::SslRequest => {
                 requests += 1;
-                let acceptor = match (transport, tls) {
-                    (ClientTransport::Plaintext, Some(a)) => a,
-                    // No TLS configured, or a second SSLRequest inside TLS.
-                    _ => {
+                let (mut plain, acceptor) = match (s, tls) {
+                    (ClientStream::Plain(plain), Some(a)) => (plain, a),
+                    // No TLS configured, or an SSLRequest inside TLS.
+                    (other, _) => {
+                        s = other;
                         write(&mut s, b"N").await?;
                         continue;
                     }
                 };
-                let ClientStream::Plain(plain) = s else { unreachable!("plaintext stream") };
-                let mut plain = plain;
                 // CVE-2021-23214: a client must wait for our 'S' before it
                 // sends anything. Bytes already here were sent in the clear
                 // and must never be read as if they had come through TLS.
@@ -180,32 +224,16 @@ where
                 s = ClientStream::Tls(Box::new(tls_stream));
                 transport = ClientTransport::Tls;
             }
-            Step::GssEncRequest => {
-                requests += 1;
-                // No GSSAPI encryption here: 'N', and the client continues
-                // on the same connection (closing it breaks Kerberos users).
-                write(&mut s, b"N").await?;
-            }
-            done => return Ok(done.finish(s, transport)),
         }
     }
 }
 
+/// One pre-startup packet, parsed.
 enum Step {
     SslRequest,
     GssEncRequest,
     Startup(Startup),
     Cancel(CancelRequest),
-}
-
-impl Step {
-    fn finish<S>(self, stream: ClientStream<S>, transport: ClientTransport) -> Negotiated<S> {
-        match self {
-            Step::Startup(startup) => Negotiated::Startup { stream, startup, transport },
-            Step::Cancel(request) => Negotiated::Cancel { request, transport },
-            _ => unreachable!("only final steps finish"),
-        }
-    }
 }
 
 async fn write<S: AsyncRead + AsyncWrite + Unpin>(

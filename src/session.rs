@@ -238,9 +238,12 @@ impl Session<'_> {
                 self.deny(reason, e.to_string()).await;
                 return None;
             }
-            Ok(Ok(Negotiated::Cancel { request, transport })) => {
+            Ok(Ok(Negotiated::Cancel { mut stream, request, transport })) => {
                 self.base.client_transport = Some(audit_transport(transport));
                 self.cancel(request.pid, &request.key, &identity).await;
+                // As PostgreSQL does once the cancel is handled: close, with
+                // a TLS close_notify where the client came over TLS.
+                close(&mut stream).await;
                 return None;
             }
             Ok(Ok(Negotiated::Startup { stream, startup, transport })) => (stream, startup, transport),
@@ -458,6 +461,11 @@ impl Session<'_> {
     }
 
     async fn auth_failed<C: AsyncWrite + Unpin>(&self, client: &mut C, e: AuthError) {
+        self.auth_failed_records(client, e).await;
+        close(client).await;
+    }
+
+    async fn auth_failed_records<C: AsyncWrite + Unpin>(&self, client: &mut C, e: AuthError) {
         let method = audit_method(e.method());
         if matches!(e, AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_)) {
             // The client would otherwise see only "server closed the
@@ -531,10 +539,24 @@ async fn shutdown_signalled(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// How long a closing message and close may take: the client may not read.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends the client a FATAL and closes (see [`close`]).
 async fn fatal<S: AsyncWrite + Unpin>(s: &mut S, code: &str, msg: &str) {
-    let _ = s.write_all(&pgwire::fatal(code, msg)).await;
-    let _ = s.flush().await;
-    let _ = s.shutdown().await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        let _ = s.write_all(&pgwire::fatal(code, msg)).await;
+        let _ = s.flush().await;
+    })
+    .await;
+    close(s).await;
+}
+
+/// Closes the client's connection as PostgreSQL does: on TLS, a
+/// close_notify first (libpq 17+ reports "unexpected eof" without one).
+/// Bounded: a client that does not read cannot hold the session.
+async fn close<S: AsyncWrite + Unpin>(s: &mut S) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, s.shutdown()).await;
 }
 
 /// Refuses a peer before negotiation finished: negotiates briefly (so the

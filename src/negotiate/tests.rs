@@ -57,7 +57,10 @@ async fn run(
             drop(stream);
             Ok((startup, transport))
         }
-        Ok(Negotiated::Cancel { request, transport }) => Err(Ok((request, transport))),
+        Ok(Negotiated::Cancel { stream, request, transport }) => {
+            drop(stream);
+            Err(Ok((request, transport)))
+        }
         Err(e) => Err(Err(e)),
     };
     client.read_to_end(&mut reply).await.unwrap();
@@ -66,7 +69,10 @@ async fn run(
             let (_c, s) = duplex(1);
             Ok(Negotiated::Startup { stream: ClientStream::Plain(Rewind::new(s)), startup, transport })
         }
-        Err(Ok((request, transport))) => Ok(Negotiated::Cancel { request, transport }),
+        Err(Ok((request, transport))) => {
+            let (_c, s) = duplex(1);
+            Ok(Negotiated::Cancel { stream: ClientStream::Plain(Rewind::new(s)), request, transport })
+        }
         Err(Err(e)) => Err(e),
     };
     (res, reply)
@@ -135,7 +141,7 @@ async fn cancel_requests_for_both_key_sizes() {
         let (res, reply) = run(pgwire::cancel_request(4242, &key), None).await;
         assert!(reply.is_empty(), "a cancel gets no answer");
         match res {
-            Ok(Negotiated::Cancel { request, transport }) => {
+            Ok(Negotiated::Cancel { request, transport, .. }) => {
                 assert_eq!(request, CancelRequest { pid: 4242, key: key.clone() });
                 assert_eq!(transport, ClientTransport::Plaintext);
             }
@@ -287,4 +293,66 @@ async fn direct_tls_requires_alpn_postgresql() {
     let (res, got) = tls_client(&tls(false), false).await;
     assert!(matches!(res, Err(NegotiateError::Protocol(_))), "{:?}", res.err());
     assert!(fatal_message(&got).contains("ALPN"));
+}
+
+/// A client that asks for TLS (or GSSAPI encryption) again from inside a
+/// TLS session, direct or after an SSLRequest, is told 'N' and goes on; this
+/// once reached `unreachable!` and killed the session task unaudited.
+#[tokio::test]
+async fn requests_inside_tls_are_answered_n() {
+    for direct in [true, false] {
+        let t = tls(true);
+        let (client, server) = duplex(1 << 16);
+        let acceptor = t.acceptor.clone();
+        let server_task = tokio::spawn(async move {
+            match negotiate(server, Some(&acceptor)).await {
+                Ok(Negotiated::Startup { mut stream, startup, transport }) => {
+                    stream.write_all(b"R-ok").await.unwrap();
+                    stream.flush().await.unwrap();
+                    let _ = stream.shutdown().await;
+                    Ok((startup.user().to_string(), transport))
+                }
+                Ok(Negotiated::Cancel { .. }) => panic!("cancel"),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        let mut client = client;
+        if !direct {
+            client.write_all(&request(pgwire::SSL_REQUEST)).await.unwrap();
+            let mut b = [0u8; 1];
+            client.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"S");
+        }
+        let name = ServerName::try_from("proxy.test").unwrap();
+        let mut conn = t.connector.connect(name, client).await.unwrap();
+        for code in [pgwire::SSL_REQUEST, pgwire::GSSENC_REQUEST] {
+            conn.write_all(&request(code)).await.unwrap();
+            conn.flush().await.unwrap();
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"N", "direct {direct}");
+        }
+        conn.write_all(&startup_packet(PROTOCOL_3_0, &[("user", "again")])).await.unwrap();
+        conn.flush().await.unwrap();
+        let mut got = Vec::new();
+        let _ = conn.read_to_end(&mut got).await;
+        assert_eq!(got, b"R-ok");
+        let want = if direct { ClientTransport::DirectTls } else { ClientTransport::Tls };
+        assert_eq!(server_task.await.unwrap(), Ok(("again".to_string(), want)));
+
+        // And a client that hangs up right after such a request: a clean
+        // close, not a dead task.
+        let t = tls(true);
+        let (client, server) = duplex(1 << 16);
+        let acceptor = t.acceptor.clone();
+        let server_task = tokio::spawn(async move { negotiate(server, Some(&acceptor)).await.err() });
+        let name = ServerName::try_from("proxy.test").unwrap();
+        let mut conn = t.connector.connect(name, client).await.unwrap();
+        conn.write_all(&request(pgwire::SSL_REQUEST)).await.unwrap();
+        conn.flush().await.unwrap();
+        let mut b = [0u8; 1];
+        conn.read_exact(&mut b).await.unwrap();
+        drop(conn);
+        assert!(matches!(server_task.await.unwrap(), Some(NegotiateError::Closed)));
+    }
 }
