@@ -207,10 +207,26 @@ impl Session<'_> {
         let identity = match whois {
             Ok(id) => id,
             Err(e) => {
-                // Still speak the protocol, so the client shows a message.
-                self.deny(DenyReason::UnknownPeer, e.to_string()).await;
-                let msg = "tailgres could not identify this tailnet peer, so it refuses the connection";
-                refuse_unnegotiated(stream, self.shared, sqlstate::INVALID_AUTHORIZATION, msg).await;
+                // Still speak the protocol, so the client shows a message. An
+                // unknown address is the peer's; a failed lookup is ours.
+                let (reason, code, msg) = match e {
+                    crate::tailnet::TailnetError::UnknownPeer { .. } => (
+                        DenyReason::UnknownPeer,
+                        sqlstate::INVALID_AUTHORIZATION,
+                        "tailgres could not identify this tailnet peer, so it refuses the connection",
+                    ),
+                    _ => {
+                        self.shared.metrics.error("whois");
+                        tracing::error!(error = %e, "WhoIs failed");
+                        (
+                            DenyReason::WhoisFailed,
+                            sqlstate::CANNOT_CONNECT_NOW,
+                            "tailgres could not look up who this tailnet peer is right now; try again shortly",
+                        )
+                    }
+                };
+                self.deny(reason, e.to_string()).await;
+                refuse_unnegotiated(stream, self.shared, code, msg).await;
                 return None;
             }
         };

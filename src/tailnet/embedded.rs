@@ -153,7 +153,8 @@ impl Tailnet for EmbeddedNode {
         let h = self.handle.clone();
         let js = blocking(move || h.whois_json(&addr.to_string()))
             .await
-            .map_err(|reason| TailnetError::WhoIs { addr, reason })?;
+            .map_err(|reason| TailnetError::WhoIs { addr, reason })?
+            .ok_or(TailnetError::UnknownPeer { addr })?;
         serde_json::from_str(&js).map_err(|e| TailnetError::Decode(format!("whois {addr}: {e}")))
     }
 

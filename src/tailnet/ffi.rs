@@ -116,13 +116,20 @@ impl Handle {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    pub fn whois_json(&self, addr: &str) -> Result<String, String> {
+    /// The peer's identity as JSON; `None` when no tailnet node has the
+    /// address.
+    pub fn whois_json(&self, addr: &str) -> Result<Option<String>, String> {
         let addr = cstring(addr)?;
         let mut out: *mut c_char = std::ptr::null_mut();
         // SAFETY: as in status_json.
-        check(|e, n| unsafe { bindings::tsffi_whois(self.0, addr.as_ptr() as *mut c_char, &mut out, e, n) })?;
+        let ret = check(|e, n| unsafe {
+            bindings::tsffi_whois(self.0, addr.as_ptr() as *mut c_char, &mut out, e, n)
+        })?;
+        if ret == 1 {
+            return Ok(None);
+        }
         // SAFETY: see take_string.
-        Ok(unsafe { take_string(out) })
+        Ok(Some(unsafe { take_string(out) }))
     }
 
     pub fn cert_pair(&self, domain: &str) -> Result<(String, Zeroizing<String>), String> {

@@ -144,7 +144,11 @@ pub enum TailnetError {
     Listen { addr: String, reason: String },
     #[error("accepting a tailnet connection: {0}")]
     Accept(#[source] std::io::Error),
-    #[error("peer {addr} is not identified by the tailnet: {reason}")]
+    /// No tailnet node has the address: the peer is unknown.
+    #[error("no tailnet node has the address {addr}")]
+    UnknownPeer { addr: SocketAddr },
+    /// The lookup itself failed: the fault of this node, not of the peer.
+    #[error("identifying the peer {addr} failed: {reason}")]
     WhoIs { addr: SocketAddr, reason: String },
     #[error("HTTPS certificate for {domain}: {reason}")]
     Cert { domain: String, reason: String },

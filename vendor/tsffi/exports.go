@@ -112,6 +112,10 @@ func tsffi_whois(h C.int, addr *C.char, out **C.char, errbuf *C.char, errlen C.s
 	if err == nil {
 		js, err = n.whois(C.GoString(addr))
 	}
+	if errors.Is(err, errNoNode) {
+		*out = nil
+		return 1
+	}
 	if err != nil {
 		return fail(err, errbuf, errlen)
 	}

@@ -110,7 +110,8 @@ void tsffi_conn_close(unsigned long long conn);
  *    "user_display_name", "tags": [...], "addresses": [...], "os",
  *    "shared_in": bool, "key_expiry": RFC 3339 or null, "expired": bool,
  *    "cap_map": {"example.com/cap/x": [json, ...]}}
- * Fails when the address is not a known peer. */
+ * Returns 1 with *out_json NULL when no tailnet node has the address (an
+ * unknown peer), and fails (-1) when the lookup itself cannot be made. */
 int tsffi_whois(int node, char *addr, char **out_json, char *err,
                 size_t errlen);
 

@@ -58,6 +58,10 @@ func (n *node) backend() (*ipnlocal.LocalBackend, error) {
 // forgetBackend drops the registration of a closed node.
 func forgetBackend(sys *tsd.System) { backends.Delete(sys) }
 
+// errNoNode: no tailnet node has the address (the peer is unknown, which is
+// not a failure of this node; tsffi_whois returns 1 for it).
+var errNoNode = errors.New("no tailnet node has this address")
+
 type identityJSON struct {
 	StableID        string                       `json:"stable_id"`
 	NodeName        string                       `json:"node_name"`
@@ -91,7 +95,7 @@ func (n *node) whois(addr string) ([]byte, error) {
 	}
 	nd, up, ok := lb.WhoIs("tcp", ipp)
 	if !ok {
-		return nil, fmt.Errorf("whois %s: no tailnet node has this address", addr)
+		return nil, errNoNode
 	}
 	var caps tailcfg.PeerCapMap
 	if nd.Addresses().Len() > 0 {
