@@ -16,7 +16,7 @@
 use crate::negotiate::Startup;
 use crate::pgwire::{self, auth, sqlstate, Message};
 use crate::scram;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
 /// The largest message accepted from either side before ReadyForQuery
@@ -122,30 +122,37 @@ where
         Ok(())
     }
     async fn recv_upstream(&mut self) -> Result<Message, AuthError> {
-        pgwire::read_message(self.upstream, MAX_AUTH_MESSAGE).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                AuthError::UpstreamProtocol(e.to_string())
-            } else {
-                AuthError::Upstream(e)
-            }
-        })
+        upstream_message(pgwire::read_message(self.upstream, MAX_AUTH_MESSAGE).await)
     }
     /// The client's answer to an authentication request: a 'p' message.
     async fn recv_client(&mut self, max: usize) -> Result<Message, AuthError> {
-        let m = pgwire::read_message(self.client, max).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                AuthError::ClientProtocol(e.to_string())
-            } else {
-                AuthError::ClientClosed(e)
+        client_message(pgwire::read_message(self.client, max).await)
+    }
+    /// After a message that may or may not want an answer (the last
+    /// AuthenticationGSSContinue of a mutual GSSAPI authentication wants
+    /// none): the client's answer, or the upstream's next message if that
+    /// comes first. Only single-byte reads are raced (cancel-safe), then
+    /// the side that spoke first is read to the end of its message.
+    async fn recv_either(&mut self) -> Result<Either, AuthError> {
+        let (mut c, mut u) = ([0u8; 1], [0u8; 1]);
+        let first = tokio::select! {
+            r = self.client.read(&mut c) => Either::Client(r),
+            r = self.upstream.read(&mut u) => Either::Upstream(r),
+        };
+        let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
+        match first {
+            Either::Client(Ok(0)) => Err(AuthError::ClientClosed(eof())),
+            Either::Client(Err(e)) => Err(AuthError::ClientClosed(e)),
+            Either::Client(Ok(_)) => {
+                let mut r = (&c[..]).chain(&mut *self.client);
+                client_message(pgwire::read_message(&mut r, MAX_AUTH_MESSAGE).await).map(Either::Client)
             }
-        })?;
-        match m.tag {
-            b'p' => Ok(m),
-            b'X' => Err(AuthError::ClientClosed(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "client sent Terminate",
-            ))),
-            t => Err(AuthError::ClientProtocol(format!("expected a password message, got '{}'", t as char))),
+            Either::Upstream(Ok(0)) => Err(AuthError::Upstream(eof())),
+            Either::Upstream(Err(e)) => Err(AuthError::Upstream(e)),
+            Either::Upstream(Ok(_)) => {
+                let mut r = (&u[..]).chain(&mut *self.upstream);
+                upstream_message(pgwire::read_message(&mut r, MAX_AUTH_MESSAGE).await).map(Either::Upstream)
+            }
         }
     }
     /// Forwards an upstream ErrorResponse and turns it into the error.
@@ -154,6 +161,42 @@ where
         let (code, msg) = pgwire::error_fields(&m.body);
         AuthError::Rejected { method, sqlstate: code.unwrap_or_default(), message: msg.unwrap_or_default() }
     }
+}
+
+/// One side's message, or its result, in [`Exchange::recv_either`].
+enum Either<C = Message, U = Message> {
+    Client(C),
+    Upstream(U),
+}
+
+/// A message read from the client during authentication: an answer ('p'),
+/// with every other outcome typed.
+fn client_message(read: std::io::Result<Message>) -> Result<Message, AuthError> {
+    let m = read.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            AuthError::ClientProtocol(e.to_string())
+        } else {
+            AuthError::ClientClosed(e)
+        }
+    })?;
+    match m.tag {
+        b'p' => Ok(m),
+        b'X' => Err(AuthError::ClientClosed(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "client sent Terminate",
+        ))),
+        t => Err(AuthError::ClientProtocol(format!("expected a password message, got '{}'", t as char))),
+    }
+}
+
+fn upstream_message(read: std::io::Result<Message>) -> Result<Message, AuthError> {
+    read.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            AuthError::UpstreamProtocol(e.to_string())
+        } else {
+            AuthError::Upstream(e)
+        }
+    })
 }
 
 /// Runs the whole exchange. `client_tls` says whether the client's leg is
@@ -173,10 +216,15 @@ where
     let mut x = Exchange { client, upstream, c2u: 0, u2c: 0, held: Vec::new() };
     x.send_upstream(&startup.to_bytes()).await?;
     let mut method: Option<&'static str> = None;
+    // An upstream message read while waiting for either side.
+    let mut next: Option<Message> = None;
 
     // Authentication requests until AuthenticationOk.
     loop {
-        let m = x.recv_upstream().await?;
+        let m = match next.take() {
+            Some(m) => m,
+            None => x.recv_upstream().await?,
+        };
         match m.tag {
             b'R' => {
                 let code = m.code().ok_or_else(|| {
@@ -209,6 +257,17 @@ where
                     auth::SASL_FINAL => {
                         // Relayed SASL: the final message needs no answer.
                         x.hold_client(&m.to_bytes()).await?;
+                    }
+                    auth::GSS_CONTINUE => {
+                        // GSSAPI/SSPI: the last continue of a mutual
+                        // authentication carries the server's final token
+                        // and wants no answer; the client knows, we do not.
+                        method.get_or_insert("other");
+                        x.send_client(&m.to_bytes()).await?;
+                        match x.recv_either().await? {
+                            Either::Client(answer) => x.send_upstream(&answer.to_bytes()).await?,
+                            Either::Upstream(m) => next = Some(m),
+                        }
                     }
                     other => {
                         // Cleartext, MD5, SASL continue, GSS, SSPI: relay the
@@ -308,8 +367,17 @@ where
         let m = x.recv_upstream().await?;
         match (m.tag, m.code()) {
             (b'R', Some(auth::SASL_CONTINUE)) => {
-                let reply =
-                    client.handle_server_first(&m.body[4..]).map_err(|e| AuthError::Scram(e.to_string()))?;
+                // PBKDF2 runs on the blocking pool: on an async worker, a
+                // stream of logins would stall every relay on that worker.
+                let server_first = m.body[4..].to_vec();
+                let (back, reply) = tokio::task::spawn_blocking(move || {
+                    let reply = client.handle_server_first(&server_first);
+                    (client, reply)
+                })
+                .await
+                .map_err(|e| AuthError::Scram(format!("key derivation task failed: {e}")))?;
+                client = back;
+                let reply = reply.map_err(|e| AuthError::Scram(e.to_string()))?;
                 x.send_upstream(&scram::sasl_response(&reply)).await?;
             }
             (b'R', Some(auth::SASL_FINAL)) => {
@@ -437,5 +505,57 @@ mod tests {
         assert_eq!(strip_plus(b"SCRAM-SHA-256-PLUS\0\0").unwrap(), b"");
         assert!(strip_plus(b"SCRAM-SHA-256").is_none());
         assert!(strip_plus(b"SCRAM-SHA-256\0\0trailing").is_none());
+    }
+
+    /// GSSAPI mutual authentication: the last AuthenticationGSSContinue
+    /// wants no answer, and the database goes on to AuthenticationOk; the
+    /// proxy must not wait for the client (it once hung here until the
+    /// handshake timeout). A continue that does want an answer is relayed.
+    #[tokio::test]
+    async fn the_last_gss_continue_needs_no_answer() {
+        let gss = |code: u32, token: &[u8]| pgwire::auth_request(code, token);
+        let (mut db, mut upstream) = tokio::io::duplex(1 << 16);
+        let (mut app, mut client) = tokio::io::duplex(1 << 16);
+        let db_task = tokio::spawn(async move {
+            // The StartupMessage.
+            let len = db.read_u32().await.unwrap();
+            let mut b = vec![0; len as usize - 4];
+            db.read_exact(&mut b).await.unwrap();
+            db.write_all(&gss(7, b"")).await.unwrap(); // AuthenticationGSS
+            let m = pgwire::read_message(&mut db, 1 << 16).await.unwrap();
+            assert_eq!((m.tag, &m.body[..]), (b'p', &b"token-1"[..]));
+            db.write_all(&gss(auth::GSS_CONTINUE, b"more")).await.unwrap();
+            let m = pgwire::read_message(&mut db, 1 << 16).await.unwrap();
+            assert_eq!((m.tag, &m.body[..]), (b'p', &b"token-2"[..]));
+            // The final token: the context is complete, no answer comes.
+            db.write_all(&gss(auth::GSS_CONTINUE, b"final")).await.unwrap();
+            db.write_all(&gss(auth::OK, b"")).await.unwrap();
+            db.write_all(&pgwire::message_bytes(b'Z', b"I")).await.unwrap();
+            db
+        });
+        let app_task = tokio::spawn(async move {
+            let expect = |m: Message, token: &[u8]| assert_eq!(&m.body[4..], token);
+            expect(pgwire::read_message(&mut app, 1 << 16).await.unwrap(), b"");
+            app.write_all(&pgwire::message_bytes(b'p', b"token-1")).await.unwrap();
+            expect(pgwire::read_message(&mut app, 1 << 16).await.unwrap(), b"more");
+            app.write_all(&pgwire::message_bytes(b'p', b"token-2")).await.unwrap();
+            expect(pgwire::read_message(&mut app, 1 << 16).await.unwrap(), b"final");
+            // Then AuthenticationOk and ReadyForQuery, without a word from us.
+            let ok = pgwire::read_message(&mut app, 1 << 16).await.unwrap();
+            assert_eq!((ok.tag, ok.code()), (b'R', Some(auth::OK)));
+            assert_eq!(pgwire::read_message(&mut app, 1 << 16).await.unwrap().tag, b'Z');
+            app
+        });
+        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None),
+        )
+        .await
+        .expect("authentication finished without waiting for the client")
+        .unwrap();
+        assert_eq!(out.method, "other");
+        let _app = app_task.await.unwrap();
+        let _db = db_task.await.unwrap();
     }
 }

@@ -32,6 +32,9 @@ pub mod auth {
     pub const OK: u32 = 0;
     pub const CLEARTEXT: u32 = 3;
     pub const MD5: u32 = 5;
+    /// AuthenticationGSSContinue (GSSAPI and SSPI): the last one of a
+    /// mutual authentication expects no answer from the client.
+    pub const GSS_CONTINUE: u32 = 8;
     pub const SASL: u32 = 10;
     pub const SASL_CONTINUE: u32 = 11;
     pub const SASL_FINAL: u32 = 12;
