@@ -107,6 +107,7 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
         cancels: CancelRegistry::default(),
         metrics: metrics.clone(),
         per_identity: Default::default(),
+        grant_use: Default::default(),
         live: Default::default(),
         directory: Default::default(),
         shutdown: stop_rx,

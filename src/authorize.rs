@@ -15,33 +15,183 @@
 //! one of its `users` patterns on the databases matching one of its
 //! `databases` patterns; several grants combine (any one suffices). Patterns
 //! are globs (`*`, `?`); `{login}` stands for the peer's full login name and
-//! `{login_local}` for the part before '@' (never for tagged devices).
+//! `{localpart:*@example.com}` for the part before '@' of a login in that
+//! domain (never for tagged devices). The domain must be named: a bare local
+//! part would make alice@corp.com and alice@gmail.com the same role.
+//!
+//! Grants are checked on the names the server will use ([`Names`]): an empty
+//! database is the user's name, and names are cut to 63 bytes as
+//! PostgreSQL cuts them (the StartupMessage is rewritten to those names, so
+//! the server cuts nothing further). A physical or logical replication
+//! connection needs a grant that says `"replication": true`.
 //!
 //! A peer with at least one grant is always held to its grants. A peer with
-//! none is let through unless `--require-grant`. A malformed grant denies
-//! (fail closed). Devices shared in from another tailnet are denied unless
+//! none is refused with `--require-grant`, and otherwise refused too once
+//! any peer on the tailnet carries the capability ([`GrantUse`]): only a
+//! tailnet that does not use grants at all is open to every peer its ACLs
+//! let through. A session admitted by a grant is revoked when no grant
+//! allows it any more, whatever remains. A malformed grant denies (fail
+//! closed). Devices shared in from another tailnet are denied unless
 //! `--allow-shared-nodes`.
 #![forbid(unsafe_code)]
 
 use crate::tailnet::PeerIdentity;
 use serde::Deserialize;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// PostgreSQL's NAMEDATALEN - 1: the longest user or database name; the
+/// server silently cuts longer ones (at a character boundary).
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// `name` as the server will store it: cut to [`MAX_NAME_BYTES`] bytes at a
+/// UTF-8 character boundary (pg_mbcliplen in a UTF-8 database).
+pub fn server_name(name: &str) -> &str {
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// What a StartupMessage asks for, with the names the server will use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub user: String,
+    /// The database; the user's name when none or an empty one is given.
+    pub database: String,
+    /// A walsender (`replication` is `database` or true): it can stream
+    /// the whole cluster's WAL, so only a grant that says so allows it.
+    pub replication: bool,
+}
+
+impl Names {
+    /// From startup parameters (the last occurrence of each wins, as in
+    /// the server).
+    pub fn from_params(params: &[(String, String)]) -> Names {
+        let get = |k: &str| params.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let user = server_name(get("user").unwrap_or("")).to_string();
+        let database = match get("database") {
+            Some(d) if !d.is_empty() => server_name(d).to_string(),
+            _ => user.clone(),
+        };
+        // The server takes "database" or a boolean; anything it does not
+        // read as false is treated as a request for replication (a value
+        // it cannot read at all is refused there anyway).
+        let replication = get("replication").is_some_and(|v| parse_bool(v) != Some(false));
+        Names { user, database, replication }
+    }
+}
+
+/// PostgreSQL's parse_bool: a case-insensitive prefix of true/false/yes/no,
+/// "on", "off" (at least "of"), "1" or "0".
+pub fn parse_bool(v: &str) -> Option<bool> {
+    let l = v.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| l.len() >= min && word.starts_with(l.as_str());
+    match l.as_bytes().first()? {
+        b't' if prefix_of("true", 1) => Some(true),
+        b'f' if prefix_of("false", 1) => Some(false),
+        b'y' if prefix_of("yes", 1) => Some(true),
+        b'n' if prefix_of("no", 1) => Some(false),
+        b'o' if l == "on" => Some(true),
+        b'o' if prefix_of("off", 2) => Some(false),
+        b'1' if l.len() == 1 => Some(true),
+        b'0' if l.len() == 1 => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether any peer on the tailnet carries the capability, as last seen by
+/// [`crate::live::follow`]. Until it has looked, the answer is unknown and
+/// peers without a grant are refused (fail closed).
+#[derive(Clone, Default)]
+pub struct GrantUse(Arc<AtomicU8>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantUseState {
+    Unknown,
+    /// No peer carries the capability: grants are not in use.
+    Unused,
+    /// At least one peer carries it: every peer must.
+    Used,
+}
+
+impl GrantUse {
+    pub fn get(&self) -> GrantUseState {
+        match self.0.load(Ordering::Relaxed) {
+            1 => GrantUseState::Unused,
+            2 => GrantUseState::Used,
+            _ => GrantUseState::Unknown,
+        }
+    }
+    /// Records what a scan found; returns the previous state.
+    pub fn set(&self, used: bool) -> GrantUseState {
+        let prev = self.0.swap(if used { 2 } else { 1 }, Ordering::Relaxed);
+        match prev {
+            1 => GrantUseState::Unused,
+            2 => GrantUseState::Used,
+            _ => GrantUseState::Unknown,
+        }
+    }
+    /// A fixed state (tests, and tools that know).
+    pub fn fixed(state: GrantUseState) -> GrantUse {
+        let g = GrantUse::default();
+        if state != GrantUseState::Unknown {
+            g.set(state == GrantUseState::Used);
+        }
+        g
+    }
+}
 
 /// Startup parameters under this prefix carry the verified identity to the
 /// database (`--identity-settings`); clients may never supply them.
 pub const IDENTITY_PREFIX: &str = "tailgres.";
 
 /// Refuses client-supplied parameters under [`IDENTITY_PREFIX`], directly or
-/// through `options` (`-c tailgres.x=y`, `--tailgres.x=y`).
+/// through `options` (`-c tailgres.x=y`, `--tailgres.x=y`, and any spelling
+/// the server's own splitting turns into those, such as `tail\gres.x`).
 pub fn reserved_parameter(params: &[(String, String)]) -> Option<String> {
     for (k, v) in params {
         if k.to_ascii_lowercase().starts_with(IDENTITY_PREFIX) {
             return Some(k.clone());
         }
-        if k == "options" && v.to_ascii_lowercase().contains(IDENTITY_PREFIX) {
+        if k == "options"
+            && (v.to_ascii_lowercase().contains(IDENTITY_PREFIX)
+                || split_options(v).iter().any(|t| t.to_ascii_lowercase().contains(IDENTITY_PREFIX)))
+        {
             return Some(format!("options ({v})"));
         }
     }
     None
+}
+
+/// Splits an `options` value exactly as PostgreSQL's pg_split_opts does:
+/// words separated by C-locale white space, a backslash taking the next
+/// character literally (and itself dropped).
+pub fn split_options(v: &str) -> Vec<String> {
+    let is_space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r');
+    let mut words = Vec::new();
+    let mut chars = v.chars().peekable();
+    loop {
+        while chars.next_if(|c| is_space(*c)).is_some() {}
+        if chars.peek().is_none() {
+            return words;
+        }
+        let mut w = String::new();
+        while let Some(c) = chars.next_if(|c| !is_space(*c)) {
+            match c {
+                '\\' => match chars.next() {
+                    Some(escaped) => w.push(escaped),
+                    None => w.push('\\'),
+                },
+                c => w.push(c),
+            }
+        }
+        words.push(w);
+    }
 }
 
 /// The settings that tell the database who is connecting: login (empty for
@@ -79,6 +229,37 @@ pub struct Grant {
     /// Most concurrent sessions per identity through this grant.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Whether it allows replication connections (walsenders) too.
+    #[serde(default)]
+    pub replication: bool,
+}
+
+impl Grant {
+    /// Parses and checks one capability value: patterns that cannot be
+    /// what the admin meant are errors, not silently wide or narrow.
+    pub fn parse(v: &serde_json::Value) -> Result<Grant, String> {
+        let g: Grant = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        for u in &g.users {
+            if u == "{login_local}" {
+                return Err("\"{login_local}\" is not accepted: it would make alice@corp.com and \
+                            alice@gmail.com the same role; name the domain, as in \
+                            \"{localpart:*@corp.com}\""
+                    .into());
+            }
+            if u.starts_with('{') && u != "{login}" && localpart_domain(u).is_none() {
+                return Err(format!(
+                    "unknown placeholder {u:?} in users; use \"{{login}}\" or \"{{localpart:*@DOMAIN}}\""
+                ));
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// The domain of a `{localpart:*@DOMAIN}` pattern.
+fn localpart_domain(pattern: &str) -> Option<&str> {
+    let d = pattern.strip_prefix("{localpart:*@")?.strip_suffix('}')?;
+    (!d.is_empty() && !d.contains(['@', '*', '?', '{', '}'])).then_some(d)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,7 +277,10 @@ pub enum Decision {
 }
 
 impl Policy {
-    pub fn decide(&self, id: &PeerIdentity, user: &str, database: &str) -> Decision {
+    /// `names` are the names the server will use ([`Names`]); `grants` says
+    /// whether the tailnet uses the capability at all.
+    pub fn decide(&self, id: &PeerIdentity, names: &Names, grants: GrantUseState) -> Decision {
+        let (user, database) = (names.user.as_str(), names.database.as_str());
         let who = format!("{} on {}", id.principal(), id.node_name);
         if id.expired {
             return deny(
@@ -117,21 +301,38 @@ impl Policy {
         }
         let values = id.capability(&self.capability);
         if values.is_empty() {
-            if self.require_grant {
-                return deny(
-                    format!("{who} has no {} grant and --require-grant is on", self.capability),
-                    format!(
-                        "tailgres: {who} has no access grant; an admin grants it in the tailnet \
-                         policy with the \"{}\" capability",
-                        self.capability
-                    ),
-                );
-            }
-            return Decision::Allow { via_grant: false, limit: None };
+            let why = match (self.require_grant, grants) {
+                (true, _) => "--require-grant is on",
+                (false, GrantUseState::Used) => "other peers carry it, so every peer must",
+                (false, GrantUseState::Unknown) => {
+                    "tailgres has not yet read whether the tailnet uses grants"
+                }
+                (false, GrantUseState::Unused) => {
+                    if names.replication {
+                        return deny(
+                            format!("{who} asked for a replication connection without a grant"),
+                            format!(
+                                "tailgres: {who} may not open a replication connection; an admin allows \
+                                 it with \"replication\": true in a \"{}\" grant",
+                                self.capability
+                            ),
+                        );
+                    }
+                    return Decision::Allow { via_grant: false, limit: None };
+                }
+            };
+            return deny(
+                format!("{who} has no {} grant ({why})", self.capability),
+                format!(
+                    "tailgres: {who} has no access grant; an admin grants it in the tailnet \
+                     policy with the \"{}\" capability",
+                    self.capability
+                ),
+            );
         }
         let mut grants = Vec::with_capacity(values.len());
         for v in values {
-            match serde_json::from_value::<Grant>(v.clone()) {
+            match Grant::parse(v) {
                 Ok(g) => grants.push(g),
                 Err(e) => {
                     return deny(
@@ -149,7 +350,7 @@ impl Policy {
         for g in &grants {
             let user_ok = g.users.iter().any(|p| user_matches(p, user, id));
             let db_ok = g.databases.iter().any(|p| glob(p, database));
-            if user_ok && db_ok {
+            if user_ok && db_ok && (g.replication || !names.replication) {
                 allowed = true;
                 limit = match (limit, g.max_connections) {
                     (_, None) | (None, _) => None,
@@ -160,14 +361,15 @@ impl Policy {
         if allowed {
             return Decision::Allow { via_grant: true, limit };
         }
+        let kind = if names.replication { "a replication connection" } else { "a session" };
         deny(
             format!(
-                "{who} asked for user {user:?} on database {database:?}; its {} grants allow {}",
+                "{who} asked for {kind} as user {user:?} on database {database:?}; its {} grants allow {}",
                 self.capability,
                 describe(&grants)
             ),
             format!(
-                "tailgres: {who} may not connect as user \"{user}\" to database \"{database}\"; \
+                "tailgres: {who} may not open {kind} as user \"{user}\" to database \"{database}\"; \
                  an admin grants it in the tailnet policy with the \"{}\" capability",
                 self.capability
             ),
@@ -182,7 +384,10 @@ fn deny(detail: String, client_message: String) -> Decision {
 fn describe(grants: &[Grant]) -> String {
     grants
         .iter()
-        .map(|g| format!("users {:?} on databases {:?}", g.users, g.databases))
+        .map(|g| {
+            let repl = if g.replication { " (replication too)" } else { "" };
+            format!("users {:?} on databases {:?}{repl}", g.users, g.databases)
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -191,8 +396,14 @@ fn user_matches(pattern: &str, user: &str, id: &PeerIdentity) -> bool {
     match pattern {
         // A tagged device has no login of its own ("tagged-devices").
         "{login}" => !id.is_tagged() && !id.user_login.is_empty() && user == id.user_login,
-        "{login_local}" => {
-            !id.is_tagged() && id.user_login.split('@').next().is_some_and(|l| !l.is_empty() && user == l)
+        p if p.starts_with("{localpart:") => {
+            let Some(domain) = localpart_domain(p) else { return false };
+            match id.user_login.rsplit_once('@') {
+                Some((local, d)) => {
+                    !id.is_tagged() && !local.is_empty() && d.eq_ignore_ascii_case(domain) && user == local
+                }
+                None => false,
+            }
         }
         p => glob(p, user),
     }
@@ -254,6 +465,17 @@ mod tests {
         Policy { capability: DEFAULT_CAPABILITY.into(), require_grant, allow_shared_nodes: false }
     }
 
+    fn names(user: &str, database: &str) -> Names {
+        Names { user: user.into(), database: database.into(), replication: false }
+    }
+
+    impl Policy {
+        /// As a tailnet that does not use grants at all would decide.
+        fn decide_open(&self, id: &PeerIdentity, user: &str, database: &str) -> Decision {
+            self.decide(id, &names(user, database), GrantUseState::Unused)
+        }
+    }
+
     #[test]
     fn globs() {
         let cases = [
@@ -276,7 +498,7 @@ mod tests {
     #[test]
     fn decisions() {
         let analyst = json!({"databases": ["analytics"], "users": ["readonly"]});
-        let own = json!({"databases": ["app*"], "users": ["{login_local}"], "max_connections": 2});
+        let own = json!({"databases": ["app*"], "users": ["{localpart:*@x.com}"], "max_connections": 2});
         let cases: Vec<(PeerIdentity, bool, &str, &str, bool)> = vec![
             // No grant: allowed unless --require-grant.
             (peer("alice@x.com", &[], vec![]), false, "anyone", "anydb", true),
@@ -294,7 +516,25 @@ mod tests {
                 "analytics",
                 false,
             ),
-            // {login_local} is never a tagged device's.
+            // The local part counts only in the domain the grant names.
+            (peer("alice@y.com", &[], vec![own.clone()]), false, "alice", "app_prod", false),
+            (peer("alice@X.COM", &[], vec![own.clone()]), false, "alice", "app_prod", true),
+            // A bare local part is refused outright (fail closed).
+            (
+                peer("alice@x.com", &[], vec![json!({"databases": ["*"], "users": ["{login_local}"]})]),
+                false,
+                "alice",
+                "app",
+                false,
+            ),
+            (
+                peer("alice@x.com", &[], vec![json!({"databases": ["*"], "users": ["{loginn}"]})]),
+                false,
+                "alice",
+                "app",
+                false,
+            ),
+            // {localpart:...} is never a tagged device's.
             (peer("tagged-devices", &["tag:ci"], vec![own.clone()]), false, "tagged-devices", "app", false),
             // Malformed grants fail closed.
             (peer("alice@x.com", &[], vec![json!({"databases": ["*"]})]), false, "alice", "app", false),
@@ -308,7 +548,7 @@ mod tests {
             (peer("alice@x.com", &[], vec![json!("all")]), false, "a", "b", false),
         ];
         for (i, (id, require, user, db, want)) in cases.into_iter().enumerate() {
-            let d = policy(require).decide(&id, user, db);
+            let d = policy(require).decide_open(&id, user, db);
             assert_eq!(matches!(d, Decision::Allow { .. }), want, "case {i}: {d:?}");
         }
     }
@@ -319,17 +559,18 @@ mod tests {
         let more = json!({"databases": ["*"], "users": ["*"], "max_connections": 5});
         let id = peer("alice@x.com", &[], vec![own.clone(), more]);
         assert_eq!(
-            policy(false).decide(&id, "alice@x.com", "d"),
+            policy(false).decide_open(&id, "alice@x.com", "d"),
             Decision::Allow { via_grant: true, limit: Some(5) }
         );
         let unlimited = peer("alice@x.com", &[], vec![own, json!({"databases": ["*"], "users": ["*"]})]);
         assert_eq!(
-            policy(false).decide(&unlimited, "alice@x.com", "d"),
+            policy(false).decide_open(&unlimited, "alice@x.com", "d"),
             Decision::Allow { via_grant: true, limit: None }
         );
 
         let id = peer("alice@x.com", &[], vec![json!({"databases": ["analytics"], "users": ["readonly"]})]);
-        let Decision::Deny { client_message, detail } = policy(false).decide(&id, "postgres", "app") else {
+        let Decision::Deny { client_message, detail } = policy(false).decide_open(&id, "postgres", "app")
+        else {
             panic!()
         };
         assert!(
@@ -341,14 +582,14 @@ mod tests {
 
         let mut shared = peer("bob@other.com", &[], vec![]);
         shared.shared_in = true;
-        assert!(matches!(policy(false).decide(&shared, "a", "b"), Decision::Deny { .. }));
+        assert!(matches!(policy(false).decide_open(&shared, "a", "b"), Decision::Deny { .. }));
         let open = Policy { allow_shared_nodes: true, ..policy(false) };
-        assert!(matches!(open.decide(&shared, "a", "b"), Decision::Allow { .. }));
+        assert!(matches!(open.decide_open(&shared, "a", "b"), Decision::Allow { .. }));
 
         let mut expired = peer("carol@x.com", &[], vec![]);
         expired.expired = true;
         assert!(
-            matches!(open.decide(&expired, "a", "b"), Decision::Deny { .. }),
+            matches!(open.decide_open(&expired, "a", "b"), Decision::Deny { .. }),
             "an expired node is never let in"
         );
     }
@@ -360,17 +601,21 @@ mod tests {
         let v = jsonschema::validator_for(&schema).unwrap();
         for ex in schema["examples"].as_array().unwrap() {
             assert!(v.is_valid(ex), "{ex}");
-            assert!(serde_json::from_value::<Grant>(ex.clone()).is_ok(), "{ex}");
+            assert!(Grant::parse(ex).is_ok(), "{ex}");
         }
         for bad in [
             json!({"databases": ["*"]}),
             json!({"databases": ["*"], "users": ["*"], "extra": 1}),
             json!({"databases": "*", "users": ["*"]}),
             json!({"databases": ["*"], "users": ["*"], "max_connections": -1}),
+            json!({"databases": ["*"], "users": ["{login_local}"]}),
+            json!({"databases": ["*"], "users": ["{localpart:*@}"]}),
+            json!({"databases": ["*"], "users": ["{localpart:alice@x.com}"]}),
+            json!({"databases": ["*"], "users": ["*"], "replication": "yes"}),
             json!("all"),
         ] {
             assert!(!v.is_valid(&bad), "schema accepts {bad}");
-            assert!(serde_json::from_value::<Grant>(bad.clone()).is_err(), "parser accepts {bad}");
+            assert!(Grant::parse(&bad).is_err(), "parser accepts {bad}");
         }
     }
 
@@ -383,6 +628,11 @@ mod tests {
         assert!(reserved_parameter(&p(&[("TailGres.Login", "root")])).is_some());
         assert!(reserved_parameter(&p(&[("options", "-c tailgres.login=root")])).is_some());
         assert!(reserved_parameter(&p(&[("options", "--TAILGRES.login=root")])).is_some());
+        // The server drops backslashes when it splits options.
+        assert!(reserved_parameter(&p(&[("options", "-c tail\\gres.login=root")])).is_some());
+        assert!(reserved_parameter(&p(&[("options", "-c\\ x=1 --tail\\Gres\\.node=x")])).is_some());
+        assert_eq!(reserved_parameter(&p(&[("options", "-c search_path=app")])), None);
+        assert_eq!(split_options("  -c a\\ b=1\t--x=\\\\y z\\"), ["-c", "a b=1", "--x=\\y", "z\\"]);
         let id = peer("alice@x.com", &[], vec![]);
         let params = identity_parameters(&id, "100.64.0.9".parse().unwrap());
         assert_eq!(params[0], ("tailgres.login".to_string(), "alice@x.com".to_string()));
@@ -390,5 +640,75 @@ mod tests {
         let params = identity_parameters(&tagged, "100.64.0.9".parse().unwrap());
         assert_eq!(params[0].1, "", "a tagged device has no login");
         assert_eq!(params[1].1, "tag:ci,tag:db");
+    }
+
+    /// A peer without a grant may connect only while the tailnet uses no
+    /// grants at all (or not before tailgres has looked), and never for
+    /// replication.
+    #[test]
+    fn peers_without_grants_once_grants_are_in_use() {
+        let bare = peer("alice@x.com", &[], vec![]);
+        let n = names("alice", "app");
+        let p = policy(false);
+        assert!(matches!(
+            p.decide(&bare, &n, GrantUseState::Unused),
+            Decision::Allow { via_grant: false, .. }
+        ));
+        for state in [GrantUseState::Used, GrantUseState::Unknown] {
+            let Decision::Deny { detail, .. } = p.decide(&bare, &n, state) else { panic!("{state:?}") };
+            assert!(detail.contains("no tailgres.dev/cap/postgres grant"), "{detail}");
+        }
+        let repl = Names { replication: true, ..n.clone() };
+        assert!(matches!(p.decide(&bare, &repl, GrantUseState::Unused), Decision::Deny { .. }));
+        // With a grant: replication only where it says so.
+        let plain = peer("alice@x.com", &[], vec![json!({"databases": ["*"], "users": ["*"]})]);
+        assert!(matches!(p.decide(&plain, &n, GrantUseState::Used), Decision::Allow { via_grant: true, .. }));
+        let Decision::Deny { client_message, .. } = p.decide(&plain, &repl, GrantUseState::Used) else {
+            panic!()
+        };
+        assert!(client_message.contains("replication connection"), "{client_message}");
+        let wal = peer(
+            "alice@x.com",
+            &[],
+            vec![json!({"databases": ["*"], "users": ["replicator"], "replication": true})],
+        );
+        let r = Names { user: "replicator".into(), ..repl };
+        assert!(matches!(p.decide(&wal, &r, GrantUseState::Used), Decision::Allow { .. }));
+    }
+
+    /// Grants are decided on the names the server will use.
+    #[test]
+    fn names_are_the_servers() {
+        let p = |v: &[(&str, &str)]| {
+            Names::from_params(&v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>())
+        };
+        assert_eq!(p(&[("user", "alice")]).database, "alice");
+        assert_eq!(p(&[("user", "alice"), ("database", "")]).database, "alice", "empty means the user");
+        assert_eq!(p(&[("user", "alice"), ("database", "a"), ("database", "b")]).database, "b");
+        let long = format!("app_{}", "x".repeat(70));
+        assert_eq!(p(&[("user", "alice"), ("database", &long)]).database, &long[..63]);
+        // Cut at a character boundary, never inside one.
+        let wide = "é".repeat(40); // 80 bytes
+        let cut = p(&[("user", &wide)]).user;
+        assert_eq!((cut.len(), cut.chars().count()), (62, 31));
+        for (v, repl) in [
+            ("database", true),
+            ("true", true),
+            ("on", true),
+            ("1", true),
+            ("YES", true),
+            ("bogus", true),
+            ("false", false),
+            ("off", false),
+            ("of", false),
+            ("0", false),
+            ("n", false),
+        ] {
+            assert_eq!(p(&[("user", "a"), ("replication", v)]).replication, repl, "{v}");
+        }
+        assert!(!p(&[("user", "a")]).replication);
+        assert_eq!(parse_bool("o"), None);
+        assert_eq!(parse_bool("tr"), Some(true));
+        assert_eq!(parse_bool("10"), None);
     }
 }

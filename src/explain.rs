@@ -27,17 +27,32 @@ const MAX_REQUEST: u64 = 512;
 /// Peer names to tailnet addresses, from the netmap watch.
 #[derive(Clone, Default)]
 pub struct Directory {
-    inner: Arc<Mutex<HashMap<String, IpAddr>>>,
+    inner: Arc<Mutex<Names>>,
+}
+
+#[derive(Default)]
+struct Names {
+    by_name: HashMap<String, IpAddr>,
+    /// A network map has been seen (until then, the directory knows
+    /// nothing, which is not the same as knowing there are no peers).
+    loaded: bool,
 }
 
 impl Directory {
     pub fn update(&self, ev: &NetmapEvent) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.loaded = true;
         for p in &ev.peers {
             if let Some(ip) = p.addresses.first() {
-                m.insert(p.node_name.to_ascii_lowercase(), *ip);
+                m.by_name.insert(p.node_name.to_ascii_lowercase(), *ip);
             }
         }
+    }
+
+    /// Every peer's address, once a network map has been seen.
+    pub fn addresses(&self) -> Option<Vec<IpAddr>> {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.loaded.then(|| m.by_name.values().copied().collect())
     }
 
     /// A full MagicDNS name, its first label, or an IP address.
@@ -47,8 +62,8 @@ impl Directory {
         }
         let t = target.trim_end_matches('.').to_ascii_lowercase();
         let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&t).copied().or_else(|| {
-            let mut hits = m.iter().filter(|(name, _)| name.split('.').next() == Some(t.as_str()));
+        m.by_name.get(&t).copied().or_else(|| {
+            let mut hits = m.by_name.iter().filter(|(name, _)| name.split('.').next() == Some(t.as_str()));
             match (hits.next(), hits.next()) {
                 (Some((_, ip)), None) => Some(*ip),
                 _ => None,
@@ -102,6 +117,7 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> V
         "target": target,
         "capability": policy.capability,
         "require_grant": policy.require_grant,
+        "grants_in_use": format!("{:?}", shared.grant_use.get()).to_lowercase(),
         "allow_shared_nodes": policy.allow_shared_nodes,
     });
     let with = |mut v: Value, extra: Value| {
@@ -121,10 +137,8 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> V
         }
     };
     let values = id.capability(&policy.capability).to_vec();
-    let grants: Vec<Result<Grant, String>> = values
-        .iter()
-        .map(|v| serde_json::from_value::<Grant>(v.clone()).map_err(|e| format!("{v}: {e}")))
-        .collect();
+    let grants: Vec<Result<Grant, String>> =
+        values.iter().map(|v| Grant::parse(v).map_err(|e| format!("{v}: {e}"))).collect();
     // The same order of checks as Policy::decide.
     let may = if id.expired {
         vec!["nothing: its node key has expired".to_string()]
@@ -133,10 +147,20 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> V
     } else if let Some(Err(e)) = grants.iter().find(|g| g.is_err()) {
         vec![format!("nothing: a grant is malformed ({e})")]
     } else if grants.is_empty() {
-        if policy.require_grant {
-            vec![format!("nothing: it carries no {} grant and --require-grant is on", policy.capability)]
-        } else {
-            vec!["any user on any database: it carries no grant, and --require-grant is off".into()]
+        use crate::authorize::GrantUseState::*;
+        let cap = &policy.capability;
+        match (policy.require_grant, shared.grant_use.get()) {
+            (true, _) => vec![format!("nothing: it carries no {cap} grant and --require-grant is on")],
+            (false, Used) => vec![format!("nothing: it carries no {cap} grant, and other peers do")],
+            (false, Unknown) => {
+                vec![format!(
+                    "nothing yet: it carries no {cap} grant, and tailgres has not yet read the tailnet"
+                )]
+            }
+            (false, Unused) => vec![format!(
+                "any user on any database (not replication): no peer on the tailnet carries {cap}, \
+                 and --require-grant is off"
+            )],
         }
     } else {
         grants
@@ -144,7 +168,8 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> V
             .flatten()
             .map(|g| {
                 let limit = g.max_connections.map(|n| format!(" (at most {n} sessions)")).unwrap_or_default();
-                format!("users {:?} on databases {:?}{limit}", g.users, g.databases)
+                let repl = if g.replication { " (replication too)" } else { "" };
+                format!("users {:?} on databases {:?}{limit}{repl}", g.users, g.databases)
             })
             .collect()
     };

@@ -9,12 +9,12 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::EndReason;
-use crate::authorize::Decision;
+use crate::authorize::{Decision, Names};
 use crate::relay::Stop;
 use crate::session::Shared;
 use crate::tailnet::Tailnet;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -34,6 +34,11 @@ pub struct LiveInfo {
     pub node: String,
     pub user: String,
     pub database: String,
+    /// A replication connection (its grant must still say so).
+    pub replication: bool,
+    /// Admitted by a grant: revoked once no grant allows it, even if the
+    /// peer then carries no grant at all.
+    pub via_grant: bool,
 }
 
 struct Entry {
@@ -100,6 +105,7 @@ pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
         }
     };
     let mut tick = tokio::time::interval(RECHECK_EVERY);
+    let mut carrier = None;
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -118,7 +124,45 @@ pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
                 }
             }
         }
+        scan_grant_use(&*tailnet, &shared, &mut carrier).await;
         recheck(&*tailnet, &shared).await;
+    }
+}
+
+/// Finds out whether any peer on the tailnet carries the capability (see
+/// [`crate::authorize::GrantUse`]): the last peer seen with it is asked
+/// first, so a tailnet that uses grants costs one WhoIs per sweep. Says so
+/// loudly when no peer carries it: a typo in `--capability` must not pass
+/// for a tailnet without grants unnoticed.
+pub async fn scan_grant_use<T: Tailnet>(tailnet: &T, shared: &Shared, carrier: &mut Option<IpAddr>) {
+    use crate::authorize::GrantUseState;
+    let Some(peers) = shared.directory.addresses() else {
+        return; // no network map yet: the state stays unknown (fail closed)
+    };
+    let capability = shared.settings.get().policy.capability.clone();
+    let carries = |id: &crate::tailnet::PeerIdentity| !id.capability(&capability).is_empty();
+    let mut found = None;
+    for ip in carrier.iter().copied().chain(peers.into_iter().filter(|ip| Some(*ip) != *carrier)) {
+        if let Ok(id) = tailnet.whois(SocketAddr::new(ip, 0)).await {
+            if carries(&id) {
+                found = Some(ip);
+                break;
+            }
+        }
+    }
+    *carrier = found;
+    let before = shared.grant_use.set(found.is_some());
+    match (before, found) {
+        (GrantUseState::Used, Some(_)) | (GrantUseState::Unused, None) => {}
+        (_, Some(ip)) => {
+            tracing::info!(%capability, example_peer = %ip, "grants are in use: peers without a grant are refused")
+        }
+        (_, None) => tracing::warn!(
+            %capability,
+            "no peer on the tailnet carries the capability: every peer the tailnet's ACLs let through may \
+             use any database user and database. If you meant to use grants, check --capability for a typo; \
+             --require-grant refuses peers without a grant whatever the tailnet does"
+        ),
     }
 }
 
@@ -141,15 +185,23 @@ pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
             }
         };
         let verdict = match who {
-            Err(e) => Some(format!("the peer left the tailnet ({e})")),
+            Err(e) => Some(format!("the tailnet no longer identifies the peer ({e})")),
             Ok(id) if id.stable_id != s.node => {
                 Some(format!("{} now belongs to another node ({})", s.peer_addr.ip(), id.node_name))
             }
             Ok(id) if id.expired => Some(format!("the node key of {} expired", id.node_name)),
-            Ok(id) => match settings.policy.decide(&id, &s.user, &s.database) {
-                Decision::Deny { detail, .. } => Some(detail),
-                Decision::Allow { .. } => None,
-            },
+            Ok(id) => {
+                let names =
+                    Names { user: s.user.clone(), database: s.database.clone(), replication: s.replication };
+                match settings.policy.decide(&id, &names, shared.grant_use.get()) {
+                    Decision::Deny { detail, .. } => Some(detail),
+                    Decision::Allow { via_grant: false, .. } if s.via_grant => Some(format!(
+                        "{} no longer carries a grant that allows user {:?} on database {:?}",
+                        id.node_name, s.user, s.database
+                    )),
+                    Decision::Allow { .. } => None,
+                }
+            }
         };
         if let Some(detail) = verdict {
             tracing::warn!(session = %s.session_id, peer = %s.peer_addr, %detail, "revoking a live session");

@@ -38,6 +38,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Live sessions per identity, for grants' max_connections.
     pub per_identity: crate::cancel::Counter,
+    /// Whether any peer carries the capability (kept by `live::follow`).
+    pub grant_use: crate::authorize::GrantUse,
     /// Peer names to addresses (for `tailgres explain`).
     pub directory: crate::explain::Directory,
     /// Relayed sessions, so access can be taken away while they run.
@@ -102,6 +104,9 @@ struct Admitted<S> {
     /// The route's upstream (cancels go there too).
     upstream_tls: Arc<UpstreamTls>,
     auth: authenticate::AuthOutcome,
+    /// Admitted by a grant (not as a grant-less peer of an open tailnet):
+    /// it is revoked when no grant allows it any more.
+    via_grant: bool,
     /// The identity's session slot (its grant's limit), held to the end.
     _slot: crate::cancel::Slot,
 }
@@ -279,13 +284,21 @@ impl Session<'_> {
             return None;
         }
         let mut startup = startup;
+        // Authorize the names the server will use, and send it exactly those
+        // (an empty database is the user's; long names are cut as the
+        // server would cut them).
+        let names = crate::authorize::Names::from_params(&startup.params);
+        startup.set_names(&names.user, &names.database);
+        self.base.postgres = Some(audit_postgres(&startup));
         if self.settings.identity_settings {
             startup.params.extend(crate::authorize::identity_parameters(&identity, peer_addr.ip()));
         }
 
         // 4. authorize: before any byte reaches the upstream.
         let settings = self.settings.clone();
-        let _slot = match settings.policy.decide(&identity, startup.user(), startup.database()) {
+        let decision = settings.policy.decide(&identity, &names, self.shared.grant_use.get());
+        let via_grant = matches!(decision, Decision::Allow { via_grant: true, .. });
+        let _slot = match decision {
             Decision::Deny { detail, client_message } => {
                 fatal(&mut client, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
                 self.deny(DenyReason::NotAuthorized, detail).await;
@@ -399,6 +412,7 @@ impl Session<'_> {
             identity,
             startup,
             auth: out,
+            via_grant,
             _slot,
         })
     }
@@ -409,7 +423,7 @@ impl Session<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Admitted { client, upstream, upstream_tls, identity, startup, auth: out, _slot } = a;
+        let Admitted { client, upstream, upstream_tls, identity, startup, auth: out, via_grant, _slot } = a;
         let peer_addr = self.base.peer_addr;
         let settings = &self.settings;
         // Only now may a cancel for this session be forwarded.
@@ -430,6 +444,8 @@ impl Session<'_> {
             node: identity.stable_id.clone(),
             user: startup.user().to_string(),
             database: startup.database().to_string(),
+            replication: crate::authorize::Names::from_params(&startup.params).replication,
+            via_grant,
         });
         let stop = {
             let rx = self.shared.shutdown.clone();

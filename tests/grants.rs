@@ -57,7 +57,7 @@ async fn grants_decide_user_and_database() {
 
     // alice is held to her grant.
     let err = until(&lab, 0, "role_md5", false).await;
-    assert!(err.contains("may not connect as user \"role_md5\" to database \"app\""), "{err}");
+    assert!(err.contains("may not open a session as user \"role_md5\" to database \"app\""), "{err}");
     assert!(err.contains(CAP), "the message says how to grant it: {err}");
     let denied = lab
         .wait_record("alice denied", |r| {
@@ -72,9 +72,22 @@ async fn grants_decide_user_and_database() {
     let pg_log = std::fs::read_to_string(lab.upstream_log()).unwrap();
     assert!(!pg_log.contains("user=role_md5"), "denied startup reached the upstream:\n{pg_log}");
     until(&lab, 0, "role_scram", true).await;
+    // A replication connection needs a grant that says so.
+    let (h, p) = lab.forward_host_port(0);
+    let repl = format!("host={h} port={p} user=role_scram dbname=app sslmode=disable replication=database");
+    let (ok, _, err) = psql(&repl, Some("scram-pass"), "IDENTIFY_SYSTEM").await;
+    assert!(!ok && err.contains("may not open a replication connection"), "{err}");
 
-    // bob has no grant: allowed in the default mode.
-    until(&lab, 1, "role_trust", true).await;
+    // bob has no grant, and others do: once the tailnet uses grants, a
+    // peer without one is refused (it was let through before grants).
+    let err = until(&lab, 1, "role_trust", false).await;
+    assert!(err.contains("has no access grant"), "{err}");
+    let denied = lab
+        .wait_record("bob denied", |r| {
+            r["event"] == "session_denied" && r["peer"]["node_name"] == "bob-laptop.tail-lab.ts.net"
+        })
+        .await;
+    assert!(denied["detail"].as_str().unwrap().contains("other peers carry it"), "{denied}");
 
     // The tagged device: its grant, and its limit of one session at a time.
     until(&lab, 2, "role_md5", true).await;
@@ -123,6 +136,7 @@ async fn live_sessions_are_revoked() {
         json!({"grants": [
             {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
             {"src": ["alice-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["app"], "users": [users]}]}},
+            {"src": ["bob-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["app"], "users": ["role_trust"]}]}},
         ]})
     };
     let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(grant("role_scram"))).await;
@@ -151,8 +165,38 @@ async fn live_sessions_are_revoked() {
     assert_eq!(end["ended_by"], "proxy");
     assert!(end["detail"].as_str().unwrap().contains("role_scram"), "{end}");
 
-    // bob (no grant, allowed by default) runs a long query; his node is
-    // removed from the tailnet: his session ends at the database.
+    // Withdrawing a peer's last grant takes its access away too: with no
+    // grant left anywhere the tailnet is "open", but a session admitted by
+    // a grant never outlives it (it once did: no grant read as "allow").
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(grant("role_md5"))).await;
+    assert_eq!(status, 200, "{body}");
+    until(&lab, 0, "role_md5", true).await;
+    let c = conn(&lab, 0, "role_md5", "last-grant");
+    let long = tokio::spawn(async move { psql(&c, Some("md5-pass"), "select pg_sleep(120)").await });
+    lab.wait_record("alice's session under her last grant", |r| {
+        r["event"] == "auth_ok" && r["postgres"]["application_name"] == "last-grant"
+    })
+    .await;
+    let no_grants = json!({"grants": [{"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]}]});
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(no_grants)).await;
+    assert_eq!(status, 200, "{body}");
+    let (ok, _, err) =
+        tokio::time::timeout(Duration::from_secs(60), long).await.expect("not revoked in time").unwrap();
+    assert!(!ok && err.contains("access for this peer was revoked"), "{err}");
+    let end = lab
+        .wait_record("last grant revoked", |r| {
+            r["event"] == "session_end" && r["postgres"]["application_name"] == "last-grant"
+        })
+        .await;
+    assert_eq!(end["reason"], "revoked", "{end}");
+    // (Which words depends on whether tailgres saw the tailnet without any
+    // grant before or after it re-checked this session.)
+    assert!(end["detail"].as_str().unwrap().contains("grant"), "{end}");
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(grant("role_scram"))).await;
+    assert_eq!(status, 200, "{body}");
+
+    // bob runs a long query under his grant; his node is removed from the
+    // tailnet: his session ends at the database.
     let c = conn(&lab, 1, "role_trust", "bob-long");
     let long = tokio::spawn(async move { psql(&c, None, "select pg_sleep(120)").await });
     lab.wait_record("bob's long session", |r| {
@@ -221,7 +265,14 @@ async fn verified_identity_reaches_the_database() {
     );
 
     // Impersonation attempts are refused before the database sees them.
-    for spoof in ["options='-c tailgres.login=postgres@corp'", "options='--tailgres.tags=tag:admin'"] {
+    // The server drops backslashes when it splits options: `tail\gres` is
+    // `tailgres` by the time it reaches the settings (libpq's conninfo
+    // turns each `\\` into one backslash).
+    for spoof in [
+        "options='-c tailgres.login=postgres@corp'",
+        "options='--tailgres.tags=tag:admin'",
+        "options='-c tail\\\\gres.login=postgres@corp'",
+    ] {
         let c = format!("{} {spoof}", conn(&lab, 0, "role_scram", "spoof"));
         let (ok, _, err) = psql(&c, Some("scram-pass"), "select 1").await;
         assert!(!ok && err.contains("are set by tailgres from the tailnet identity"), "{spoof}: {err}");
@@ -262,8 +313,9 @@ async fn explain_tells_who_may_do_what() {
     let may = a["may_connect_as"][0].as_str().unwrap();
     assert!(may.contains("readonly") && may.contains("analytics") && may.contains("at most 3"), "{may}");
 
+    // ci carries no grant while alice does: nothing.
     let ci = explain("ci", false);
-    assert!(ci.contains("tag:ci") && ci.contains("any user on any database"), "{ci}");
+    assert!(ci.contains("tag:ci") && ci.contains("nothing: it carries no"), "{ci}");
     let by_ip = explain(lab.info["clients"][1]["tailnet_ips"][0].as_str().unwrap(), false);
     assert!(by_ip.contains("ci.tail-lab.ts.net"), "{by_ip}");
     let unknown = explain("nobody", false);
