@@ -6,10 +6,10 @@ use crate::audit::{AuditDest, AuditLog};
 use crate::cancel::CancelRegistry;
 use crate::client_tls::{self, ClientTls};
 use crate::config::{Config, ConfigError};
+use crate::context::Shared;
 use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::server::{self, ServeOptions};
-use crate::session::Shared;
 use crate::settings::{Settings, SettingsCell};
 use crate::signals::{Request, Signals};
 use crate::tailnet::{EmbeddedNode, NodeConfig, Tailnet, TsnetLog};
@@ -64,7 +64,7 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     // Health is served while the node joins, so /readyz can show the login
     // URL an interactive login needs.
     let node = Arc::new(EmbeddedNode::launch(&node_cfg).await?);
-    let health = Arc::new(Health::new(node.clone(), settings.clone(), metrics.clone()));
+    let health = Arc::new(Health::new(node.clone(), settings.clone(), metrics.clone(), audit.clone()));
     let (health_stop, health_stopped) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -151,12 +151,12 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
             let _ = rx.wait_for(|c| *c >= n).await;
         }
     };
-    let follower = tokio::spawn(crate::live::follow(node.clone(), shared.clone()));
+    let follower = tokio::spawn(crate::live::follow(node.clone(), shared.live_view()));
     let renewer = {
         let (client_tls, node, metrics) = (client_tls.clone(), node.clone(), metrics.clone());
         tokio::spawn(async move { client_tls.renew(&*node, &metrics).await })
     };
-    let explainer = tokio::spawn(crate::explain::serve(explain_socket, node.clone(), shared.clone()));
+    let explainer = tokio::spawn(crate::explain::serve(explain_socket, node.clone(), shared.explain_view()));
     let first_signal = async {
         nth_signal(1).await;
         health.draining.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -5,9 +5,12 @@
 //! - `/healthz`: 200 while the process serves requests at all.
 //! - `/readyz`: 200 when the tailnet node is running, every route's
 //!   database answers a verified TLS handshake and no shutdown has begun;
-//!   else 503. The JSON body says
-//!   which part is not ready, and carries the interactive login URL while
-//!   the node needs a login.
+//!   the audit log is writable; else 503. The JSON body says which part is
+//!   not ready. While the node needs an interactive login, the login URL is
+//!   in it only for a client on this machine's loopback: whoever opens that
+//!   URL first claims the node for their tailnet, so it is never shown to a
+//!   client that reaches the port from elsewhere (a container's 0.0.0.0, or
+//!   the tailnet port).
 //! - `/metrics`: Prometheus text ([`crate::metrics`]).
 //!
 //! The database probe is TLS then a CancelRequest for a backend that does
@@ -40,6 +43,8 @@ pub struct Health<T> {
     pub tailnet: Arc<T>,
     pub settings: SettingsCell,
     pub metrics: Arc<Metrics>,
+    /// The audit log: sessions are refused while it cannot be written.
+    pub audit: crate::audit::AuditLog,
     /// Route name → its last probe.
     probes: Mutex<HashMap<String, Probe>>,
     /// Set when shutdown begins: /readyz turns 503 so load balancers and
@@ -48,18 +53,25 @@ pub struct Health<T> {
 }
 
 impl<T: Tailnet> Health<T> {
-    pub fn new(tailnet: Arc<T>, settings: SettingsCell, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        tailnet: Arc<T>,
+        settings: SettingsCell,
+        metrics: Arc<Metrics>,
+        audit: crate::audit::AuditLog,
+    ) -> Self {
         Health {
             tailnet,
             settings,
             metrics,
+            audit,
             probes: Mutex::new(HashMap::new()),
             draining: Default::default(),
         }
     }
 
-    /// Answers one connection.
-    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: S) {
+    /// Answers one connection; `local` when the client is on this
+    /// machine's loopback (only it may see the login URL).
+    pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, mut conn: S, local: bool) {
         let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut conn)).await {
             Ok(Ok(h)) => h,
             Ok(Err(status)) => return respond(&mut conn, status, "text/plain", "bad request\n", false).await,
@@ -75,7 +87,7 @@ impl<T: Tailnet> Health<T> {
         match path {
             "/healthz" => respond(&mut conn, 200, "text/plain", "ok\n", head_only).await,
             "/readyz" => {
-                let (ready, body) = self.readiness().await;
+                let (ready, body) = self.readiness(local).await;
                 let text = format!("{body:#}\n");
                 respond(&mut conn, if ready { 200 } else { 503 }, "application/json", &text, head_only).await
             }
@@ -100,14 +112,19 @@ impl<T: Tailnet> Health<T> {
         }
     }
 
-    /// Whether tailgres can serve a session now, and why not.
-    pub async fn readiness(&self) -> (bool, Value) {
+    /// Whether tailgres can serve a session now, and why not; the login
+    /// URL only when `local`.
+    pub async fn readiness(&self, local: bool) -> (bool, Value) {
         let (tailnet_ok, tailnet) = match self.tailnet.status().await {
             Ok(st) => {
                 let ok = st.is_running() && !st.tailscale_ips.is_empty();
                 let mut v = json!({"ok": ok, "state": st.backend_state, "name": st.dns_name});
                 if !st.auth_url.is_empty() {
-                    v["login_url"] = json!(st.auth_url);
+                    v["login_url"] = if local {
+                        json!(st.auth_url)
+                    } else {
+                        json!("in tailgres's log, or /readyz asked from this machine's loopback")
+                    };
                 }
                 if !st.last_error.is_empty() {
                     v["error"] = json!(st.last_error);
@@ -142,8 +159,17 @@ impl<T: Tailnet> Health<T> {
             }));
         }
         let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
-        let ready = tailnet_ok && all_ok && !draining;
-        (ready, json!({"ready": ready, "draining": draining, "tailnet": tailnet, "upstreams": upstreams}))
+        let audit_ok = self.audit.is_healthy();
+        let audit = if audit_ok {
+            json!({"ok": true})
+        } else {
+            json!({"ok": false, "error": "the audit log cannot be written; new sessions are refused (the operator's log says why)"})
+        };
+        let ready = tailnet_ok && all_ok && audit_ok && !draining;
+        (
+            ready,
+            json!({"ready": ready, "draining": draining, "tailnet": tailnet, "audit": audit, "upstreams": upstreams}),
+        )
     }
 }
 
@@ -200,23 +226,25 @@ async fn respond<S: AsyncWrite + Unpin>(conn: &mut S, status: u16, ctype: &str, 
 /// A listener health is served on: a local TCP one or a tailnet port.
 pub trait Listener: Send + Sync + 'static {
     type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// The next connection; `Err(None)` once the listener is closed for
-    /// good, `Err(Some(why))` for a failure worth retrying.
-    fn next(&self) -> impl std::future::Future<Output = Result<Self::Conn, Option<String>>> + Send;
+    /// The next connection, and whether its client is on this machine's
+    /// loopback; `Err(None)` once the listener is closed for good,
+    /// `Err(Some(why))` for a failure worth retrying.
+    fn next(&self) -> impl std::future::Future<Output = Result<(Self::Conn, bool), Option<String>>> + Send;
 }
 
 impl Listener for tokio::net::TcpListener {
     type Conn = tokio::net::TcpStream;
-    async fn next(&self) -> Result<Self::Conn, Option<String>> {
-        self.accept().await.map(|(c, _)| c).map_err(|e| Some(e.to_string()))
+    async fn next(&self) -> Result<(Self::Conn, bool), Option<String>> {
+        self.accept().await.map(|(c, peer)| (c, peer.ip().is_loopback())).map_err(|e| Some(e.to_string()))
     }
 }
 
 impl Listener for crate::tailnet::TailnetListener {
     type Conn = crate::tailnet::TailnetConn;
-    async fn next(&self) -> Result<Self::Conn, Option<String>> {
-        match self.accept().await {
-            Ok((c, _)) => Ok(c),
+    async fn next(&self) -> Result<(Self::Conn, bool), Option<String>> {
+        match crate::tailnet::Listener::accept(self).await {
+            // A tailnet peer is never local.
+            Ok((c, _)) => Ok((c, false)),
             Err(crate::tailnet::TailnetError::Closed) => Err(None),
             Err(e) => Err(Some(e.to_string())),
         }
@@ -234,9 +262,9 @@ pub async fn serve<T: Tailnet + 'static, L: Listener>(
         tokio::select! {
             _ = &mut stop => return,
             r = listener.next() => match r {
-                Ok(conn) => {
+                Ok((conn, local)) => {
                     let h = health.clone();
-                    tokio::spawn(async move { h.handle(conn).await });
+                    tokio::spawn(async move { h.handle(conn, local).await });
                 }
                 Err(None) => return,
                 Err(Some(e)) => {
