@@ -13,6 +13,7 @@
 //!   certificate. The password is zeroized after use and never logged.
 #![forbid(unsafe_code)]
 
+use crate::audit::{AuthMethod, SqlState};
 use crate::negotiate::Startup;
 use crate::pgwire::{self, auth, sqlstate, Message};
 use crate::scram;
@@ -41,8 +42,8 @@ pub enum AuthMode {
 /// What authentication established.
 #[derive(Debug)]
 pub struct AuthOutcome {
-    /// Audit name of the method ("password_relay_scram_sha_256_plus", ...).
-    pub method: &'static str,
+    /// How the client was authenticated, for the audit record.
+    pub method: AuthMethod,
     /// BackendKeyData (pid, key) for cancel, when the upstream sent one.
     pub backend_key: Option<(u32, Vec<u8>)>,
     pub client_to_upstream: u64,
@@ -52,8 +53,8 @@ pub struct AuthOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// The upstream refused (its ErrorResponse was forwarded to the client).
-    #[error("upstream refused the session: {sqlstate} {message}")]
-    Rejected { method: &'static str, sqlstate: String, message: String },
+    #[error("upstream refused the session: {} {message}", sqlstate.map(|s| s.to_string()).unwrap_or_default())]
+    Rejected { method: AuthMethod, sqlstate: Option<SqlState>, message: String },
     #[error("client went away during authentication: {0}")]
     ClientClosed(#[source] std::io::Error),
     #[error("client protocol error during authentication: {0}")]
@@ -67,10 +68,10 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub fn method(&self) -> &'static str {
+    pub fn method(&self) -> AuthMethod {
         match self {
-            AuthError::Rejected { method, .. } => method,
-            _ => "other",
+            AuthError::Rejected { method, .. } => *method,
+            _ => AuthMethod::Other,
         }
     }
 }
@@ -156,10 +157,11 @@ where
         }
     }
     /// Forwards an upstream ErrorResponse and turns it into the error.
-    async fn rejected(&mut self, m: &Message, method: &'static str) -> AuthError {
+    async fn rejected(&mut self, m: &Message, method: AuthMethod) -> AuthError {
         let _ = self.send_client(&m.to_bytes()).await;
         let (code, msg) = pgwire::error_fields(&m.body);
-        AuthError::Rejected { method, sqlstate: code.unwrap_or_default(), message: msg.unwrap_or_default() }
+        let sqlstate = code.as_deref().and_then(SqlState::parse);
+        AuthError::Rejected { method, sqlstate, message: msg.unwrap_or_default() }
     }
 }
 
@@ -215,7 +217,7 @@ where
 {
     let mut x = Exchange { client, upstream, c2u: 0, u2c: 0, held: Vec::new() };
     x.send_upstream(&startup.to_bytes()).await?;
-    let mut method: Option<&'static str> = None;
+    let mut method: Option<AuthMethod> = None;
     // An upstream message read while waiting for either side.
     let mut next: Option<Message> = None;
 
@@ -233,14 +235,14 @@ where
                 match code {
                     auth::OK => {
                         x.hold_client(&m.to_bytes()).await?;
-                        method.get_or_insert("trust");
+                        method.get_or_insert(AuthMethod::Trust);
                         break;
                     }
                     auth::SASL if client_tls && mode == AuthMode::PasswordRelay => {
                         method = Some(password_relay(&mut x, &m, binding).await?);
                     }
                     auth::SASL => {
-                        method = Some("scram_sha_256");
+                        method = Some(AuthMethod::ScramSha256);
                         let stripped = strip_plus(&m.body[4..]).ok_or_else(|| {
                             AuthError::UpstreamProtocol("malformed SASL mechanism list".into())
                         })?;
@@ -262,7 +264,7 @@ where
                         // GSSAPI/SSPI: the last continue of a mutual
                         // authentication carries the server's final token
                         // and wants no answer; the client knows, we do not.
-                        method.get_or_insert("other");
+                        method.get_or_insert(AuthMethod::Other);
                         x.send_client(&m.to_bytes()).await?;
                         match x.recv_either().await? {
                             Either::Client(answer) => x.send_upstream(&answer.to_bytes()).await?,
@@ -273,9 +275,9 @@ where
                         // Cleartext, MD5, SASL continue, GSS, SSPI: relay the
                         // request and the client's answer unchanged.
                         method.get_or_insert(match other {
-                            auth::CLEARTEXT => "cleartext",
-                            auth::MD5 => "md5",
-                            _ => "other",
+                            auth::CLEARTEXT => AuthMethod::Cleartext,
+                            auth::MD5 => AuthMethod::Md5,
+                            _ => AuthMethod::Other,
                         });
                         x.send_client(&m.to_bytes()).await?;
                         let answer = x.recv_client(MAX_AUTH_MESSAGE).await?;
@@ -283,7 +285,7 @@ where
                     }
                 }
             }
-            b'E' => return Err(x.rejected(&m, method.unwrap_or("other")).await),
+            b'E' => return Err(x.rejected(&m, method.unwrap_or(AuthMethod::Other)).await),
             // NegotiateProtocolVersion and notices reach the client unchanged.
             b'v' | b'N' => x.send_client(&m.to_bytes()).await?,
             t => {
@@ -294,7 +296,7 @@ where
             }
         }
     }
-    let method = method.unwrap_or("trust");
+    let method = method.unwrap_or(AuthMethod::Trust);
 
     // After AuthenticationOk: parameters, the cancel key, ReadyForQuery.
     let mut backend_key = None;
@@ -335,7 +337,7 @@ async fn password_relay<C, U>(
     x: &mut Exchange<'_, C, U>,
     sasl: &Message,
     binding: Option<&[u8]>,
-) -> Result<&'static str, AuthError>
+) -> Result<AuthMethod, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -358,9 +360,9 @@ where
         .map_err(|e| AuthError::UpstreamProtocol(format!("{e} (offered {offered:?})")))?;
     drop(password);
     let method = if client.channel_bound() {
-        "password_relay_scram_sha_256_plus"
+        AuthMethod::PasswordRelayScramSha256Plus
     } else {
-        "password_relay_scram_sha_256"
+        AuthMethod::PasswordRelayScramSha256
     };
     x.send_upstream(&client.initial_response()).await?;
     loop {
@@ -463,7 +465,7 @@ mod tests {
         let out = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None)
             .await
             .unwrap();
-        assert_eq!(out.method, "trust");
+        assert_eq!(out.method, AuthMethod::Trust);
         assert_eq!(out.backend_key, Some((42, vec![1, 2, 3, 4])));
         assert_eq!(client.0, vec![from_db.clone()], "one write of exactly what the database sent");
         assert_eq!(out.upstream_to_client, from_db.len() as u64);
@@ -554,7 +556,7 @@ mod tests {
         .await
         .expect("authentication finished without waiting for the client")
         .unwrap();
-        assert_eq!(out.method, "other");
+        assert_eq!(out.method, AuthMethod::Other);
         let _app = app_task.await.unwrap();
         let _db = db_task.await.unwrap();
     }

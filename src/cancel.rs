@@ -91,50 +91,6 @@ impl CancelRegistry {
     }
 }
 
-/// Live sessions per key (an identity), with optional limits.
-#[derive(Debug, Default, Clone)]
-pub struct Counter {
-    inner: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-/// One counted session; releases its slot when dropped.
-pub struct Slot {
-    counter: Counter,
-    key: String,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut m = self.counter.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl Counter {
-    /// Takes a slot for `key` unless `limit` slots are already taken.
-    pub fn acquire(&self, key: &str, limit: Option<u32>) -> Option<Slot> {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(key.to_string()).or_insert(0);
-        if limit.is_some_and(|l| *n >= l) {
-            if *n == 0 {
-                m.remove(key);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(Slot { counter: self.clone(), key: key.to_string() })
-    }
-
-    pub fn live(&self, key: &str) -> u32 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,18 +123,5 @@ mod tests {
         drop(reg);
         assert_eq!(r.decide(10, &[1, 2, 3, 4], "nA").reason(), "unknown_key");
         assert!(r.is_empty());
-    }
-
-    #[test]
-    fn counter_limits_and_releases() {
-        let c = Counter::default();
-        let a = c.acquire("alice", Some(2)).unwrap();
-        let _b = c.acquire("alice", Some(2)).unwrap();
-        assert!(c.acquire("alice", Some(2)).is_none());
-        assert!(c.acquire("alice", None).is_some(), "no limit, no refusal");
-        assert!(c.acquire("bob", Some(0)).is_none());
-        assert_eq!(c.live("bob"), 0);
-        drop(a);
-        assert!(c.acquire("alice", Some(2)).is_some());
     }
 }

@@ -8,14 +8,14 @@
 #![forbid(unsafe_code)]
 
 use crate::authorize::Grant;
-use crate::session::Shared;
-use crate::tailnet::{NetmapEvent, Tailnet};
+use crate::authorize::GrantUse;
+use crate::settings::SettingsCell;
+use crate::tailnet::{Directory, Tailnet};
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -24,56 +24,18 @@ pub const SOCKET_NAME: &str = "tailgres.sock";
 /// A request is a name or an address; nothing longer.
 const MAX_REQUEST: u64 = 512;
 
-/// Peer names to tailnet addresses, from the netmap watch.
-#[derive(Clone, Default)]
-pub struct Directory {
-    inner: Arc<Mutex<Names>>,
-}
-
-#[derive(Default)]
-struct Names {
-    by_name: HashMap<String, IpAddr>,
-    /// A network map has been seen (until then, the directory knows
-    /// nothing, which is not the same as knowing there are no peers).
-    loaded: bool,
-}
-
-impl Directory {
-    pub fn update(&self, ev: &NetmapEvent) {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.loaded = true;
-        for p in &ev.peers {
-            if let Some(ip) = p.addresses.first() {
-                m.by_name.insert(p.node_name.to_ascii_lowercase(), *ip);
-            }
-        }
-    }
-
-    /// Every peer's address, once a network map has been seen.
-    pub fn addresses(&self) -> Option<Vec<IpAddr>> {
-        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.loaded.then(|| m.by_name.values().copied().collect())
-    }
-
-    /// A full MagicDNS name, its first label, or an IP address.
-    pub fn lookup(&self, target: &str) -> Option<IpAddr> {
-        if let Ok(ip) = target.parse() {
-            return Some(ip);
-        }
-        let t = target.trim_end_matches('.').to_ascii_lowercase();
-        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.by_name.get(&t).copied().or_else(|| {
-            let mut hits = m.by_name.iter().filter(|(name, _)| name.split('.').next() == Some(t.as_str()));
-            match (hits.next(), hits.next()) {
-                (Some((_, ip)), None) => Some(*ip),
-                _ => None,
-            }
-        })
-    }
+/// What answering needs of the process (a narrow view of the process
+/// context).
+#[derive(Clone)]
+pub struct ExplainView {
+    pub settings: SettingsCell,
+    pub directory: Directory,
+    pub grant_use: GrantUse,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves explain requests until the proxy shuts down.
-pub async fn serve<T: Tailnet>(path: PathBuf, tailnet: Arc<T>, shared: Arc<Shared>) -> std::io::Result<()> {
+pub async fn serve<T: Tailnet>(path: PathBuf, tailnet: Arc<T>, shared: ExplainView) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&path); // a stale socket from an earlier run
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -100,7 +62,7 @@ pub async fn serve<T: Tailnet>(path: PathBuf, tailnet: Arc<T>, shared: Arc<Share
     Ok(())
 }
 
-async fn handle<T: Tailnet>(conn: UnixStream, tailnet: &T, shared: &Shared) -> std::io::Result<()> {
+async fn handle<T: Tailnet>(conn: UnixStream, tailnet: &T, shared: &ExplainView) -> std::io::Result<()> {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
     BufReader::new(r.take(MAX_REQUEST)).read_line(&mut line).await?;
@@ -110,7 +72,7 @@ async fn handle<T: Tailnet>(conn: UnixStream, tailnet: &T, shared: &Shared) -> s
 }
 
 /// The answer for one target, as JSON.
-pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &Shared) -> Value {
+pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &ExplainView) -> Value {
     let settings = shared.settings.get();
     let policy = &settings.policy;
     let base = json!({
@@ -236,41 +198,4 @@ pub async fn ask(state_dir: &Path, target: &str) -> anyhow::Result<Value> {
     let mut answer = String::new();
     conn.read_to_string(&mut answer).await?;
     Ok(serde_json::from_str(answer.trim())?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tailnet::NetmapPeer;
-
-    #[test]
-    fn directory_lookups() {
-        let d = Directory::default();
-        let peer = |name: &str, ip: &str| NetmapPeer {
-            stable_id: name.into(),
-            node_name: name.into(),
-            addresses: vec![ip.parse().unwrap()],
-            tags: vec![],
-            user_id: 1,
-            expired: false,
-        };
-        d.update(&NetmapEvent {
-            seq: 1,
-            kind: "netmap".into(),
-            peers: vec![
-                peer("alice.example.ts.net", "100.64.0.2"),
-                peer("bob.example.ts.net", "100.64.0.3"),
-                peer("bob.other.ts.net", "100.64.0.4"),
-            ],
-            removed: vec![],
-        });
-        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
-        assert_eq!(d.lookup("alice.example.ts.net"), ip("100.64.0.2"));
-        assert_eq!(d.lookup("Alice.Example.ts.net."), ip("100.64.0.2"));
-        assert_eq!(d.lookup("alice"), ip("100.64.0.2"));
-        assert_eq!(d.lookup("bob"), None, "ambiguous short name");
-        assert_eq!(d.lookup("bob.other.ts.net"), ip("100.64.0.4"));
-        assert_eq!(d.lookup("100.64.0.9"), ip("100.64.0.9"));
-        assert_eq!(d.lookup("carol"), None);
-    }
 }

@@ -3,7 +3,7 @@
 //! The session pipeline, one module per stage, in order (see
 //! `shared/design/architecture.md`); [`session`] runs them for one client:
 //!
-//! 1. accept       — [`server`]: the accept loop over a [`tailnet::TailnetListener`]
+//! 1. accept       — [`server`]: the accept loop over a [`tailnet::Listener`]
 //! 2. identify     — [`tailnet::Tailnet::whois`] → [`tailnet::PeerIdentity`]
 //! 3. negotiate    — [`negotiate`]: SSL/GSSENC requests, direct TLS, cancel, startup
 //! 4. authorize    — [`authorize`]: capability grants; then the route ([`settings`])
@@ -18,8 +18,9 @@
 //! (/healthz, /readyz, /metrics), [`pgwire`] and [`stream`].
 //! Operator commands beside the proxy: [`explain`] (asks the running proxy
 //! about a peer) and [`auditcli`] (`tailgres audit`: reads the audit log back).
-//! The tailnet is reached only through the [`tailnet::Tailnet`] trait, whose
-//! one implementation today is the embedded Go node ([`tailnet::EmbeddedNode`]).
+//! The tailnet is reached only through the [`tailnet::Tailnet`] trait: the
+//! embedded Go node ([`tailnet::EmbeddedNode`]) in the product, an in-memory
+//! tailnet ([`tailnet::memory`]) in the in-process tests.
 //! `unsafe` lives only in `tailnet::ffi` and `sys`.
 #![deny(unsafe_code)]
 
@@ -31,6 +32,7 @@ pub mod authorize;
 pub mod cancel;
 pub mod client_tls;
 pub mod config;
+pub mod context;
 pub mod explain;
 pub mod health;
 pub mod live;

@@ -9,10 +9,11 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::EndReason;
+use crate::authorize::GrantUse;
 use crate::authorize::{Decision, Names};
 use crate::relay::Stop;
-use crate::session::Shared;
-use crate::tailnet::Tailnet;
+use crate::settings::SettingsCell;
+use crate::tailnet::{Directory, Tailnet, Watch};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -94,8 +95,19 @@ impl LiveSessions {
     }
 }
 
+/// What following the tailnet needs of the process (a narrow view of the
+/// process context).
+#[derive(Clone)]
+pub struct LiveView {
+    pub settings: SettingsCell,
+    pub live: LiveSessions,
+    pub directory: Directory,
+    pub grant_use: GrantUse,
+    pub shutdown: watch::Receiver<bool>,
+}
+
 /// Follows the tailnet until `shutdown` is signalled.
-pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
+pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: LiveView) {
     let mut shutdown = shared.shutdown.clone();
     let mut changes = match tailnet.watch() {
         Ok(w) => Some(w),
@@ -134,7 +146,7 @@ pub async fn follow<T: Tailnet>(tailnet: Arc<T>, shared: Arc<Shared>) {
 /// first, so a tailnet that uses grants costs one WhoIs per sweep. Says so
 /// loudly when no peer carries it: a typo in `--capability` must not pass
 /// for a tailnet without grants unnoticed.
-pub async fn scan_grant_use<T: Tailnet>(tailnet: &T, shared: &Shared, carrier: &mut Option<IpAddr>) {
+pub async fn scan_grant_use<T: Tailnet>(tailnet: &T, shared: &LiveView, carrier: &mut Option<IpAddr>) {
     use crate::authorize::GrantUseState;
     let Some(peers) = shared.directory.addresses() else {
         return; // no network map yet: the state stays unknown (fail closed)
@@ -167,7 +179,7 @@ pub async fn scan_grant_use<T: Tailnet>(tailnet: &T, shared: &Shared, carrier: &
 }
 
 /// Re-decides every live session against the tailnet as it is now.
-pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &Shared) {
+pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &LiveView) {
     // The policy as it is now: a reload that tightens it applies to
     // running sessions too.
     let settings = shared.settings.get();

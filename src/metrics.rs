@@ -81,7 +81,7 @@ pub struct TailnetGauge<'a> {
 pub struct Metrics {
     sessions_active: AtomicI64,
     /// (event, reason) → sessions.
-    outcomes: Mutex<BTreeMap<(&'static str, String), u64>>,
+    outcomes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     stages: [Histogram; 4],
     audit_write: Histogram,
     bytes_c2u: AtomicU64,
@@ -106,13 +106,6 @@ fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
     *m.lock().unwrap_or_else(|e| e.into_inner()).entry(k).or_default() += 1;
 }
 
-fn reason_name<T: serde::Serialize>(r: T) -> String {
-    match serde_json::to_value(r) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "other".into(),
-    }
-}
-
 impl Metrics {
     pub fn session_started(&self) -> ActiveSession<'_> {
         self.sessions_active.fetch_add(1, Ordering::Relaxed);
@@ -120,14 +113,14 @@ impl Metrics {
     }
 
     pub fn denied(&self, reason: DenyReason) {
-        bump(&self.outcomes, ("session_denied", reason_name(reason)));
+        bump(&self.outcomes, ("session_denied", reason.as_str()));
         if let Some(kind) = error_kind(reason) {
             bump(&self.errors, kind);
         }
     }
 
     pub fn ended(&self, reason: EndReason, c2u: u64, u2c: u64) {
-        bump(&self.outcomes, ("session_end", reason_name(reason)));
+        bump(&self.outcomes, ("session_end", reason.as_str()));
         self.bytes_c2u.fetch_add(c2u, Ordering::Relaxed);
         self.bytes_u2c.fetch_add(u2c, Ordering::Relaxed);
         match reason {
@@ -284,6 +277,7 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
             "upstream_tls"
         }
         UpstreamNoTls | UpstreamProtocolError => "upstream_protocol",
+        UpstreamConfig => "upstream_config",
         UpstreamUnreachable | UpstreamTimeout => "upstream_connect",
     })
 }

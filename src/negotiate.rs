@@ -16,20 +16,8 @@ use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
-/// How the client reached us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientTransport {
-    Plaintext,
-    Tls,
-    DirectTls,
-}
-
-impl ClientTransport {
-    pub fn is_tls(self) -> bool {
-        self != ClientTransport::Plaintext
-    }
-}
+/// How the client reached us (the audit record's type: one type per fact).
+pub use crate::audit::ClientTransport;
 
 /// A parsed StartupMessage.
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use postgres_protocol::authentication::sasl::{
 
 use sha2::Digest;
 
-use crate::upstream::Side;
+use crate::audit::Side;
 
 /// Authentication request codes in 'R' messages ("Message Formats").
 pub const AUTH_OK: i32 = 0;

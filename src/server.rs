@@ -5,9 +5,10 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::{DenyReason, Event, Record};
+use crate::context::Shared;
 use crate::pgwire::sqlstate;
-use crate::session::{self, Shared};
-use crate::tailnet::{Tailnet, TailnetConn, TailnetError, TailnetListener};
+use crate::session;
+use crate::tailnet::{Listener, Tailnet, TailnetError};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,7 @@ pub struct ServeOptions {
 /// `session_end` (reason `shutdown`). `stop_sessions` is the sending side of
 /// `shared.shutdown`.
 pub async fn serve<T: Tailnet>(
-    listeners: Vec<TailnetListener>,
+    listeners: Vec<T::Listener>,
     tailnet: Arc<T>,
     shared: Arc<Shared>,
     stop_sessions: watch::Sender<bool>,
@@ -119,9 +120,9 @@ pub async fn serve<T: Tailnet>(
 }
 
 /// Accepts on one listener until it closes; never exits on a transient error.
-async fn accept_loop(
-    listener: TailnetListener,
-    out: mpsc::Sender<(TailnetConn, std::net::SocketAddr, u16)>,
+async fn accept_loop<L: Listener>(
+    listener: L,
+    out: mpsc::Sender<(L::Conn, std::net::SocketAddr, u16)>,
     shared: Arc<Shared>,
 ) {
     let mut backoff = MIN_BACKOFF;

@@ -7,15 +7,16 @@
 //! on, and the details go to the operator's log and the audit record.
 #![forbid(unsafe_code)]
 
-use crate::audit::{self, AuditLog, DenyReason, EndReason, Event, Record, SessionEnd};
+use crate::audit::{self, DenyReason, EndReason, Event, Record, SessionEnd};
 use crate::authenticate::{self, AuthError};
 use crate::authorize::Decision;
-use crate::cancel::{CancelDecision, CancelOwner, CancelRegistry};
-use crate::metrics::{Metrics, Stage};
-use crate::negotiate::{self, ClientTransport, Negotiated, Startup};
+use crate::cancel::{CancelDecision, CancelOwner};
+use crate::context::Shared;
+use crate::metrics::Stage;
+use crate::negotiate::{self, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
 use crate::relay;
-use crate::settings::{Settings, SettingsCell};
+use crate::settings::Settings;
 use crate::tailnet::{PeerIdentity, Tailnet};
 use crate::upstream::{UpstreamError, UpstreamTls};
 use std::net::SocketAddr;
@@ -24,29 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
-
-/// What every session shares (built once at start).
-pub struct Shared {
-    /// Routes, policy and timeouts: what a reload may replace.
-    pub settings: SettingsCell,
-    /// TLS for clients that ask for it; `None` answers 'N'.
-    pub client_tls: Option<TlsAcceptor>,
-    pub audit: AuditLog,
-    pub cancels: CancelRegistry,
-    pub metrics: Arc<Metrics>,
-    /// Live sessions per identity, for grants' max_connections.
-    pub per_identity: crate::cancel::Counter,
-    /// Whether any peer carries the capability (kept by `live::follow`).
-    pub grant_use: crate::authorize::GrantUse,
-    /// Peer names to addresses (for `tailgres explain`).
-    pub directory: crate::explain::Directory,
-    /// Relayed sessions, so access can be taken away while they run.
-    pub live: crate::live::LiveSessions,
-    /// Becomes true when the proxy ends its sessions (after the grace).
-    pub shutdown: watch::Receiver<bool>,
-}
 
 /// Runs one session to its end. Never panics on peer input; every outcome
 /// is audited (or, if the audit log itself fails, logged as an error).
@@ -108,7 +87,7 @@ struct Admitted<S> {
     /// it is revoked when no grant allows it any more.
     via_grant: bool,
     /// The identity's session slot (its grant's limit), held to the end.
-    _slot: crate::cancel::Slot,
+    _slot: crate::authorize::Slot,
 }
 
 /// Writes one audit record, timing it.
@@ -260,7 +239,7 @@ impl Session<'_> {
                 return None;
             }
             Ok(Ok(Negotiated::Cancel { mut stream, request, transport })) => {
-                self.base.client_transport = Some(audit_transport(transport));
+                self.base.client_transport = Some(transport);
                 self.cancel(request.pid, &request.key, &identity).await;
                 // As PostgreSQL does once the cancel is handled: close, with
                 // a TLS close_notify where the client came over TLS.
@@ -269,7 +248,7 @@ impl Session<'_> {
             }
             Ok(Ok(Negotiated::Startup { stream, startup, transport })) => (stream, startup, transport),
         };
-        self.base.client_transport = Some(audit_transport(transport));
+        self.base.client_transport = Some(transport);
         self.base.postgres = Some(audit_postgres(&startup));
 
         // The identity settings are ours to set: a client that supplies them
@@ -364,7 +343,7 @@ impl Session<'_> {
             Err(e) => {
                 tracing::warn!(error = %e, "upstream refused");
                 fatal(&mut client, e.sqlstate(), &e.client_message()).await;
-                self.deny(upstream_reason(&e), e.to_string()).await;
+                self.deny(e.deny_reason(), e.to_string()).await;
                 return None;
             }
         };
@@ -403,7 +382,7 @@ impl Session<'_> {
                 return None;
             }
         };
-        self.audit(Event::auth_ok(audit_method(out.method))).await;
+        self.audit(Event::auth_ok(out.method)).await;
 
         Some(Admitted {
             client: Box::new(client),
@@ -498,7 +477,7 @@ impl Session<'_> {
     }
 
     async fn auth_failed_records<C: AsyncWrite + Unpin>(&self, client: &mut C, e: AuthError) {
-        let method = audit_method(e.method());
+        let method = e.method();
         if matches!(e, AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_)) {
             // The client would otherwise see only "server closed the
             // connection unexpectedly"; the details go to the log and audit.
@@ -509,8 +488,7 @@ impl Session<'_> {
         }
         match e {
             AuthError::Rejected { sqlstate, message, .. } => {
-                self.audit(Event::auth_failed(method, audit::SqlState::parse(&sqlstate), message.clone()))
-                    .await;
+                self.audit(Event::auth_failed(method, sqlstate, message.clone())).await;
                 self.end(EndReason::AuthFailed, 0, 0, Some(message)).await;
             }
             AuthError::ClientClosed(_) => self.end(EndReason::ClientClosed, 0, 0, Some(e.to_string())).await,
@@ -605,21 +583,6 @@ where
     }
 }
 
-fn upstream_reason(e: &UpstreamError) -> DenyReason {
-    match e.reason_code() {
-        "upstream_untrusted_certificate" => DenyReason::UpstreamUntrustedCertificate,
-        "upstream_name_mismatch" => DenyReason::UpstreamNameMismatch,
-        "upstream_certificate_expired" => DenyReason::UpstreamCertificateExpired,
-        "upstream_no_tls" => DenyReason::UpstreamNoTls,
-        "upstream_unreachable" | "upstream_resolve" | "upstream_io" => DenyReason::UpstreamUnreachable,
-        "upstream_timeout" => DenyReason::UpstreamTimeout,
-        "upstream_error_before_tls" | "upstream_protocol" | "upstream_alpn" => {
-            DenyReason::UpstreamProtocolError
-        }
-        _ => DenyReason::UpstreamTls,
-    }
-}
-
 fn audit_peer(id: &PeerIdentity, addr: SocketAddr) -> audit::Peer {
     audit::Peer {
         stable_id: id.stable_id.clone(),
@@ -633,32 +596,11 @@ fn audit_peer(id: &PeerIdentity, addr: SocketAddr) -> audit::Peer {
     }
 }
 
-fn audit_transport(t: ClientTransport) -> audit::ClientTransport {
-    match t {
-        ClientTransport::Plaintext => audit::ClientTransport::Plaintext,
-        ClientTransport::Tls => audit::ClientTransport::Tls,
-        ClientTransport::DirectTls => audit::ClientTransport::DirectTls,
-    }
-}
-
 fn audit_postgres(s: &Startup) -> audit::PostgresInfo {
     audit::PostgresInfo {
         user: s.user().to_string(),
         database: s.database().to_string(),
         application_name: s.application_name().map(str::to_string),
         protocol: audit::ProtocolVersion::from_code(s.version),
-    }
-}
-
-fn audit_method(m: &str) -> audit::AuthMethod {
-    use audit::AuthMethod::*;
-    match m {
-        "password_relay_scram_sha_256_plus" => PasswordRelayScramSha256Plus,
-        "password_relay_scram_sha_256" => PasswordRelayScramSha256,
-        "scram_sha_256" => ScramSha256,
-        "md5" => Md5,
-        "cleartext" => Cleartext,
-        "trust" => Trust,
-        _ => Other,
     }
 }

@@ -24,14 +24,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::pgwire::ALPN_POSTGRESQL;
 
-/// Who caused a failure: what an audit record's end reason names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Client,
-    Upstream,
-    Proxy,
-}
+pub use crate::audit::Side;
 
 /// How to reach and authenticate the database (from the `--upstream*` flags).
 #[derive(Debug, Clone, PartialEq)]
@@ -201,7 +194,31 @@ impl UpstreamError {
         }
     }
 
-    /// Stable identifier for audit records.
+    /// The audit record's reason (a configuration error is the proxy's).
+    pub fn deny_reason(&self) -> crate::audit::DenyReason {
+        use crate::audit::DenyReason as D;
+        match self {
+            UpstreamError::Config(_) => D::UpstreamConfig,
+            UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } | UpstreamError::Io { .. } => {
+                D::UpstreamUnreachable
+            }
+            UpstreamError::Timeout { .. } => D::UpstreamTimeout,
+            UpstreamError::ServerRefusedTls { .. } => D::UpstreamNoTls,
+            UpstreamError::ServerErrorBeforeTls { .. }
+            | UpstreamError::UnexpectedSslResponse { .. }
+            | UpstreamError::AlpnMissing { .. } => D::UpstreamProtocolError,
+            UpstreamError::UntrustedCertificate { .. } => D::UpstreamUntrustedCertificate,
+            UpstreamError::NameMismatch { .. } => D::UpstreamNameMismatch,
+            UpstreamError::Expired { .. } => D::UpstreamCertificateExpired,
+            UpstreamError::NotYetValid { .. }
+            | UpstreamError::Revoked { .. }
+            | UpstreamError::CertificateInvalid { .. }
+            | UpstreamError::Tls { .. } => D::UpstreamTls,
+        }
+    }
+
+    /// Stable identifier for the operator's log (finer than the audit
+    /// record's [`Self::deny_reason`]).
     pub fn reason_code(&self) -> &'static str {
         match self {
             UpstreamError::Config(_) => "upstream_config",

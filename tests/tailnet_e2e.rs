@@ -14,7 +14,7 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tailgres::tailnet::{EmbeddedNode, PeerIdentity, Tailnet, TailnetConn, TailnetError};
+use tailgres::tailnet::{EmbeddedNode, Listener, PeerIdentity, Tailnet, TailnetConn, TailnetError, Watch};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

@@ -163,8 +163,9 @@ impl Serialize for Denial {
     }
 }
 
-/// Whose doing something was: the audit log's answer to "who broke it".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Whose doing something was: the audit log's answer to "who broke it"
+/// (the one `Side` of the crate: errors of every layer say theirs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     Client,
@@ -197,6 +198,9 @@ pub enum DenyReason {
     UpstreamTls,
     /// The upstream broke the protocol before the session started.
     UpstreamProtocolError,
+    /// The route's upstream settings are invalid (the proxy's fault, not
+    /// the database's).
+    UpstreamConfig,
     /// The live-session limit is reached.
     TooManySessions,
     /// The peer's grants do not allow this role or database.
@@ -215,7 +219,7 @@ pub enum DenyReason {
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 19] = [
+    pub const ALL: [DenyReason; 20] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -229,6 +233,7 @@ impl DenyReason {
         DenyReason::UpstreamTimeout,
         DenyReason::UpstreamTls,
         DenyReason::UpstreamProtocolError,
+        DenyReason::UpstreamConfig,
         DenyReason::TooManySessions,
         DenyReason::NotAuthorized,
         DenyReason::NoRoute,
@@ -236,6 +241,33 @@ impl DenyReason {
         DenyReason::ClientTlsFailed,
         DenyReason::ShuttingDown,
     ];
+
+    /// The name it is serialized as (the audit record's and the metrics'
+    /// label value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::UnknownPeer => "unknown_peer",
+            DenyReason::WhoisFailed => "whois_failed",
+            DenyReason::AuditUnavailable => "audit_unavailable",
+            DenyReason::ProtocolError => "protocol_error",
+            DenyReason::HandshakeTimeout => "handshake_timeout",
+            DenyReason::UpstreamUntrustedCertificate => "upstream_untrusted_certificate",
+            DenyReason::UpstreamNameMismatch => "upstream_name_mismatch",
+            DenyReason::UpstreamCertificateExpired => "upstream_certificate_expired",
+            DenyReason::UpstreamNoTls => "upstream_no_tls",
+            DenyReason::UpstreamUnreachable => "upstream_unreachable",
+            DenyReason::UpstreamTimeout => "upstream_timeout",
+            DenyReason::UpstreamTls => "upstream_tls",
+            DenyReason::UpstreamProtocolError => "upstream_protocol_error",
+            DenyReason::UpstreamConfig => "upstream_config",
+            DenyReason::TooManySessions => "too_many_sessions",
+            DenyReason::NotAuthorized => "not_authorized",
+            DenyReason::NoRoute => "no_route",
+            DenyReason::ClientClosed => "client_closed",
+            DenyReason::ClientTlsFailed => "client_tls_failed",
+            DenyReason::ShuttingDown => "shutting_down",
+        }
+    }
 
     /// Who caused the refusal.
     pub fn side(self) -> Side {
@@ -251,7 +283,7 @@ impl DenyReason {
             | UpstreamTimeout
             | UpstreamTls
             | UpstreamProtocolError => Side::Upstream,
-            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown => Side::Proxy,
+            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown | UpstreamConfig => Side::Proxy,
         }
     }
 }
@@ -438,6 +470,22 @@ impl EndReason {
         EndReason::IdleTimeout,
     ];
 
+    /// The name it is serialized as (the audit record's and the metrics'
+    /// label value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClientClosed => "client_closed",
+            EndReason::ClientTerminated => "client_terminated",
+            EndReason::ClientError => "client_error",
+            EndReason::UpstreamClosed => "upstream_closed",
+            EndReason::UpstreamError => "upstream_error",
+            EndReason::AuthFailed => "auth_failed",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Revoked => "revoked",
+            EndReason::IdleTimeout => "idle_timeout",
+        }
+    }
+
     /// Who ended the session.
     pub fn ended_by(self) -> Side {
         use EndReason::*;
@@ -506,6 +554,12 @@ pub enum ClientTransport {
     Tls,
     /// TLS from the first byte (PostgreSQL 17 `sslnegotiation=direct`).
     DirectTls,
+}
+
+impl ClientTransport {
+    pub fn is_tls(self) -> bool {
+        self != ClientTransport::Plaintext
+    }
 }
 
 /// The verified upstream connection.
@@ -711,6 +765,13 @@ mod tests {
         assert_eq!(DenyReason::UpstreamNoTls.side(), Side::Upstream);
         assert_eq!(EndReason::UpstreamClosed.ended_by(), Side::Upstream);
         assert_eq!(EndReason::Revoked.ended_by(), Side::Proxy);
+        // as_str is the serialized name (metrics labels use it).
+        for r in DenyReason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str(), "{r:?}");
+        }
+        for r in EndReason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str(), "{r:?}");
+        }
         // Every reason's name is snake_case (the schema's pattern).
         for r in DenyReason::ALL {
             let s = serde_json::to_value(r).unwrap();

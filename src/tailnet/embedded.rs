@@ -134,6 +134,10 @@ impl EmbeddedNode {
 }
 
 impl Tailnet for EmbeddedNode {
+    type Conn = TailnetConn;
+    type Listener = TailnetListener;
+    type Watch = NetmapWatch;
+
     async fn status(&self) -> Result<Status, TailnetError> {
         let h = self.handle.clone();
         let js = blocking(move || h.status_json()).await.map_err(TailnetError::Status)?;
@@ -189,9 +193,12 @@ impl TailnetListener {
         let fd = sys::async_fd(fd).map_err(TailnetError::Accept)?;
         Ok(TailnetListener { fd, port })
     }
+}
 
-    /// The tailnet port this listener serves.
-    pub fn port(&self) -> u16 {
+impl super::Listener for TailnetListener {
+    type Conn = TailnetConn;
+
+    fn port(&self) -> u16 {
         self.port
     }
 
@@ -200,7 +207,7 @@ impl TailnetListener {
     ///
     /// An error for one malformed announcement does not end the listener:
     /// call again. [`TailnetError::Closed`] means the node shut down.
-    pub async fn accept(&self) -> Result<(TailnetConn, SocketAddr), TailnetError> {
+    async fn accept(&self) -> Result<(TailnetConn, SocketAddr), TailnetError> {
         loop {
             let mut guard = self.fd.readable().await.map_err(TailnetError::Accept)?;
             let msg = match guard.try_io(|fd| sys::recv_seqpacket(fd.get_ref().as_fd())) {
@@ -212,7 +219,9 @@ impl TailnetListener {
             return Self::connection(&msg);
         }
     }
+}
 
+impl TailnetListener {
     /// Parses an announcement (8-byte little-endian id, then "ip:port") and
     /// takes the connection over. With a malformed address the connection is
     /// closed here; with no readable id it is left to the node, which closes
@@ -243,9 +252,10 @@ impl NetmapWatch {
             .map_err(|e| TailnetError::Watch(e.to_string()))?;
         Ok(NetmapWatch { lines: BufReader::new(s).lines() })
     }
+}
 
-    /// The next change; `None` once the node is shut down.
-    pub async fn next(&mut self) -> Option<Result<NetmapEvent, TailnetError>> {
+impl super::Watch for NetmapWatch {
+    async fn next(&mut self) -> Option<Result<NetmapEvent, TailnetError>> {
         match self.lines.next_line().await {
             Ok(Some(line)) => Some(
                 serde_json::from_str(&line).map_err(|e| TailnetError::Decode(format!("netmap event: {e}"))),

@@ -1,16 +1,21 @@
 //! The tailnet: joining it, listening on it, and asking who a peer is.
 //!
 //! The session pipeline sees only the [`Tailnet`] trait and the plain types
-//! here; the one implementation today is [`EmbeddedNode`], our Go shim over
-//! tsnet linked into the binary (see `vendor/tsffi`). A pure-Rust Tailscale
-//! could replace it without touching the pipeline.
+//! here. The product's implementation is [`EmbeddedNode`], our Go shim over
+//! tsnet linked into the binary (see `vendor/tsffi`); [`memory`] is a small
+//! in-memory tailnet for tests, so every stage, refusal and shutdown path can
+//! be driven in-process. A pure-Rust Tailscale could replace the embedded
+//! node without touching the pipeline.
 
 mod conn;
+mod directory;
 mod embedded;
 mod ffi;
 mod identity;
+pub mod memory;
 
 pub use conn::TailnetConn;
+pub use directory::Directory;
 pub use embedded::{EmbeddedNode, NetmapWatch, TailnetListener};
 pub use identity::PeerIdentity;
 
@@ -19,6 +24,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
 
 /// How to join the tailnet.
@@ -162,12 +168,34 @@ pub enum TailnetError {
 
 /// The backend boundary: what the proxy needs from a tailnet.
 pub trait Tailnet: Send + Sync + 'static {
+    /// An accepted connection from a peer.
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Listener: Listener<Conn = Self::Conn>;
+    type Watch: Watch;
+
     fn status(&self) -> impl Future<Output = Result<Status, TailnetError>> + Send;
     /// Listens on a TCP port of our tailnet addresses.
-    fn listen(&self, port: u16) -> Result<TailnetListener, TailnetError>;
+    fn listen(&self, port: u16) -> Result<Self::Listener, TailnetError>;
     /// Identifies the peer at `addr` (the accepted connection's remote).
     fn whois(&self, addr: SocketAddr) -> impl Future<Output = Result<PeerIdentity, TailnetError>> + Send;
     fn cert_pair(&self, domain: &str) -> impl Future<Output = Result<CertPair, TailnetError>> + Send;
-    fn watch(&self) -> Result<NetmapWatch, TailnetError>;
+    fn watch(&self) -> Result<Self::Watch, TailnetError>;
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Connections accepted on one tailnet port.
+pub trait Listener: Send + Sync + 'static {
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The tailnet port it serves.
+    fn port(&self) -> u16;
+    /// The next connection and its peer's tailnet address.
+    /// [`TailnetError::Closed`] means the listener is done for good; any
+    /// other error concerns one connection: call again.
+    fn accept(&self) -> impl Future<Output = Result<(Self::Conn, SocketAddr), TailnetError>> + Send;
+}
+
+/// Network-map changes, one event per change.
+pub trait Watch: Send + 'static {
+    /// The next change; `None` once the node is shut down.
+    fn next(&mut self) -> impl Future<Output = Option<Result<NetmapEvent, TailnetError>>> + Send;
 }

@@ -1,0 +1,57 @@
+//! The process context: what every session and every task around the
+//! sessions share, built once at start by [`crate::app`]. The tasks that
+//! need only part of it ([`crate::live::follow`], [`crate::explain::serve`])
+//! get narrow views of their own, so no module below this one depends on it.
+#![forbid(unsafe_code)]
+
+use crate::audit::AuditLog;
+use crate::cancel::CancelRegistry;
+use crate::metrics::Metrics;
+use crate::settings::SettingsCell;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+/// What every session shares (built once at start).
+pub struct Shared {
+    /// Routes, policy and timeouts: what a reload may replace.
+    pub settings: SettingsCell,
+    /// TLS for clients that ask for it; `None` answers 'N'.
+    pub client_tls: Option<TlsAcceptor>,
+    pub audit: AuditLog,
+    pub cancels: CancelRegistry,
+    pub metrics: Arc<Metrics>,
+    /// Live sessions per identity, for grants' max_connections.
+    pub per_identity: crate::authorize::Counter,
+    /// Whether any peer carries the capability (kept by `live::follow`).
+    pub grant_use: crate::authorize::GrantUse,
+    /// Peer names to addresses (for `tailgres explain`).
+    pub directory: crate::tailnet::Directory,
+    /// Relayed sessions, so access can be taken away while they run.
+    pub live: crate::live::LiveSessions,
+    /// Becomes true when the proxy ends its sessions (after the grace).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// What revocation needs.
+    pub fn live_view(&self) -> crate::live::LiveView {
+        crate::live::LiveView {
+            settings: self.settings.clone(),
+            live: self.live.clone(),
+            directory: self.directory.clone(),
+            grant_use: self.grant_use.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// What `tailgres explain` needs.
+    pub fn explain_view(&self) -> crate::explain::ExplainView {
+        crate::explain::ExplainView {
+            settings: self.settings.clone(),
+            directory: self.directory.clone(),
+            grant_use: self.grant_use.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
