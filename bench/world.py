@@ -32,7 +32,7 @@ def read_lab_env(path):
     return env
 
 
-# The knobs every tailnet process runs with (design/tailnet.md); the Go
+# The knobs every tailnet process runs with (docs/lab.md, "The lab environment"); the Go
 # runtime reads them once, at start. vendor/cmd/tslab/lab.env is the one list.
 TS_ENV = read_lab_env(ROOT / "vendor" / "cmd" / "tslab" / "lab.env")
 TAILSCALE_VERSION = "v1.102.5"  # vendor/go.mod; pgproxy is installed at this version

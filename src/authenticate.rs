@@ -1,7 +1,7 @@
 //! Stage 6, authenticate: send the StartupMessage upstream and carry the
 //! authentication exchange to AuthenticationOk and ReadyForQuery.
 //!
-//! The adaptive password relay (shared/design/postgres-protocol.md, "SCRAM
+//! The adaptive password relay (docs/postgres-protocol.md, "SCRAM
 //! channel binding through a TLS-terminating proxy"), decided by what the
 //! upstream asks for:
 //! - AuthenticationOk, cleartext, MD5, GSS...: relayed unchanged.

@@ -1,4 +1,4 @@
-//! Identity-bound cancel (shared/design/postgres-protocol.md, "Cancel").
+//! Identity-bound cancel (docs/postgres-protocol.md, "Cancel").
 //!
 //! The client learned the upstream's (pid, key) from BackendKeyData relayed
 //! through us. We remember which live session and which tailnet node own

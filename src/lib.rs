@@ -1,7 +1,7 @@
 //! tailgres: a PostgreSQL proxy that is its own node on a Tailscale tailnet.
 //!
 //! The session pipeline, one module per stage, in order (see
-//! `shared/design/architecture.md`); [`session`] runs them for one client:
+//! `docs/architecture.md`, "The session pipeline"); [`session`] runs them for one client:
 //!
 //! 1. accept       — [`server`]: the accept loop over a [`tailnet::Listener`]
 //! 2. identify     — [`tailnet::Tailnet::whois`] → [`tailnet::PeerIdentity`]

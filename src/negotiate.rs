@@ -1,5 +1,5 @@
 //! Stage 3, negotiate: the packets a client sends before its
-//! StartupMessage (shared/design/postgres-protocol.md, "Before the
+//! StartupMessage (docs/postgres-protocol.md, "Before the
 //! StartupMessage"). Yields the client stream (plaintext or TLS) and the
 //! parsed StartupMessage, or a CancelRequest.
 //!

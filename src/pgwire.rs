@@ -1,5 +1,5 @@
 //! The handful of PostgreSQL wire-protocol pieces the proxy touches, built
-//! and parsed by hand (see shared/design/postgres-protocol.md). All integers
+//! and parsed by hand (see docs/postgres-protocol.md, "Framing"). All integers
 //! are big-endian and every length includes itself.
 #![forbid(unsafe_code)]
 

@@ -1,7 +1,7 @@
 //! SCRAM-SHA-256(-PLUS) client toward the upstream, for the password relay
 //! (stage 6): the proxy holds the client's cleartext password and logs in
 //! itself, bound to the upstream's real certificate (tls-server-end-point).
-//! See shared/design/postgres-protocol.md, "SCRAM channel binding".
+//! See docs/postgres-protocol.md, "SCRAM channel binding through a TLS-terminating proxy".
 //!
 //! Never `ChannelBinding::unrequested()` (gs2 flag `y`): toward a TLS upstream
 //! that supports binding it is refused as a negotiation error. Without binding

@@ -3,7 +3,7 @@
 //! TCP dial (TCP_NODELAY), then either an SSLRequest answered by exactly one
 //! byte, or direct TLS (PostgreSQL 17+, ALPN `postgresql`). The certificate is
 //! checked by rustls's `WebPkiServerVerifier` (chain, name, validity); there is
-//! deliberately no option to skip that. See shared/design/postgres-protocol.md,
+//! deliberately no option to skip that. See docs/postgres-protocol.md,
 //! "Before the StartupMessage" and "SCRAM channel binding".
 #![forbid(unsafe_code)]
 

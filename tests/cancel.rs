@@ -1,4 +1,4 @@
-//! Identity-bound cancel through the tailnet (shared/design/postgres-protocol.md,
+//! Identity-bound cancel through the tailnet (docs/postgres-protocol.md,
 //! "Cancel"): psql's Ctrl-C works, a wrong key and a right key from another
 //! tailnet node do nothing, and every CancelRequest leaves a `cancel` record.
 //!

@@ -5,7 +5,7 @@
 //! and `--auth passthrough`.
 //!
 //! The expected authentication methods follow
-//! shared/design/postgres-protocol.md, "SCRAM channel binding through a
+//! docs/postgres-protocol.md, "SCRAM channel binding through a
 //! TLS-terminating proxy": a TLS client of a SCRAM role is asked for its
 //! password and the proxy runs SCRAM-SHA-256-PLUS upstream
 //! (`password_relay_scram_sha_256_plus`); a plaintext client gets the
@@ -49,7 +49,7 @@ const SSLMODES: &[&str] = &["disable", "allow", "prefer", "require", "verify-ca"
 const CHANNEL_BINDINGS: &[&str] = &["prefer", "disable"];
 /// psql processes at once (the lab runs on two cores).
 const PSQL_PARALLEL: usize = 6;
-/// The SSLRequest code (shared/design/postgres-protocol.md, "Before the
+/// The SSLRequest code (docs/postgres-protocol.md, "Before the
 /// StartupMessage").
 const SSL_REQUEST: u32 = 80877103;
 
@@ -483,7 +483,7 @@ async fn wrong_passwords_are_refused_and_never_logged() {
 
 /// `--auth passthrough` keeps the proxy blind to passwords, at a price.
 ///
-/// The trade-off (postgres-protocol.md, "SCRAM channel binding through a
+/// The trade-off (docs/postgres-protocol.md, "SCRAM channel binding through a
 /// TLS-terminating proxy"): in passthrough the proxy relays the upstream's
 /// SCRAM exchange, and to a TLS client it can only offer plain
 /// SCRAM-SHA-256 (the client's binding to the proxy's certificate could

@@ -1,5 +1,5 @@
 //! Hostile and malformed input before the StartupMessage, over the tailnet
-//! (shared/design/postgres-protocol.md, "Before the StartupMessage"): each
+//! (docs/postgres-protocol.md, "Before the StartupMessage"): each
 //! case is answered with FATAL 08P01 (where the client is still there to read
 //! it) or a close, leaves a `session_denied` record, and never stops the
 //! proxy from serving the next client.

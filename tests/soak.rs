@@ -43,7 +43,7 @@ const GO_THREAD_SLACK: usize = 6;
 const QUIET: Duration = Duration::from_secs(12);
 /// Deadline for the counts to settle.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
-/// The SSLRequest code (shared/design/postgres-protocol.md).
+/// The SSLRequest code (docs/postgres-protocol.md, "Before the StartupMessage").
 const SSL_REQUEST: u32 = 80877103;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
