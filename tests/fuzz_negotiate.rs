@@ -14,6 +14,7 @@
 //! - a StartupMessage re-encoded (`Startup::to_bytes`) is byte-for-byte
 //!   the packet the client sent, and the bytes after it are left unread
 //!   in the returned stream (round trip).
+//!
 //! The same runs inside TLS (SSLRequest then a real TLS client; direct TLS
 //! with ALPN), and plaintext with an acceptor configured (garbage where a
 //! ClientHello should be).
@@ -46,10 +47,20 @@ const MAX_PRE_STARTUP: usize = 4;
 enum Packet {
     Ssl,
     GssEnc,
-    Cancel { pid: u32, key: Vec<u8> },
-    Startup { version: u32, params: Vec<(Vec<u8>, Vec<u8>)>, terminator: bool },
+    Cancel {
+        pid: u32,
+        key: Vec<u8>,
+    },
+    Startup {
+        version: u32,
+        params: Vec<(Vec<u8>, Vec<u8>)>,
+        terminator: bool,
+    },
     /// A length field alone, then a code.
-    Header { len: u32, code: u32 },
+    Header {
+        len: u32,
+        code: u32,
+    },
     Raw(Vec<u8>),
 }
 
@@ -158,7 +169,12 @@ fn input() -> impl Strategy<Value = Input> {
         proptest::collection::vec(any::<usize>(), 0..6),
         prop_oneof![1 => 1usize..64, 3 => Just(1usize << 16)],
     )
-        .prop_map(|(packets, mutations, splits, capacity)| Input { packets, mutations, splits, capacity })
+        .prop_map(|(packets, mutations, splits, capacity)| Input {
+            packets,
+            mutations,
+            splits,
+            capacity,
+        })
 }
 
 /// Inputs from the hand-picked corpus, mutated.
@@ -186,17 +202,35 @@ fn seeded() -> impl Strategy<Value = Input> {
 enum Expect {
     /// After `declined` answered requests, a StartupMessage of `len` bytes
     /// starting at `at`.
-    Startup { declined: usize, at: usize, len: usize, version: u32, params: Vec<(String, String)> },
-    Cancel { declined: usize, pid: u32, key: Vec<u8> },
+    Startup {
+        declined: usize,
+        at: usize,
+        len: usize,
+        version: u32,
+        params: Vec<(String, String)>,
+    },
+    Cancel {
+        declined: usize,
+        pid: u32,
+        key: Vec<u8>,
+    },
     /// FATAL 08P01 whose message contains one of these.
-    Refused { declined: usize, why: &'static [&'static str] },
+    Refused {
+        declined: usize,
+        why: &'static [&'static str],
+    },
     /// The stream ended before a whole packet.
-    Closed { declined: usize },
+    Closed {
+        declined: usize,
+    },
     /// Direct TLS asked for with no acceptor: refused without a reply.
     NoTls,
     /// A valid SSLRequest with an acceptor configured, on plaintext: 'S'
     /// and a TLS handshake over the bytes from `at` on.
-    StartTls { declined: usize, at: usize },
+    StartTls {
+        declined: usize,
+        at: usize,
+    },
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -277,7 +311,10 @@ fn model(input: &[u8], mut requests: usize, plaintext: bool, tls: bool) -> Expec
             }
             v if v >> 16 == 3 => {
                 let Some(params) = model_params(rest) else {
-                    return Expect::Refused { declined, why: &["invalid startup packet layout", "is not UTF-8"] };
+                    return Expect::Refused {
+                        declined,
+                        why: &["invalid startup packet layout", "is not UTF-8"],
+                    };
                 };
                 let user = params.iter().rev().find(|(k, _)| k == "user").map(|(_, v)| v.as_str());
                 if user.unwrap_or("").is_empty() {
@@ -296,8 +333,14 @@ fn model(input: &[u8], mut requests: usize, plaintext: bool, tls: bool) -> Expec
 #[derive(Debug)]
 enum Got {
     /// The startup and every byte left unread on the stream afterwards.
-    Startup { startup: Startup, after: Vec<u8> },
-    Cancel { pid: u32, key: Vec<u8> },
+    Startup {
+        startup: Startup,
+        after: Vec<u8>,
+    },
+    Cancel {
+        pid: u32,
+        key: Vec<u8>,
+    },
     Err(NegotiateError),
 }
 
@@ -345,7 +388,12 @@ async fn server_side<S: AsyncRead + AsyncWrite + Unpin>(stream: S, tls: Option<&
 }
 
 /// Plaintext: `bytes` straight from the client.
-async fn plaintext(bytes: Vec<u8>, splits: &[usize], capacity: usize, tls: Option<&TlsAcceptor>) -> (Got, Vec<u8>) {
+async fn plaintext(
+    bytes: Vec<u8>,
+    splits: &[usize],
+    capacity: usize,
+    tls: Option<&TlsAcceptor>,
+) -> (Got, Vec<u8>) {
     let (client, server) = duplex(capacity);
     let client = tokio::spawn(client_side(client, split_at_points(&bytes, splits)));
     let got = server_side(server, tls).await;
@@ -398,8 +446,10 @@ fn tls() -> &'static Tls {
         let cert = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-        let mut server =
-            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![der.clone()], key).unwrap();
+        let mut server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
         server.alpn_protocols = vec![pgwire::ALPN_POSTGRESQL.to_vec()];
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der).unwrap();
@@ -536,7 +586,7 @@ fn hits_known_direct_tls_bug(inner: &[u8]) -> bool {
 }
 
 proptest! {
-    #![proptest_config(config(400, REGRESSIONS))]
+    #![proptest_config(config(1500, REGRESSIONS))]
 
     #[test]
     fn plaintext_without_tls(input in input()) {
@@ -550,7 +600,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(100, REGRESSIONS))]
+    #![proptest_config(config(300, REGRESSIONS))]
 
     #[test]
     fn plaintext_with_tls_acceptor(input in input()) {
@@ -578,7 +628,8 @@ proptest! {
 #[test]
 fn corpus_seeds_as_they_are() {
     for (name, bytes) in corpus("negotiate") {
-        let input = Input { packets: vec![Packet::Raw(bytes)], mutations: vec![], splits: vec![], capacity: 1 << 16 };
+        let input =
+            Input { packets: vec![Packet::Raw(bytes)], mutations: vec![], splits: vec![], capacity: 1 << 16 };
         if let Err(e) = plaintext_case(&input, false) {
             panic!("seed {name}: {e}");
         }
@@ -606,7 +657,10 @@ fn model_agrees_with_the_protocol() {
     assert!(matches!(model(&ssl, 0, true, false), Expect::Startup { declined: 1, .. }));
     assert!(matches!(model(&[0, 0], 0, true, false), Expect::Closed { declined: 0 }));
     assert!(matches!(model(&[0x16, 3, 1, 0], 0, true, false), Expect::NoTls));
-    assert!(matches!(model(&Packet::GssEnc.encode().repeat(5), 0, true, false), Expect::Refused { declined: 4, .. }));
+    assert!(matches!(
+        model(&Packet::GssEnc.encode().repeat(5), 0, true, false),
+        Expect::Refused { declined: 4, .. }
+    ));
     assert_eq!(model_params(b"\0"), Some(vec![]));
     assert_eq!(model_params(b"a\0\0\0"), Some(vec![("a".into(), "".into())]));
     assert_eq!(model_params(b"\0\0"), None);
@@ -627,8 +681,8 @@ fn known_bug_direct_tls_then_ssl_request() {
         let input = Input { packets: vec![first], mutations: vec![], splits: vec![], capacity: 1 << 16 };
         let inner = input.bytes();
         let (got, _) =
-            run(|| "direct TLS then SSLRequest".into(), over_tls(TlsMode::Direct, inner, &[], 1 << 16)).unwrap();
+            run(|| "direct TLS then SSLRequest".into(), over_tls(TlsMode::Direct, inner, &[], 1 << 16))
+                .unwrap();
         assert!(matches!(got, Got::Err(_)), "{got:?}");
     }
 }
-

@@ -28,7 +28,11 @@ struct Pieces {
 }
 
 impl AsyncRead for Pieces {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if let Some(front) = self.chunks.front_mut() {
             let n = front.len().min(buf.remaining());
             buf.put_slice(&front[..n]);
@@ -74,7 +78,8 @@ fn model(data: &[u8], max: usize) -> Framed {
 
 fn framed(data: &[u8], splits: &[usize], max: usize) -> Framed {
     let mut r = Pieces::new(data, splits);
-    let got = run(|| format!("read_message of {}", preview(data)), pgwire::read_message(&mut r, max)).unwrap();
+    let got =
+        run(|| format!("read_message of {}", preview(data)), pgwire::read_message(&mut r, max)).unwrap();
     match got {
         Ok(m) => Framed::Message { tag: m.tag, body: m.body, rest: r.rest() },
         Err(e) if e.kind() == io::ErrorKind::InvalidData => Framed::Invalid,
@@ -103,7 +108,7 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config(1000, REGRESSIONS))]
+    #![proptest_config(config(2000, REGRESSIONS))]
 
     #[test]
     fn read_message_matches_the_framing(
@@ -215,7 +220,7 @@ fn fixture_certs() -> Vec<Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(config(300, REGRESSIONS))]
+    #![proptest_config(config(500, REGRESSIONS))]
 
     /// A certificate the database presents is parsed for its signature
     /// algorithm (tls-server-end-point): mutated DER never panics, and the
@@ -243,7 +248,8 @@ proptest! {
 /// for the next read (checked over many messages in a row).
 #[test]
 fn consecutive_messages_read_in_order() {
-    let msgs: Vec<Vec<u8>> = (0..50u8).map(|i| pgwire::message_bytes(b'A' + i % 26, &vec![i; i as usize])).collect();
+    let msgs: Vec<Vec<u8>> =
+        (0..50u8).map(|i| pgwire::message_bytes(b'A' + i % 26, &vec![i; i as usize])).collect();
     let all = msgs.concat();
     let mut r = Pieces::new(&all, &[1, 2, 3, 7, 100, 101, 555, 556]);
     run(|| "consecutive".into(), async {

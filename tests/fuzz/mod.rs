@@ -26,10 +26,8 @@ const DEFAULT_SEED: u64 = 0x7a11_9e55_f022_2026;
 /// Proptest configuration for one property: `default_cases` unless
 /// `TAILGRES_FUZZ_CASES` says otherwise.
 pub fn config(default_cases: u32, regressions: &'static str) -> Config {
-    let cases = std::env::var("TAILGRES_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default_cases);
+    let cases =
+        std::env::var("TAILGRES_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cases);
     let rng_seed = match std::env::var("TAILGRES_FUZZ_SEED").as_deref() {
         Ok("random") => RngSeed::Random,
         Ok(n) => RngSeed::Fixed(n.parse().expect("TAILGRES_FUZZ_SEED is a number or `random`")),
@@ -153,7 +151,8 @@ pub fn preview(b: &[u8]) -> String {
 /// The (SQLSTATE, message) of a well-formed ErrorResponse that is all of
 /// `bytes`.
 pub fn sole_error(bytes: &[u8]) -> Result<(String, String), String> {
-    let (tag, body, rest) = split_message(bytes).ok_or_else(|| format!("no whole message: {}", preview(bytes)))?;
+    let (tag, body, rest) =
+        split_message(bytes).ok_or_else(|| format!("no whole message: {}", preview(bytes)))?;
     if tag != b'E' || !rest.is_empty() {
         return Err(format!("expected one ErrorResponse, got {}", preview(bytes)));
     }
