@@ -19,7 +19,10 @@ pub use entry::{Entry, LineError};
 pub use filter::{EventKind, Filter, Glob, WhoPattern};
 pub use when::{parse_instant, parse_rfc3339, TimeError};
 
-use input::{Change, Followed, Item, Lines};
+use input::{Change, Followed};
+/// The bounded line reader, for the fuzz targets (`tests/fuzz_audit.rs`).
+#[doc(hidden)]
+pub use input::{Item, Lines, MAX_LINE};
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
