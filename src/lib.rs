@@ -39,6 +39,7 @@ pub mod live;
 pub mod metrics;
 pub mod negotiate;
 pub mod pgwire;
+pub mod refusal;
 pub mod relay;
 pub mod scram;
 pub mod server;

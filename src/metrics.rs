@@ -277,7 +277,6 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
             "upstream_tls"
         }
         UpstreamNoTls | UpstreamProtocolError => "upstream_protocol",
-        UpstreamConfig => "upstream_config",
         UpstreamUnreachable | UpstreamTimeout => "upstream_connect",
     })
 }

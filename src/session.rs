@@ -15,8 +15,10 @@ use crate::context::Shared;
 use crate::metrics::Stage;
 use crate::negotiate::{self, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
+use crate::refusal::{Outcome, Refusal};
 use crate::relay;
 use crate::settings::Settings;
+use crate::stream::ClientStream;
 use crate::tailnet::{PeerIdentity, Tailnet};
 use crate::upstream::{UpstreamError, UpstreamTls};
 use std::net::SocketAddr;
@@ -76,7 +78,12 @@ const ADMISSION_WIND_DOWN: Duration = Duration::from_secs(1);
 /// moved out of an async fn's local still occupies its state; boxed, each
 /// stream exists once, wherever it is moved.
 struct Admitted<S> {
-    client: Box<crate::stream::ClientStream<S>>,
+    client: Box<ClientStream<S>>,
+    parts: Parts,
+}
+
+/// What admission established besides the client's connection.
+struct Parts {
     upstream: Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     identity: PeerIdentity,
     startup: Startup,
@@ -162,9 +169,10 @@ impl Session<'_> {
                     // Its last record is written, or on its way.
                 } else if self.start_requested {
                     let d = "tailgres shut down before the session was admitted";
-                    self.end(EndReason::Shutdown, 0, 0, Some(d.into())).await;
+                    self.refuse(None::<&mut S>, Refusal::ended(EndReason::Shutdown, d)).await;
                 } else {
-                    self.deny(DenyReason::ShuttingDown, "tailgres shut down during the handshake").await;
+                    let d = "tailgres shut down during the handshake";
+                    self.refuse(None::<&mut S>, Refusal::denied(DenyReason::ShuttingDown, d)).await;
                 }
                 None
             }
@@ -176,48 +184,37 @@ impl Session<'_> {
 
     /// Stages 2 to 6: identify, negotiate, authorize, route, connect
     /// upstream and authenticate. `None` when the session ended there (its
-    /// records are written).
+    /// records are written, by [`Session::refuse`]).
     async fn admit<S, T>(&mut self, stream: S, local_port: u16, tailnet: &T) -> Option<Admitted<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
         T: Tailnet,
     {
-        let peer_addr = self.base.peer_addr;
-        let handshake_timeout = self.settings.handshake_timeout;
         // 2. identify
         let began = Instant::now();
-        let whois = tailnet.whois(peer_addr).await;
+        let whois = tailnet.whois(self.base.peer_addr).await;
         self.shared.metrics.stage(Stage::Whois, began.elapsed());
         let identity = match whois {
             Ok(id) => id,
             Err(e) => {
-                // Still speak the protocol, so the client shows a message. An
-                // unknown address is the peer's; a failed lookup is ours.
-                let (reason, code, msg) = match e {
-                    crate::tailnet::TailnetError::UnknownPeer { .. } => (
-                        DenyReason::UnknownPeer,
-                        sqlstate::INVALID_AUTHORIZATION,
-                        "tailgres could not identify this tailnet peer, so it refuses the connection",
-                    ),
-                    _ => {
-                        self.shared.metrics.error("whois");
-                        tracing::error!(error = %e, "WhoIs failed");
-                        (
-                            DenyReason::WhoisFailed,
-                            sqlstate::CANNOT_CONNECT_NOW,
-                            "tailgres could not look up who this tailnet peer is right now; try again shortly",
-                        )
-                    }
-                };
-                self.deny(reason, e.to_string()).await;
-                refuse_unnegotiated(stream, self.shared, code, msg).await;
+                let r = Refusal::whois(&e);
+                if r.outcome == Outcome::Denied(DenyReason::WhoisFailed) {
+                    tracing::error!(error = %e, "WhoIs failed");
+                    self.shared.metrics.error("whois");
+                }
+                // Still speak the protocol, so the client shows the message.
+                if let Some((code, msg)) = &r.tell {
+                    refuse_unnegotiated(stream, self.shared, code, msg).await;
+                }
+                self.refuse(None::<&mut S>, Refusal { tell: None, ..r }).await;
                 return None;
             }
         };
-        self.base.peer = Some(audit_peer(&identity, peer_addr));
+        self.base.peer = Some(audit_peer(&identity, self.base.peer_addr));
         tracing::debug!(node = %identity.node_name, principal = %identity.principal(), "identified");
 
         // 3. negotiate
+        let handshake_timeout = self.settings.handshake_timeout;
         let negotiated = tokio::time::timeout(
             handshake_timeout,
             negotiate::negotiate(stream, self.shared.client_tls.as_ref()),
@@ -225,17 +222,15 @@ impl Session<'_> {
         .await;
         let (mut client, startup, transport) = match negotiated {
             Err(_) => {
-                let d = format!("no startup within {handshake_timeout:?}");
-                self.deny(DenyReason::HandshakeTimeout, d).await;
+                let r = Refusal::denied(
+                    DenyReason::HandshakeTimeout,
+                    format!("no startup within {handshake_timeout:?}"),
+                );
+                self.refuse(None::<&mut S>, r).await;
                 return None;
             }
             Ok(Err(e)) => {
-                let reason = match e {
-                    negotiate::NegotiateError::Closed => DenyReason::ClientClosed,
-                    negotiate::NegotiateError::Tls(_) => DenyReason::ClientTlsFailed,
-                    _ => DenyReason::ProtocolError,
-                };
-                self.deny(reason, e.to_string()).await;
+                self.refuse(None::<&mut S>, Refusal::negotiation(&e)).await;
                 return None;
             }
             Ok(Ok(Negotiated::Cancel { mut stream, request, transport })) => {
@@ -251,6 +246,30 @@ impl Session<'_> {
         self.base.client_transport = Some(transport);
         self.base.postgres = Some(audit_postgres(&startup));
 
+        // 4 to 6, on the negotiated connection.
+        match self.admit_negotiated(&mut client, startup, transport, identity, local_port).await {
+            Ok(parts) => Some(Admitted { client: Box::new(client), parts }),
+            Err(r) => {
+                self.refuse(Some(&mut client), r).await;
+                None
+            }
+        }
+    }
+
+    /// Stages 4 to 6 for a negotiated client: authorize, route, write
+    /// session_start, connect upstream, authenticate.
+    async fn admit_negotiated<S>(
+        &mut self,
+        client: &mut ClientStream<S>,
+        mut startup: Startup,
+        transport: crate::audit::ClientTransport,
+        identity: PeerIdentity,
+        local_port: u16,
+    ) -> Result<Parts, Refusal>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let settings = self.settings.clone();
         // The identity settings are ours to set: a client that supplies them
         // is trying to impersonate someone.
         if let Some(param) = crate::authorize::reserved_parameter(&startup.params) {
@@ -258,59 +277,58 @@ impl Session<'_> {
                 "parameters under \"{}\" are set by tailgres from the tailnet identity; remove {param}",
                 crate::authorize::IDENTITY_PREFIX
             );
-            fatal(&mut client, sqlstate::INSUFFICIENT_PRIVILEGE, &msg).await;
-            self.deny(DenyReason::NotAuthorized, format!("client supplied reserved parameter {param}")).await;
-            return None;
+            return Err(Refusal::denied(
+                DenyReason::NotAuthorized,
+                format!("client supplied reserved parameter {param}"),
+            )
+            .telling(sqlstate::INSUFFICIENT_PRIVILEGE, msg));
         }
-        let mut startup = startup;
         // Authorize the names the server will use, and send it exactly those
         // (an empty database is the user's; long names are cut as the
         // server would cut them).
         let names = crate::authorize::Names::from_params(&startup.params);
         startup.set_names(&names.user, &names.database);
         self.base.postgres = Some(audit_postgres(&startup));
-        if self.settings.identity_settings {
-            startup.params.extend(crate::authorize::identity_parameters(&identity, peer_addr.ip()));
+        if settings.identity_settings {
+            startup.params.extend(crate::authorize::identity_parameters(&identity, self.base.peer_addr.ip()));
         }
 
         // 4. authorize: before any byte reaches the upstream.
-        let settings = self.settings.clone();
         let decision = settings.policy.decide(&identity, &names, self.shared.grant_use.get());
         let via_grant = matches!(decision, Decision::Allow { via_grant: true, .. });
-        let _slot = match decision {
+        let slot = match decision {
             Decision::Deny { detail, client_message } => {
-                fatal(&mut client, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
-                self.deny(DenyReason::NotAuthorized, detail).await;
-                return None;
+                return Err(Refusal::denied(DenyReason::NotAuthorized, detail)
+                    .telling(sqlstate::INVALID_AUTHORIZATION, client_message))
             }
             Decision::Allow { limit, .. } => {
                 let principal = identity.principal();
-                match self.shared.per_identity.acquire(&principal, limit) {
-                    Some(slot) => slot,
-                    None => {
-                        let n = limit.unwrap_or(0);
-                        let msg = format!(
+                self.shared.per_identity.acquire(&principal, limit).ok_or_else(|| {
+                    let n = limit.unwrap_or(0);
+                    Refusal::denied(
+                        DenyReason::NotAuthorized,
+                        format!("{principal}: grant limit of {n} sessions reached"),
+                    )
+                    .telling(
+                        sqlstate::TOO_MANY_CONNECTIONS,
+                        format!(
                             "tailgres: {principal} already has {n} sessions open, the most its grant allows"
-                        );
-                        fatal(&mut client, sqlstate::TOO_MANY_CONNECTIONS, &msg).await;
-                        let d = format!("{principal}: grant limit of {n} sessions reached");
-                        self.deny(DenyReason::NotAuthorized, d).await;
-                        return None;
-                    }
-                }
+                        ),
+                    )
+                })?
             }
         };
 
         // Which database: the first route for this port and database name.
         let Some(route) = settings.route(local_port, startup.database()) else {
-            let msg = format!(
-                "tailgres serves no database named \"{}\" on port {local_port}; ask its operator which databases it routes",
-                startup.database()
-            );
-            fatal(&mut client, sqlstate::INVALID_CATALOG_NAME, &msg).await;
-            let d = format!("no route for database {:?} on port {local_port}", startup.database());
-            self.deny(DenyReason::NoRoute, d).await;
-            return None;
+            let db = startup.database();
+            return Err(Refusal::denied(DenyReason::NoRoute, format!("no route for database {db:?} on port {local_port}"))
+                .telling(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    format!(
+                        "tailgres serves no database named \"{db}\" on port {local_port}; ask its operator which databases it routes"
+                    ),
+                ));
         };
 
         // Fail closed: no session whose session_start is not written. That
@@ -321,30 +339,23 @@ impl Session<'_> {
         // was transient.
         self.start_requested = true;
         if !self.audit(Event::SessionStart).await {
-            let msg = "tailgres cannot write its audit log, so it refuses new sessions; \
-                       the operator's log says why";
             tracing::error!("session refused: audit log unavailable");
-            fatal(&mut client, sqlstate::CANNOT_CONNECT_NOW, msg).await;
-            self.deny(DenyReason::AuditUnavailable, "the session_start record could not be written").await;
-            return None;
+            return Err(Refusal::denied(DenyReason::AuditUnavailable, "the session_start record could not be written")
+                .telling(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    "tailgres cannot write its audit log, so it refuses new sessions; the operator's log says why",
+                ));
         }
 
         // 5. upstream
-        let upstream = tokio::select! {
-            r = route.upstream.connect() => r,
-            _ = shutdown_signalled(self.shared.shutdown.clone()) => {
-                fatal(&mut client, sqlstate::ADMIN_SHUTDOWN, "tailgres is shutting down").await;
-                self.end(EndReason::Shutdown, 0, 0, None).await;
-                return None;
-            }
-        };
-        let mut upstream = match upstream {
-            Ok(u) => u,
-            Err(e) => {
+        let mut upstream = tokio::select! {
+            r = route.upstream.connect() => r.map_err(|e| {
                 tracing::warn!(error = %e, "upstream refused");
-                fatal(&mut client, e.sqlstate(), &e.client_message()).await;
-                self.deny(e.deny_reason(), e.to_string()).await;
-                return None;
+                Refusal::upstream(&e)
+            })?,
+            _ = shutdown_signalled(self.shared.shutdown.clone()) => {
+                return Err(Refusal::ended(EndReason::Shutdown, "tailgres shut down while connecting to the database")
+                    .telling(sqlstate::ADMIN_SHUTDOWN, "tailgres is shutting down"));
             }
         };
         let metrics = &self.shared.metrics;
@@ -355,11 +366,12 @@ impl Session<'_> {
 
         // 6. authenticate (bounded: a client that stalls mid-exchange must
         // not hold an upstream connection open)
+        let handshake_timeout = settings.handshake_timeout;
         let began = Instant::now();
         let auth = tokio::time::timeout(
             handshake_timeout,
             authenticate::authenticate(
-                &mut client,
+                client,
                 &mut upstream.stream,
                 &startup,
                 transport.is_tls(),
@@ -372,28 +384,51 @@ impl Session<'_> {
         let out = match auth {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {
-                self.auth_failed(&mut client, e).await;
-                return None;
+                if matches!(e, AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_))
+                {
+                    tracing::warn!(error = %e, "authentication with the database failed");
+                }
+                return Err(Refusal::auth(e));
             }
             Err(_) => {
-                let d = format!("authentication not finished within {handshake_timeout:?}");
-                fatal(&mut client, sqlstate::PROTOCOL_VIOLATION, "authentication took too long").await;
-                self.end(EndReason::ClientError, 0, 0, Some(d)).await;
-                return None;
+                return Err(Refusal::ended(
+                    EndReason::ClientError,
+                    format!("authentication not finished within {handshake_timeout:?}"),
+                )
+                .telling(sqlstate::PROTOCOL_VIOLATION, "authentication took too long"))
             }
         };
         self.audit(Event::auth_ok(out.method)).await;
 
-        Some(Admitted {
-            client: Box::new(client),
+        Ok(Parts {
             upstream: Box::new(upstream.stream),
             upstream_tls: route.upstream.clone(),
             identity,
             startup,
             auth: out,
             via_grant,
-            _slot,
+            _slot: slot,
         })
+    }
+
+    /// The one way admission ends short of a session: the client is told
+    /// (FATAL) or closed, then the records are written (auth_failed first
+    /// where there was one, then session_denied or session_end) and the
+    /// metric counted.
+    async fn refuse<C: AsyncWrite + Unpin>(&self, client: Option<&mut C>, r: Refusal) {
+        if let Some(c) = client {
+            match &r.tell {
+                Some((code, msg)) => fatal(c, code, msg).await,
+                None => close(c).await,
+            }
+        }
+        if let Some((method, state)) = r.auth_failed {
+            self.audit(Event::auth_failed(method, state, r.detail.clone())).await;
+        }
+        match r.outcome {
+            Outcome::Denied(reason) => self.deny(reason, r.detail).await,
+            Outcome::Ended(reason) => self.end(reason, 0, 0, Some(r.detail)).await,
+        }
     }
 
     /// Stage 7 and the end: relay until either side ends the session, the
@@ -402,7 +437,10 @@ impl Session<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Admitted { client, upstream, upstream_tls, identity, startup, auth: out, via_grant, _slot } = a;
+        let Admitted {
+            client,
+            parts: Parts { upstream, upstream_tls, identity, startup, auth: out, via_grant, _slot },
+        } = a;
         let peer_addr = self.base.peer_addr;
         let settings = &self.settings;
         // Only now may a cancel for this session be forwarded.
@@ -469,35 +507,6 @@ impl Session<'_> {
             r.detail,
         )
         .await;
-    }
-
-    async fn auth_failed<C: AsyncWrite + Unpin>(&self, client: &mut C, e: AuthError) {
-        self.auth_failed_records(client, e).await;
-        close(client).await;
-    }
-
-    async fn auth_failed_records<C: AsyncWrite + Unpin>(&self, client: &mut C, e: AuthError) {
-        let method = e.method();
-        if matches!(e, AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_)) {
-            // The client would otherwise see only "server closed the
-            // connection unexpectedly"; the details go to the log and audit.
-            tracing::warn!(error = %e, "authentication with the database failed");
-            let msg = "tailgres lost the database connection during authentication; \
-                       the operator's log has the details";
-            fatal(client, sqlstate::CONNECTION_FAILURE, msg).await;
-        }
-        match e {
-            AuthError::Rejected { sqlstate, message, .. } => {
-                self.audit(Event::auth_failed(method, sqlstate, message.clone())).await;
-                self.end(EndReason::AuthFailed, 0, 0, Some(message)).await;
-            }
-            AuthError::ClientClosed(_) => self.end(EndReason::ClientClosed, 0, 0, Some(e.to_string())).await,
-            AuthError::ClientProtocol(_) => self.end(EndReason::ClientError, 0, 0, Some(e.to_string())).await,
-            _ => {
-                self.audit(Event::auth_failed(method, None, e.to_string())).await;
-                self.end(EndReason::UpstreamError, 0, 0, Some(e.to_string())).await;
-            }
-        }
     }
 
     /// Identity-bound cancel: forwarded over a new verified TLS connection

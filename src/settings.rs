@@ -10,7 +10,7 @@
 use crate::authenticate::AuthMode;
 use crate::authorize::{glob, Policy};
 use crate::config::Config;
-use crate::upstream::{UpstreamError, UpstreamTls};
+use crate::upstream::UpstreamTls;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -75,7 +75,7 @@ impl Settings {
 pub struct RouteError {
     pub route: String,
     #[source]
-    pub source: Box<UpstreamError>,
+    pub source: Box<crate::upstream::ConfigError>,
 }
 
 /// The current settings; replaced whole by a reload.

@@ -143,9 +143,11 @@ pub enum ConfigError {
 
 /// Why the upstream leg could not be established.
 #[derive(Debug, thiserror::Error)]
+///
+/// Configuration errors are not among them: they are found when the route is
+/// built ([`UpstreamTls::new`] returns [`ConfigError`]), at start or reload,
+/// so a session can never blame the database for the proxy's settings.
 pub enum UpstreamError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error("could not resolve {addr}: {source}")]
     Resolve { addr: String, source: io::Error },
     #[error("could not connect to {addr}: {source}")]
@@ -187,18 +189,16 @@ fn roots_text(mozilla: bool) -> &'static str {
 }
 
 impl UpstreamError {
+    /// Always the database's side: the proxy's own settings are checked
+    /// before any session ([`ConfigError`]).
     pub fn side(&self) -> Side {
-        match self {
-            UpstreamError::Config(_) => Side::Proxy,
-            _ => Side::Upstream,
-        }
+        Side::Upstream
     }
 
     /// The audit record's reason (a configuration error is the proxy's).
     pub fn deny_reason(&self) -> crate::audit::DenyReason {
         use crate::audit::DenyReason as D;
         match self {
-            UpstreamError::Config(_) => D::UpstreamConfig,
             UpstreamError::Resolve { .. } | UpstreamError::Unreachable { .. } | UpstreamError::Io { .. } => {
                 D::UpstreamUnreachable
             }
@@ -221,7 +221,6 @@ impl UpstreamError {
     /// record's [`Self::deny_reason`]).
     pub fn reason_code(&self) -> &'static str {
         match self {
-            UpstreamError::Config(_) => "upstream_config",
             UpstreamError::Resolve { .. } => "upstream_resolve",
             UpstreamError::Unreachable { .. } => "upstream_unreachable",
             UpstreamError::Timeout { .. } => "upstream_timeout",
@@ -244,7 +243,6 @@ impl UpstreamError {
     /// details: the operator's log has those).
     pub fn client_message(&self) -> String {
         let what = match self {
-            UpstreamError::Config(_) => "tailgres's connection settings for the database are invalid",
             UpstreamError::Resolve { .. }
             | UpstreamError::Unreachable { .. }
             | UpstreamError::Timeout { .. }
@@ -261,15 +259,12 @@ impl UpstreamError {
 
     /// SQLSTATE for the client's ErrorResponse.
     pub fn sqlstate(&self) -> &'static str {
-        match self {
-            UpstreamError::Config(_) => "XX000", // internal_error
-            _ => "08001",                        // sqlclient_unable_to_establish_sqlconnection
-        }
+        "08001" // sqlclient_unable_to_establish_sqlconnection
     }
 }
 
 impl UpstreamTls {
-    pub fn new(o: &UpstreamOptions) -> Result<Self, UpstreamError> {
+    pub fn new(o: &UpstreamOptions) -> Result<Self, ConfigError> {
         let host = host_of(&o.addr).ok_or_else(|| ConfigError::Address { addr: o.addr.clone() })?;
         let server_name_text = o.server_name.clone().unwrap_or_else(|| host.to_string());
         let server_name = ServerName::try_from(server_name_text.clone())
@@ -600,11 +595,7 @@ mod tests {
 
     fn config_err(o: &UpstreamOptions) -> String {
         match UpstreamTls::new(o) {
-            Err(e @ UpstreamError::Config(_)) => {
-                assert_eq!((e.side(), e.reason_code()), (Side::Proxy, "upstream_config"));
-                e.to_string()
-            }
-            Err(e) => panic!("expected a config error, got {e}"),
+            Err(e) => e.to_string(),
             Ok(_) => panic!("expected a config error"),
         }
     }

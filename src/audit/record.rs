@@ -198,9 +198,6 @@ pub enum DenyReason {
     UpstreamTls,
     /// The upstream broke the protocol before the session started.
     UpstreamProtocolError,
-    /// The route's upstream settings are invalid (the proxy's fault, not
-    /// the database's).
-    UpstreamConfig,
     /// The live-session limit is reached.
     TooManySessions,
     /// The peer's grants do not allow this role or database.
@@ -219,7 +216,7 @@ pub enum DenyReason {
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 20] = [
+    pub const ALL: [DenyReason; 19] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -233,7 +230,6 @@ impl DenyReason {
         DenyReason::UpstreamTimeout,
         DenyReason::UpstreamTls,
         DenyReason::UpstreamProtocolError,
-        DenyReason::UpstreamConfig,
         DenyReason::TooManySessions,
         DenyReason::NotAuthorized,
         DenyReason::NoRoute,
@@ -259,7 +255,6 @@ impl DenyReason {
             DenyReason::UpstreamTimeout => "upstream_timeout",
             DenyReason::UpstreamTls => "upstream_tls",
             DenyReason::UpstreamProtocolError => "upstream_protocol_error",
-            DenyReason::UpstreamConfig => "upstream_config",
             DenyReason::TooManySessions => "too_many_sessions",
             DenyReason::NotAuthorized => "not_authorized",
             DenyReason::NoRoute => "no_route",
@@ -283,7 +278,7 @@ impl DenyReason {
             | UpstreamTimeout
             | UpstreamTls
             | UpstreamProtocolError => Side::Upstream,
-            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown | UpstreamConfig => Side::Proxy,
+            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown => Side::Proxy,
         }
     }
 }
