@@ -102,6 +102,8 @@ impl Frames {
 struct Counters {
     c2u: AtomicU64,
     u2c: AtomicU64,
+    /// The client's last whole message was a Terminate.
+    terminated: std::sync::atomic::AtomicBool,
 }
 
 enum DirEnd {
@@ -142,6 +144,7 @@ async fn pump<R, W>(
     w: &mut W,
     count: &AtomicU64,
     frames: &mut Frames,
+    terminated: Option<&std::sync::atomic::AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) -> DirEnd
 where
@@ -163,6 +166,9 @@ where
             },
         };
         frames.feed(&buf.0[..n]);
+        if let Some(t) = terminated {
+            t.store(frames.terminated(), Ordering::Relaxed);
+        }
         // Flush per read: small interactive messages must not linger in a
         // TLS writer's buffer.
         let write = async {
@@ -246,8 +252,9 @@ where
     let mut stopped: Option<Stop> = None;
     let mut client_mid_message = false;
     let first = {
-        let c2u = pump(&mut cr, &mut uw, &counters.c2u, &mut c_frames, stop_rx.clone());
-        let u2c = pump(&mut ur, &mut cw, &counters.u2c, &mut u_frames, stop_rx);
+        let c2u =
+            pump(&mut cr, &mut uw, &counters.c2u, &mut c_frames, Some(&counters.terminated), stop_rx.clone());
+        let u2c = pump(&mut ur, &mut cw, &counters.u2c, &mut u_frames, None, stop_rx);
         tokio::pin!(c2u, u2c);
         let (mut c_done, mut u_done) = (false, false);
         let mut first: Option<EndReason> = None;
@@ -268,6 +275,15 @@ where
                         DirEnd::Eof => { first.get_or_insert(EndReason::UpstreamClosed); }
                         DirEnd::Stopped => {}
                         DirEnd::StoppedMidWrite => client_mid_message = true,
+                        // A database that closes without a TLS close_notify
+                        // after the client's Terminate, or after the client
+                        // hung up: the client ended it.
+                        DirEnd::ReadErr(_) if counters.terminated.load(Ordering::Relaxed) => {
+                            return outcome(EndReason::ClientTerminated, None)
+                        }
+                        DirEnd::ReadErr(_) if first == Some(EndReason::ClientClosed) => {
+                            return outcome(EndReason::ClientClosed, None)
+                        }
                         DirEnd::ReadErr(e) => return outcome(EndReason::UpstreamError, Some(e.to_string())),
                         DirEnd::WriteErr(e) => return outcome(EndReason::ClientError, Some(e.to_string())),
                     }
@@ -490,5 +506,63 @@ mod tests {
             assert_eq!(got, expected, "{reason:?}: only row bytes reach the client");
             flood.abort();
         }
+    }
+
+    /// Reads like the inner stream, but its end is an error (a TLS peer that
+    /// closed without close_notify).
+    struct EofIsError(tokio::io::DuplexStream);
+
+    impl AsyncRead for EofIsError {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => std::task::Poll::Ready(
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no close_notify")),
+                ),
+                other => other,
+            }
+        }
+    }
+
+    impl AsyncWrite for EofIsError {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, b)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// The client said Terminate; the database then closed without a TLS
+    /// close_notify (an error on our read): the client ended the session.
+    #[tokio::test]
+    async fn terminate_then_an_unclean_upstream_close_is_the_clients() {
+        let (mut c_peer, c) = duplex(1024);
+        let (u_peer, u) = duplex(1024);
+        let task = tokio::spawn(relay(c, EofIsError(u), None, std::future::pending::<Stop>()));
+        c_peer.write_all(&crate::pgwire::message_bytes(b'X', b"")).await.unwrap();
+        let mut u_peer = u_peer;
+        let mut got = [0u8; 5];
+        u_peer.read_exact(&mut got).await.unwrap();
+        drop(u_peer);
+        let out = task.await.unwrap();
+        assert_eq!(out.reason, EndReason::ClientTerminated, "{:?}", out.detail);
     }
 }

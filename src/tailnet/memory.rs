@@ -36,6 +36,8 @@ struct State {
     watchers: Vec<mpsc::UnboundedSender<NetmapEvent>>,
     seq: u64,
     next_port: u16,
+    /// While set, the node "needs a login" at this URL.
+    login_url: Option<String>,
 }
 
 impl MemoryTailnet {
@@ -72,6 +74,12 @@ impl MemoryTailnet {
     /// Makes every WhoIs fail (`Some`) or work again (`None`).
     pub fn fail_whois(&self, why: Option<&str>) {
         self.state().whois_failure = why.map(str::to_string);
+    }
+
+    /// Makes the node wait for an interactive login at `url` (`None`: it
+    /// is running).
+    pub fn need_login(&self, url: Option<&str>) {
+        self.state().login_url = url.map(str::to_string);
     }
 
     /// Announces the whole peer table, as a node's first netmap does.
@@ -152,9 +160,10 @@ impl Tailnet for MemoryTailnet {
     type Watch = MemoryWatch;
 
     async fn status(&self) -> Result<Status, TailnetError> {
+        let login = self.state().login_url.clone();
         Ok(Status {
-            backend_state: "Running".into(),
-            auth_url: String::new(),
+            backend_state: if login.is_some() { "NeedsLogin" } else { "Running" }.into(),
+            auth_url: login.unwrap_or_default(),
             tailscale_ips: vec![IpAddr::from([100, 100, 100, 100])],
             dns_name: "tailgres.memory.ts.net".into(),
             magic_dns_suffix: "memory.ts.net".into(),

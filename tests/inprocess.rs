@@ -1,0 +1,372 @@
+//! Every way a session is refused or ended, in-process: the real accept
+//! loop, sessions, revocation and audit log over the in-memory tailnet,
+//! against a scripted TLS database (see `inprocess/harness.rs`). Each
+//! DenyReason and EndReason is produced here and its record checked; the
+//! end-to-end suites prove the same paths against real PostgreSQL over a
+//! real tailnet.
+#[path = "inprocess/harness.rs"]
+mod harness;
+
+use harness::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tailgres::audit::{DenyReason, EndReason};
+use tailgres::pgwire;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn grant(users: &[&str], databases: &[&str]) -> Value {
+    json!({"users": users, "databases": databases})
+}
+
+/// Every reason the tests below produce, so a reason added to the enums
+/// without a test here fails this.
+#[test]
+fn every_reason_is_produced_here() {
+    let this = include_str!("inprocess.rs");
+    for r in DenyReason::ALL {
+        assert!(this.contains(&format!("denied(\"{}\")", r.as_str())), "no in-process test for {r:?}");
+    }
+    for r in EndReason::ALL {
+        assert!(this.contains(&format!("ended(\"{}\")", r.as_str())), "no in-process test for {r:?}");
+    }
+}
+
+// ---- refused before authorization ----
+
+#[tokio::test]
+async fn unknown_peer_and_failed_whois() {
+    let w = World::start(Options::default()).await;
+    let stranger: std::net::IpAddr = [100, 64, 0, 99].into();
+    let mut c = w.dial(stranger).await;
+    c.write_all(&startup("alice", "app")).await.unwrap();
+    let (code, msg) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "28000", "{msg}");
+    let r = w.denied("unknown_peer").await;
+    assert_eq!(r["side"], "client");
+
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    w.tailnet.fail_whois(Some("the node's backend is gone"));
+    let mut c = w.dial(ip).await;
+    c.write_all(&startup("alice", "app")).await.unwrap();
+    let (code, _) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "57P03", "the proxy's failure: try again");
+    let r = w.denied("whois_failed").await;
+    assert_eq!(r["side"], "proxy");
+    assert!(r["detail"].as_str().unwrap().contains("backend is gone"), "{r}");
+}
+
+#[tokio::test]
+async fn protocol_errors_hangups_and_tls_failures() {
+    let w = World::start(Options::default()).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+
+    let mut c = w.dial(ip).await;
+    c.write_all(&[0, 0, 0, 3]).await.unwrap(); // a length no packet has
+    let (code, _) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "08P01");
+    w.denied("protocol_error").await;
+
+    drop(w.dial(ip).await); // dials and hangs up
+    w.denied("client_closed").await;
+
+    let mut c = w.dial(ip).await;
+    c.write_all(&pgwire::SSL_REQUEST_PACKET).await.unwrap();
+    let mut s = [0u8; 1];
+    c.read_exact(&mut s).await.unwrap();
+    assert_eq!(&s, b"S");
+    c.write_all(b"\x16\x03\x01\x00\x05not a client hello").await.unwrap();
+    let _ = error_of(&mut c).await;
+    w.denied("client_tls_failed").await;
+}
+
+#[tokio::test]
+async fn a_silent_client_times_out() {
+    let w =
+        World::start(Options { handshake_timeout: Duration::from_millis(200), ..Default::default() }).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let _c = w.dial(ip).await;
+    let r = w.denied("handshake_timeout").await;
+    assert!(r["detail"].as_str().unwrap().contains("no startup within"), "{r}");
+}
+
+#[tokio::test]
+async fn grants_routes_and_the_session_limit() {
+    let w =
+        World::start(Options { databases: vec!["app".into()], max_sessions: 2, ..Default::default() }).await;
+    let alice = w.join(person(1, "alice@example.com", vec![grant(&["readonly"], &["app", "other"])])).await;
+    let bob = w.join(person(2, "bob@example.com", vec![])).await;
+
+    // alice's grant does not name this user.
+    let e = w.connect(alice, "postgres").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28000"), "{e}");
+    let r = w.denied("not_authorized").await;
+    assert!(r["detail"].as_str().unwrap().contains("readonly"), "{r}");
+    // bob has no grant, and alice does: once grants are in use, refused.
+    let e = w.connect(bob, "anyone").await.err().expect("refused");
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("has no access grant"), "{msg}");
+
+    // No route for another database name.
+    let mut c = w.dial(alice).await;
+    c.write_all(&startup("readonly", "other")).await.unwrap();
+    let (code, _) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "3D000");
+    w.denied("no_route").await;
+
+    // --max-sessions 2: two connections in their handshake hold both.
+    let _a = w.dial(alice).await;
+    let _b = w.dial(alice).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = w.dial(alice).await;
+    c.write_all(&startup("readonly", "app")).await.unwrap();
+    let (code, _) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "53300");
+    let r = w.denied("too_many_sessions").await;
+    assert_eq!(r["side"], "proxy");
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_refuses_sessions() {
+    let w = World::start(Options { audit: Some("/dev/full".into()), ..Default::default() }).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let e = w.connect(ip, "alice").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+    // Nothing can be written to /dev/full: the metric says what happened.
+    let m = w.metrics();
+    let denied = "tailgres_sessions_total{event=\"session_denied\",reason=\"audit_unavailable\"} 1";
+    assert!(m.contains(denied), "{m}");
+    assert_eq!(w.db.live.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the database");
+    // (the record itself could not be written: this is the one reason
+    // asserted on the metric: denied("audit_unavailable"))
+}
+
+// ---- refused by the database leg ----
+
+#[tokio::test]
+async fn every_upstream_failure_is_the_databases() {
+    let cases = [
+        (Db::OtherCa, "upstream_untrusted_certificate"),
+        (Db::OtherName, "upstream_name_mismatch"),
+        (Db::Expired, "upstream_certificate_expired"),
+        (Db::NotYetValid, "upstream_tls"),
+        (Db::NoTls, "upstream_no_tls"),
+        (Db::Garbage, "upstream_protocol_error"),
+    ];
+    let w = World::start(Options::default()).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    for (mode, reason) in cases {
+        w.db.set(mode);
+        let e = w.connect(ip, "alice").await.err().expect("refused");
+        assert_eq!(e.code().map(|c| c.code()), Some("08001"), "{mode:?}: {e}");
+        let r = w.record(reason, |r| r["event"] == "session_denied" && r["reason"] == reason).await;
+        assert_eq!(r["side"], "upstream", "{r}");
+    }
+    // The named ones, for every_reason_is_produced_here:
+    // denied("upstream_untrusted_certificate") denied("upstream_name_mismatch")
+    // denied("upstream_certificate_expired") denied("upstream_tls")
+    // denied("upstream_no_tls") denied("upstream_protocol_error")
+}
+
+#[tokio::test]
+async fn unreachable_and_silent_databases() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let w = World::start(Options { upstream_addr: Some(closed.to_string()), ..Default::default() }).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let _ = w.connect(ip, "alice").await.err().expect("refused");
+    w.denied("upstream_unreachable").await;
+
+    let w = World::start(Options {
+        db: Db::Silent,
+        connect_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let _ = w.connect(ip, "alice").await.err().expect("refused");
+    w.denied("upstream_timeout").await;
+}
+
+// ---- sessions that end ----
+
+#[tokio::test]
+async fn authentication_outcomes() {
+    let w = World::start(Options::default()).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+
+    let e = w.connect(ip, "reject").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "the database's own error: {e}");
+    let failed = w.record("auth_failed", |r| r["event"] == "auth_failed").await;
+    assert_eq!(
+        (failed["auth_method"].clone(), failed["sqlstate"].clone()),
+        (json!("cleartext"), json!("28P01"))
+    );
+    w.ended("auth_failed").await;
+
+    let e = w.connect(ip, "crash").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e}");
+    w.ended("upstream_error").await;
+
+    // A client that answers a password request with a query.
+    let mut c = w.dial(ip).await;
+    c.write_all(&startup("password", "app")).await.unwrap();
+    let m = pgwire::read_message(&mut c, 1 << 16).await.unwrap();
+    assert_eq!(m.code(), Some(pgwire::auth::CLEARTEXT));
+    c.write_all(&pgwire::message_bytes(b'Q', b"select 1\0")).await.unwrap();
+    let _ = error_of(&mut c).await;
+    w.ended("client_error").await;
+}
+
+#[tokio::test]
+async fn clients_and_databases_that_close() {
+    let w = World::start(Options::default()).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+
+    let (client, conn) = w.connect(ip, "alice").await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+    drop(client); // tokio-postgres sends Terminate
+    conn.await.unwrap();
+    let r = w.ended("client_terminated").await;
+    assert_eq!(r["ended_by"], "client");
+
+    // A client that just goes away.
+    let mut c = w.dial(ip).await;
+    c.write_all(&startup("alice", "app")).await.unwrap();
+    let mut buf = [0u8; 64];
+    let _ = c.read(&mut buf).await.unwrap(); // AuthenticationOk .. ReadyForQuery
+    w.record("its session_start", |r| r["event"] == "auth_ok").await;
+    drop(c);
+    w.ended("client_closed").await;
+
+    let (client, conn) = w.connect(ip, "alice").await.unwrap();
+    let _ = client.simple_query("close").await;
+    conn.await.unwrap();
+    let r = w.ended("upstream_closed").await;
+    assert_eq!(r["ended_by"], "upstream");
+}
+
+#[tokio::test]
+async fn idle_sessions_time_out() {
+    let w =
+        World::start(Options { idle_timeout: Some(Duration::from_millis(200)), ..Default::default() }).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let (client, conn) = w.connect(ip, "alice").await.unwrap();
+    let r = w.ended("idle_timeout").await;
+    assert_eq!(r["ended_by"], "proxy");
+    let e = client.simple_query("select 1").await.err().expect("ended");
+    assert!(e.is_closed() || e.code().is_some(), "{e}");
+    conn.abort();
+}
+
+/// Revocation, with and without a client that reads: a peer removed from
+/// the tailnet, and a peer whose last grant is withdrawn.
+#[tokio::test]
+async fn revocation_ends_even_a_session_whose_client_stopped_reading() {
+    let w = World::start(Options::default()).await;
+    let alice = w.join(person(1, "alice@example.com", vec![grant(&["alice"], &["app"])])).await;
+
+    // alice floods herself with rows and reads none; her node is removed.
+    let mut c = w.dial(alice).await;
+    c.write_all(&startup("alice", "app")).await.unwrap();
+    let mut buf = [0u8; 64];
+    let _ = c.read(&mut buf).await.unwrap();
+    c.write_all(&pgwire::message_bytes(b'Q', b"stream\0")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    w.tailnet.remove_peer(alice);
+    let r = w.ended("revoked").await;
+    assert_eq!(r["ended_by"], "proxy");
+    within("the database session ends", async {
+        while w.db.live.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    within("the running query is cancelled", async {
+        while w.db.cancels.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(c);
+
+    // The last grant withdrawn: no grant anywhere is an open tailnet, but
+    // a session admitted by a grant does not outlive it.
+    let bob = w.join(person(2, "bob@example.com", vec![grant(&["bob"], &["app"])])).await;
+    let (client, conn) = w.connect(bob, "bob").await.unwrap();
+    let (_, id) = person(2, "bob@example.com", vec![]);
+    w.tailnet.set_peer(bob, id);
+    let r = w
+        .record("bob revoked", |r| {
+            r["event"] == "session_end" && r["peer"]["user_login"] == "bob@example.com"
+        })
+        .await;
+    assert_eq!(r["reason"], "revoked", "{r}");
+    assert!(client.simple_query("select 1").await.is_err());
+    conn.abort();
+}
+
+#[tokio::test]
+async fn shutdown_ends_sessions_and_handshakes() {
+    let mut w = World::start(Options { grace: Duration::from_millis(100), ..Default::default() }).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    // One admitted session whose client stopped reading, one idle, and one
+    // connection still in its handshake.
+    let mut flood = w.dial(ip).await;
+    flood.write_all(&startup("alice", "app")).await.unwrap();
+    let mut buf = [0u8; 64];
+    let _ = flood.read(&mut buf).await.unwrap();
+    flood.write_all(&pgwire::message_bytes(b'Q', b"stream\0")).await.unwrap();
+    let mut idle = w.dial(ip).await;
+    idle.write_all(&startup("alice", "app")).await.unwrap();
+    let m = pgwire::read_message(&mut idle, 1 << 16).await.unwrap();
+    assert_eq!(m.code(), Some(pgwire::auth::OK));
+    let _handshaking = w.dial(ip).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    w.shut_down().await;
+    let ends: Vec<Value> = w
+        .records()
+        .into_iter()
+        .filter(|r| r["event"] == "session_end" && r["reason"] == "shutdown")
+        .collect();
+    assert_eq!(ends.len(), 2, "both admitted sessions: {ends:#?}");
+    w.ended("shutdown").await;
+    w.denied("shutting_down").await;
+    // The idle client is told why, after the messages it had not read.
+    let (code, msg) = error_of(&mut idle).await.expect("a FATAL");
+    assert_eq!(code, "57P01", "{msg}");
+    drop(flood);
+}
+
+// ---- health ----
+
+#[tokio::test]
+async fn readiness_hides_the_login_url_and_watches_the_audit_log() {
+    let w = World::start(Options::default()).await;
+    let health = tailgres::health::Health::new(
+        w.tailnet.clone(),
+        w.shared.settings.clone(),
+        w.shared.metrics.clone(),
+        w.shared.audit.clone(),
+    );
+    let (ready, body) = health.readiness(false).await;
+    assert!(ready, "{body}");
+    w.tailnet.need_login(Some("https://login.example/a/secret"));
+    let (ready, far) = health.readiness(false).await;
+    assert!(!ready);
+    assert!(!far.to_string().contains("secret"), "the URL reached a non-local client: {far}");
+    let (_, near) = health.readiness(true).await;
+    assert_eq!(near["tailnet"]["login_url"], "https://login.example/a/secret");
+    w.tailnet.need_login(None);
+
+    let full = World::start(Options { audit: Some("/dev/full".into()), ..Default::default() }).await;
+    let ip = full.join(person(1, "alice@example.com", vec![])).await;
+    let _ = full.connect(ip, "alice").await; // fails, and so marks the log unwritable
+    let health = tailgres::health::Health::new(
+        full.tailnet.clone(),
+        full.shared.settings.clone(),
+        full.shared.metrics.clone(),
+        full.shared.audit.clone(),
+    );
+    let (ready, body) = health.readiness(true).await;
+    assert!(!ready && body["audit"]["ok"] == false, "{body}");
+}

@@ -1,0 +1,518 @@
+//! The in-process world: tailgres's real accept loop, sessions, revocation
+//! follower and audit writer, over the in-memory tailnet
+//! (`tailnet::memory`), against a scripted TLS database on loopback with
+//! certificates from a throwaway CA. No network namespace, no Go, no
+//! PostgreSQL: each test runs in milliseconds to a few seconds.
+#![allow(dead_code)]
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tailgres::audit::{AuditDest, AuditLog};
+use tailgres::authenticate::AuthMode;
+use tailgres::authorize::{Policy, DEFAULT_CAPABILITY};
+use tailgres::context::Shared;
+use tailgres::metrics::{Metrics, TailnetGauge};
+use tailgres::pgwire;
+use tailgres::server::{self, ServeOptions};
+use tailgres::settings::{Route, Settings, SettingsCell};
+use tailgres::tailnet::memory::MemoryTailnet;
+use tailgres::tailnet::{PeerIdentity, Tailnet};
+use tailgres::upstream::{UpstreamOptions, UpstreamTls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+
+pub const PORT: u16 = 5432;
+pub const DB_NAME: &str = "db.test";
+
+/// How long a test waits for something that should take milliseconds.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+// ---- certificates ----
+
+pub struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.clone().self_signed(&key).unwrap();
+        Ca { pem: cert.pem(), params, key }
+    }
+
+    /// A server certificate for `name`, valid `from`..`to` (days from now).
+    pub fn leaf(
+        &self,
+        name: &str,
+        from: i64,
+        to: i64,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let issuer = self.params.clone().self_signed(&self.key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(from);
+        params.not_after = now + time::Duration::days(to);
+        let cert = params.signed_by(&key, &issuer, &self.key).unwrap();
+        (vec![cert.der().clone()], PrivateKeyDer::try_from(key.serialize_der()).unwrap())
+    }
+}
+
+fn server_tls(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> TlsAcceptor {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).unwrap();
+    TlsAcceptor::from(Arc::new(cfg))
+}
+
+// ---- the scripted database ----
+
+/// What the database does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    /// TLS with a certificate from the trusted CA for DB_NAME; then the
+    /// script below, by user name.
+    Normal,
+    /// Answers the SSLRequest with 'N'.
+    NoTls,
+    /// Answers the SSLRequest with a byte that is neither 'S' nor 'N'.
+    Garbage,
+    /// Accepts and says nothing.
+    Silent,
+    /// A certificate from another CA.
+    OtherCa,
+    /// A certificate for another name.
+    OtherName,
+    Expired,
+    NotYetValid,
+}
+
+/// The database, by user name: "reject" asks for a password and refuses
+/// it (28P01); "password" asks for one and accepts any; "crash" closes in
+/// the middle of authentication; anyone else is trusted. After login, a
+/// simple query "close" makes it close the session, "stream" makes it send
+/// rows until the connection breaks, anything else gets CommandComplete.
+pub struct FakeDb {
+    pub addr: SocketAddr,
+    pub ca: Ca,
+    pub mode: Arc<Mutex<Db>>,
+    /// (pid, key) of every CancelRequest received.
+    pub cancels: Arc<Mutex<Vec<(u32, Vec<u8>)>>>,
+    /// Sessions the database is serving right now.
+    pub live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeDb {
+    pub async fn start() -> FakeDb {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ca = Ca::new("tailgres test CA");
+        let other = Ca::new("someone else's CA");
+        let mk = |ca: &Ca, name: &str, from, to| {
+            let (c, k) = ca.leaf(name, from, to);
+            server_tls(c, k)
+        };
+        let good = mk(&ca, DB_NAME, -1, 30);
+        let variants = Arc::new([
+            (Db::OtherCa, mk(&other, DB_NAME, -1, 30)),
+            (Db::OtherName, mk(&ca, "other.test", -1, 30)),
+            (Db::Expired, mk(&ca, DB_NAME, -30, -1)),
+            (Db::NotYetValid, mk(&ca, DB_NAME, 10, 30)),
+        ]);
+        let mode = Arc::new(Mutex::new(Db::Normal));
+        let cancels = Arc::new(Mutex::new(Vec::new()));
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (m, c, l) = (mode.clone(), cancels.clone(), live.clone());
+        tokio::spawn(async move {
+            let mut pid = 1000u32;
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                pid += 1;
+                let mode = *m.lock().unwrap();
+                let acceptor = variants.iter().find(|(d, _)| *d == mode).map(|(_, a)| a.clone());
+                let acceptor = acceptor.unwrap_or_else(|| good.clone());
+                let (cancels, live) = (c.clone(), l.clone());
+                tokio::spawn(async move {
+                    let _ = serve_db(tcp, mode, acceptor, pid, cancels, live).await;
+                });
+            }
+        });
+        FakeDb { addr, ca, mode, cancels, live }
+    }
+
+    pub fn set(&self, mode: Db) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+struct LiveGuard(Arc<std::sync::atomic::AtomicUsize>);
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn serve_db(
+    mut tcp: tokio::net::TcpStream,
+    mode: Db,
+    acceptor: TlsAcceptor,
+    pid: u32,
+    cancels: Arc<Mutex<Vec<(u32, Vec<u8>)>>>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::io::Result<()> {
+    let mut req = [0u8; 8];
+    tcp.read_exact(&mut req).await?;
+    match mode {
+        Db::NoTls => return tcp.write_all(b"N").await,
+        Db::Garbage => return tcp.write_all(b"X").await,
+        Db::Silent => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return Ok(());
+        }
+        _ => tcp.write_all(b"S").await?,
+    }
+    let mut s = acceptor.accept(tcp).await?;
+    let len = s.read_u32().await? as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut body).await?;
+    let code = u32::from_be_bytes(body[..4].try_into().unwrap());
+    if code == pgwire::CANCEL_REQUEST {
+        let pid = u32::from_be_bytes(body[4..8].try_into().unwrap());
+        cancels.lock().unwrap().push((pid, body[8..].to_vec()));
+        return Ok(());
+    }
+    let params: Vec<&[u8]> = body[4..].split(|b| *b == 0).collect();
+    let user = params
+        .chunks(2)
+        .find(|kv| kv[0] == b"user")
+        .and_then(|kv| kv.get(1))
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .unwrap_or_default();
+    match user.as_str() {
+        "crash" => return Ok(()), // closed without a word (or a close_notify)
+        "reject" | "password" => {
+            s.write_all(&pgwire::auth_request(pgwire::auth::CLEARTEXT, &[])).await?;
+            let m = pgwire::read_message(&mut s, 1 << 16).await?;
+            if user == "reject" || m.tag != b'p' {
+                s.write_all(&pgwire::fatal(
+                    "28P01",
+                    &format!("password authentication failed for user \"{user}\""),
+                ))
+                .await?;
+                return s.shutdown().await;
+            }
+        }
+        _ => {}
+    }
+    live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _live = LiveGuard(live);
+    let mut out = pgwire::auth_request(pgwire::auth::OK, &[]);
+    out.extend(pgwire::message_bytes(b'S', b"server_version\x0017.0\x00"));
+    let mut key = pid.to_be_bytes().to_vec();
+    key.extend([1, 2, 3, 4]);
+    out.extend(pgwire::message_bytes(b'K', &key));
+    out.extend(pgwire::message_bytes(b'Z', b"I"));
+    s.write_all(&out).await?;
+    loop {
+        let m = match pgwire::read_message(&mut s, 1 << 20).await {
+            Ok(m) => m,
+            // The client went away: as PostgreSQL, close with close_notify.
+            Err(_) => return s.shutdown().await,
+        };
+        match m.tag {
+            // As PostgreSQL: the session ends with a TLS close_notify.
+            b'X' => return s.shutdown().await,
+            b'Q' => {
+                let q = String::from_utf8_lossy(&m.body).trim_end_matches('\0').to_string();
+                match q.as_str() {
+                    "close" => return s.shutdown().await,
+                    "stream" => {
+                        let row = pgwire::message_bytes(b'D', &[7u8; 1000]);
+                        loop {
+                            s.write_all(&row).await?;
+                        }
+                    }
+                    _ => {
+                        let mut out = pgwire::message_bytes(b'C', b"SELECT 0\0");
+                        out.extend(pgwire::message_bytes(b'Z', b"I"));
+                        s.write_all(&out).await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---- tailgres ----
+
+pub struct Options {
+    pub db: Db,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_sessions: usize,
+    pub grace: Duration,
+    pub require_grant: bool,
+    pub audit: Option<PathBuf>,
+    /// Route this database name only (instead of every name).
+    pub databases: Vec<String>,
+    pub upstream_addr: Option<String>,
+    pub connect_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            db: Db::Normal,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            max_sessions: 100,
+            grace: Duration::from_millis(200),
+            require_grant: false,
+            audit: None,
+            databases: vec!["*".into()],
+            upstream_addr: None,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+pub struct World {
+    pub tailnet: Arc<MemoryTailnet>,
+    pub shared: Arc<Shared>,
+    pub db: FakeDb,
+    pub audit_path: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// A tailnet peer: a user's laptop at 100.64.0.N, with `grants` as its
+/// capability values.
+pub fn person(n: u8, login: &str, grants: Vec<Value>) -> (IpAddr, PeerIdentity) {
+    let ip = IpAddr::from([100, 64, 0, n]);
+    let id = PeerIdentity {
+        stable_id: format!("n{n}"),
+        node_name: format!("laptop{n}.example.ts.net"),
+        user_login: login.into(),
+        user_display_name: String::new(),
+        tags: vec![],
+        addresses: vec![ip],
+        os: "linux".into(),
+        shared_in: false,
+        key_expiry: None,
+        expired: false,
+        cap_map: if grants.is_empty() {
+            Default::default()
+        } else {
+            [(DEFAULT_CAPABILITY.to_string(), grants)].into()
+        },
+    };
+    (ip, id)
+}
+
+impl World {
+    pub async fn start(o: Options) -> World {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let db = FakeDb::start().await;
+        db.set(o.db);
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, &db.ca.pem).unwrap();
+        let upstream = UpstreamTls::new(&UpstreamOptions {
+            addr: o.upstream_addr.clone().unwrap_or_else(|| db.addr.to_string()),
+            server_name: Some(DB_NAME.into()),
+            ca: vec![ca_path],
+            client_cert: None,
+            client_key: None,
+            direct_tls: false,
+            connect_timeout: o.connect_timeout,
+        })
+        .unwrap();
+        let settings = Settings {
+            routes: vec![Route {
+                name: "db".into(),
+                databases: o.databases.clone(),
+                port: PORT,
+                upstream: Arc::new(upstream),
+            }],
+            policy: Policy {
+                capability: DEFAULT_CAPABILITY.into(),
+                require_grant: o.require_grant,
+                allow_shared_nodes: false,
+            },
+            auth_mode: AuthMode::PasswordRelay,
+            identity_settings: false,
+            handshake_timeout: o.handshake_timeout,
+            idle_timeout: o.idle_timeout,
+        };
+        let audit_path = o.audit.clone().unwrap_or_else(|| dir.path().join("audit.jsonl"));
+        let (audit, _task) = AuditLog::open(AuditDest::File(audit_path.clone())).await.unwrap();
+        let proxy_cert = rcgen::generate_simple_self_signed(vec!["tailgres.memory.ts.net".into()]).unwrap();
+        let mut client_tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![proxy_cert.cert.der().clone()],
+                PrivateKeyDer::try_from(proxy_cert.key_pair.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        client_tls.alpn_protocols = vec![b"postgresql".to_vec()];
+        let tailnet = Arc::new(MemoryTailnet::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            settings: SettingsCell::new(settings),
+            client_tls: Some(TlsAcceptor::from(Arc::new(client_tls))),
+            audit,
+            cancels: Default::default(),
+            metrics: Arc::new(Metrics::default()),
+            per_identity: Default::default(),
+            grant_use: Default::default(),
+            live: Default::default(),
+            directory: Default::default(),
+            shutdown: stop_rx,
+        });
+        tokio::spawn(tailgres::live::follow(tailnet.clone(), shared.live_view()));
+        let listener = tailnet.listen(PORT).unwrap();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let served = tokio::spawn(server::serve(
+            vec![listener],
+            tailnet.clone(),
+            shared.clone(),
+            stop_tx,
+            ServeOptions { max_sessions: o.max_sessions, grace: o.grace },
+            async move {
+                let _ = shutdown_rx.await;
+            },
+            std::future::pending::<()>(),
+        ));
+        World { tailnet, shared, db, audit_path, shutdown: Some(shutdown_tx), served, _dir: dir }
+    }
+
+    /// Adds a peer and lets tailgres read the netmap (so it knows whether
+    /// the tailnet uses grants).
+    pub async fn join(&self, peer: (IpAddr, PeerIdentity)) -> IpAddr {
+        let ip = peer.0;
+        self.tailnet.set_peer(ip, peer.1);
+        self.tailnet.announce_netmap();
+        self.settled().await;
+        ip
+    }
+
+    /// Waits until the follower has read the tailnet (grant use known).
+    pub async fn settled(&self) {
+        within("the follower reads the netmap", async {
+            // (The follower may not have subscribed yet: announce again.)
+            while self.shared.grant_use.get() == tailgres::authorize::GrantUseState::Unknown {
+                self.tailnet.announce_netmap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        // One more sweep after the last change.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pub async fn dial(&self, from: IpAddr) -> tokio::io::DuplexStream {
+        self.tailnet.dial(from, PORT).await.unwrap()
+    }
+
+    /// A tokio-postgres client over the tailnet, without TLS.
+    pub async fn connect(
+        &self,
+        from: IpAddr,
+        user: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let stream = self.dial(from).await;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.user(user).dbname("app").password("pw").application_name("inprocess");
+        let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
+        Ok((
+            client,
+            tokio::spawn(async move {
+                let _ = conn.await;
+            }),
+        ))
+    }
+
+    pub fn records(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        text.lines().filter(|l| l.ends_with('}')).map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The first audit record matching `pred`, waiting for it.
+    pub async fn record(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(r) = self.records().into_iter().find(|r| pred(r)) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            let seen: Vec<String> = self
+                .records()
+                .iter()
+                .map(|r| format!("{} {} {}", r["event"], r["reason"], r["detail"]))
+                .collect();
+            panic!("no audit record: {what}; the log has:\n{}", seen.join("\n"))
+        })
+    }
+
+    pub async fn denied(&self, reason: &str) -> Value {
+        self.record(reason, |r| r["event"] == "session_denied" && r["reason"] == reason).await
+    }
+
+    pub async fn ended(&self, reason: &str) -> Value {
+        self.record(reason, |r| r["event"] == "session_end" && r["reason"] == reason).await
+    }
+
+    pub fn metrics(&self) -> String {
+        self.shared.metrics.render(&TailnetGauge { backend_state: "Running" })
+    }
+
+    /// SIGTERM: stop accepting, let sessions run for the grace, end the
+    /// rest; returns when the accept loop has finished.
+    pub async fn shut_down(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        within("shutdown", &mut self.served).await.unwrap();
+    }
+}
+
+// ---- raw protocol ----
+
+pub fn startup(user: &str, database: &str) -> Vec<u8> {
+    tailgres::negotiate::Startup {
+        version: pgwire::PROTOCOL_3_0,
+        params: vec![("user".into(), user.into()), ("database".into(), database.into())],
+    }
+    .to_bytes()
+}
+
+/// Reads the connection to its end and returns the ErrorResponse's
+/// (SQLSTATE, message), if one came.
+pub async fn error_of<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, String)> {
+    let mut all = Vec::new();
+    let _ = within("the proxy closes", s.read_to_end(&mut all)).await;
+    let i = all.iter().position(|b| *b == b'E')?;
+    let (code, msg) = pgwire::error_fields(&all[i + 5..]);
+    Some((code?, msg.unwrap_or_default()))
+}
