@@ -185,10 +185,30 @@ async fn headscale_grants_decide_and_revoke() {
     eprintln!("headscale: node delete to revoked session_end in {:?}", t.elapsed());
     assert_eq!(end["reason"], "revoked", "{end}");
     assert_eq!(end["ended_by"], "proxy", "{end}");
+    assert!(end["detail"].as_str().unwrap().contains("left the tailnet"), "{end}");
     w.wait_gone_from_database("bob-long").await;
     long.abort(); // bob's node is gone: his psql may never hear the end
     let text = w.explain("bob-laptop", false);
     assert!(!text.contains("any user on any database"), "a deleted node has no access: {text}");
+
+    // Revocation at the packet layer: a reload that no longer lets alice's
+    // packets reach the proxy at all (headscale then drops her from the
+    // proxy's peers).
+    let long = w.long_session(alice, "alice", "analytics", "alice-acl").await;
+    let v3 = policy(r#""tag:ci""#, &app_grant("tag:ci", ci_values));
+    let t = Instant::now();
+    w.hs.set_policy(&v3).await;
+    let end = w.wait_end("alice-acl").await;
+    eprintln!(
+        "headscale: packet-layer reload to revoked session_end in {:?}: {}",
+        t.elapsed(),
+        end["detail"]
+    );
+    assert_eq!(end["reason"], "revoked", "{end}");
+    assert!(end["detail"].as_str().unwrap().contains("left the tailnet"), "{end}");
+    w.wait_gone_from_database("alice-acl").await;
+    long.abort(); // her packets no longer reach the proxy: her psql may never hear the end
+    w.until(ci, "role_md5", "app", true).await; // the tag's access is untouched
     w.stop().await;
 }
 
@@ -256,6 +276,7 @@ async fn headscale_require_grant_reload_and_expiry() {
     let end = w.wait_end("ci-long").await;
     eprintln!("headscale: node expire to revoked session_end in {:?}", t.elapsed());
     assert_eq!(end["reason"], "revoked", "{end}");
+    assert!(end["detail"].as_str().unwrap().contains("expired"), "seen as expired, not gone: {end}");
     w.wait_gone_from_database("ci-long").await;
     ci_long.abort(); // an expired node may not hear the end
     w.stop().await;

@@ -62,67 +62,57 @@ pub struct Headscale {
 
 impl Headscale {
     /// Starts headscale in `dir` with `policy` (HuJSON) as its policy file;
-    /// returns once its CLI (over the unix socket) answers.
+    /// returns once its CLI (over the unix socket) answers. Its ports are
+    /// picked free just before; should another process take one first,
+    /// headscale exits and is started again on new ones.
     pub async fn start(dir: &Path, policy: &str) -> Headscale {
         let bin = headscale_bin(); // first: its absence is the failure to report
         require_sandbox();
         std::fs::create_dir_all(dir).unwrap();
         let dir = dir.canonicalize().unwrap();
-        let (http, metrics, grpc, stun) = (free_port(), free_port(), free_port(), free_udp_port());
-        let d = dir.display();
-        let config = format!(
-            "server_url: http://127.0.0.1:{http}\n\
-             listen_addr: 127.0.0.1:{http}\n\
-             metrics_listen_addr: 127.0.0.1:{metrics}\n\
-             grpc_listen_addr: 127.0.0.1:{grpc}\n\
-             grpc_allow_insecure: true\n\
-             noise:\n  private_key_path: {d}/noise_private.key\n\
-             prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n  allocation: sequential\n\
-             derp:\n  server:\n    enabled: true\n    region_id: 999\n    region_code: \"lab\"\n    \
-             region_name: \"Lab DERP\"\n    verify_clients: true\n    stun_listen_addr: \"127.0.0.1:{stun}\"\n    \
-             private_key_path: {d}/derp_server_private.key\n    automatically_add_embedded_derp_region: true\n    \
-             ipv4: 127.0.0.1\n  urls: []\n  paths: []\n  auto_update_enabled: false\n  update_frequency: 24h\n\
-             disable_check_updates: true\n\
-             database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n    write_ahead_log: true\n\
-             policy:\n  mode: file\n  path: {d}/policy.hujson\n\
-             dns:\n  magic_dns: true\n  base_domain: {BASE_DOMAIN}\n  override_local_dns: false\n  \
-             nameservers:\n    global: []\n\
-             unix_socket: {d}/headscale.sock\n\
-             unix_socket_permission: \"0770\"\n\
-             log:\n  level: info\n"
-        );
-        let config_path = dir.join("config.yaml");
-        std::fs::write(&config_path, config).unwrap();
         let policy_path = dir.join("policy.hujson");
         std::fs::write(&policy_path, policy).unwrap();
+        let config_path = dir.join("config.yaml");
         let log = dir.join("headscale.log");
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config_path)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let hs = Headscale {
-            dir: dir.clone(),
-            url: format!("http://127.0.0.1:{http}"),
-            config: config_path,
-            policy: policy_path,
-            log,
-            child,
-        };
         let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if hs.try_cli(&["health"]).await.is_ok() {
-                break;
+        for attempt in 1.. {
+            let (http, metrics, grpc, stun) = (free_port(), free_port(), free_port(), free_udp_port());
+            std::fs::write(&config_path, config(&dir, http, metrics, grpc, stun)).unwrap();
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&config_path)
+                .arg("serve")
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+            let mut hs = Headscale {
+                dir: dir.clone(),
+                url: format!("http://127.0.0.1:{http}"),
+                config: config_path.clone(),
+                policy: policy_path.clone(),
+                log: log.clone(),
+                child,
+            };
+            loop {
+                if hs.try_cli(&["health"]).await.is_ok() {
+                    return hs;
+                }
+                if let Ok(Some(status)) = hs.child.try_wait() {
+                    assert!(attempt < 3, "headscale exited ({status}); its log:\n{}", hs.log_text());
+                    eprintln!(
+                        "headscale exited ({status}) at start; again on other ports:\n{}",
+                        hs.log_text()
+                    );
+                    break;
+                }
+                assert!(Instant::now() < deadline, "headscale did not come up; its log:\n{}", hs.log_text());
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(Instant::now() < deadline, "headscale did not come up; its log:\n{}", hs.log_text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        hs
+        unreachable!()
     }
 
     pub fn log_text(&self) -> String {
@@ -231,6 +221,33 @@ impl Drop for Headscale {
     fn drop(&mut self) {
         terminate(&mut self.child);
     }
+}
+
+/// headscale's configuration: everything on 127.0.0.1, its embedded DERP
+/// and STUN as the only DERP region, SQLite, the policy from a file.
+fn config(dir: &Path, http: u16, metrics: u16, grpc: u16, stun: u16) -> String {
+    let d = dir.display();
+    format!(
+        "server_url: http://127.0.0.1:{http}\n\
+         listen_addr: 127.0.0.1:{http}\n\
+         metrics_listen_addr: 127.0.0.1:{metrics}\n\
+         grpc_listen_addr: 127.0.0.1:{grpc}\n\
+         grpc_allow_insecure: true\n\
+         noise:\n  private_key_path: {d}/noise_private.key\n\
+         prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n  allocation: sequential\n\
+         derp:\n  server:\n    enabled: true\n    region_id: 999\n    region_code: \"lab\"\n    \
+         region_name: \"Lab DERP\"\n    verify_clients: true\n    stun_listen_addr: \"127.0.0.1:{stun}\"\n    \
+         private_key_path: {d}/derp_server_private.key\n    automatically_add_embedded_derp_region: true\n    \
+         ipv4: 127.0.0.1\n  urls: []\n  paths: []\n  auto_update_enabled: false\n  update_frequency: 24h\n\
+         disable_check_updates: true\n\
+         database:\n  type: sqlite\n  sqlite:\n    path: {d}/db.sqlite\n    write_ahead_log: true\n\
+         policy:\n  mode: file\n  path: {d}/policy.hujson\n\
+         dns:\n  magic_dns: true\n  base_domain: {BASE_DOMAIN}\n  override_local_dns: false\n  \
+         nameservers:\n    global: []\n\
+         unix_socket: {d}/headscale.sock\n\
+         unix_socket_permission: \"0770\"\n\
+         log:\n  level: info\n"
+    )
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago (for STUN).
