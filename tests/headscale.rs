@@ -11,7 +11,11 @@
 //! holding only `lo`; headscale listens on 127.0.0.1 only).
 mod common;
 
-use common::headscale::{Owner, World};
+use common::headscale::{explain, Owner, World};
+use common::http_json;
+use common::lab::{LabOptions, LabUp};
+use serde_json::{json, Value};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const CAP: &str = "tailgres.dev/cap/postgres";
@@ -98,7 +102,7 @@ async fn headscale_grants_decide_and_revoke() {
     assert_eq!(denied["peer"]["user_login"], "alice@example.com", "{denied}");
     assert_eq!(denied["peer"]["node_name"], "alice-laptop.tail.lab", "{denied}");
     assert_eq!(denied["peer"]["tailnet_ip"], w.c(alice).ip().as_str(), "{denied}");
-    assert_eq!(denied["peer"]["tags"], serde_json::json!([]), "{denied}");
+    assert_eq!(denied["peer"]["tags"], json!([]), "{denied}");
 
     // bob carries no grant: let through, as Tailscale's ACLs let him in.
     w.until(bob, "role_trust", "app", true).await;
@@ -113,7 +117,7 @@ async fn headscale_grants_decide_and_revoke() {
         .wait_record("ci denied", |r| r["event"] == "session_denied" && r["postgres"]["user"] == "role_trust")
         .await;
     assert_eq!(denied["reason"], "not_authorized", "{denied}");
-    assert_eq!(denied["peer"]["tags"], serde_json::json!(["tag:ci"]), "{denied}");
+    assert_eq!(denied["peer"]["tags"], json!(["tag:ci"]), "{denied}");
     assert_eq!(denied["peer"]["node_name"], "ci.tail.lab", "{denied}");
 
     // explain: the same answers as on the lab's control server.
@@ -246,6 +250,45 @@ async fn headscale_require_grant_reload_and_expiry() {
     let e = w.explain_json("carol-laptop");
     assert_eq!(e["require_grant"], true);
     assert!(e["may_connect_as"][0].as_str().unwrap().starts_with("nothing: it carries no"), "{e}");
+
+    // The same policy on the lab's own control server: explain answers
+    // alike for every peer, whichever control server compiled the grants.
+    let lab = LabUp::start(LabOptions {
+        clients: vec!["alice-laptop", "carol-laptop", "ci=tag:ci"],
+        tailgres_args: vec!["--require-grant"],
+        ..Default::default()
+    })
+    .await;
+    let lab_policy = json!({"grants": [
+        {"src": ["*"], "dst": ["pg"], "ip": ["tcp:5432"]},
+        {"src": ["alice-laptop"], "dst": ["pg"], "app": {CAP: [{"databases": ["*"], "users": ["role_*"]}]}},
+        {"src": ["tag:ci"], "dst": ["pg"], "app": {CAP: [{"databases": ["app"], "users": ["role_trust"]}]}},
+    ]});
+    let (status, body) = http_json(&lab.admin_url(), "PUT", "/policy", Some(lab_policy)).await;
+    assert_eq!(status, 200, "{body}");
+    let lab_state = Path::new(lab.info["dir"].as_str().unwrap()).join("proxy-state");
+    let lab_explain = |t: &str| -> Value { serde_json::from_str(&explain(&lab_state, t, true)).unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lab_explain("alice-laptop")["grants"].as_array().is_none_or(|g| g.is_empty()) {
+        assert!(Instant::now() < deadline, "the lab's grants never reached its proxy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for peer in ["alice-laptop", "carol-laptop", "ci"] {
+        let (hs, lab) = (w.explain_json(peer), lab_explain(peer));
+        for k in ["capability", "require_grant", "allow_shared_nodes", "grants", "may_connect_as", "verdict"]
+        {
+            assert_eq!(hs[k], lab[k], "{peer}: {k} differs\nheadscale: {hs:#}\nlab: {lab:#}");
+        }
+        for k in ["tags", "expired", "shared_in", "os"] {
+            assert_eq!(
+                hs["identity"][k], lab["identity"][k],
+                "{peer}: identity.{k} differs\n{hs:#}\n{lab:#}"
+            );
+        }
+        let keys = |v: &Value| v["identity"].as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&hs), keys(&lab), "{peer}: the identities have the same fields");
+    }
+    lab.stop().await;
 
     // Reload: carol is granted role_trust; alice loses every grant (her
     // packets still reach the proxy). alice's running session ends; ci's

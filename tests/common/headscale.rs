@@ -471,14 +471,7 @@ impl World {
 
     /// `tailgres explain TARGET --state-dir ...` (JSON or text).
     pub fn explain(&self, target: &str, json: bool) -> String {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"));
-        cmd.args(["explain", target, "--state-dir"]).arg(&self.proxy_state);
-        if json {
-            cmd.arg("--json");
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "explain {target}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
+        explain(&self.proxy_state, target, json)
     }
 
     pub fn explain_json(&self, target: &str) -> Value {
@@ -515,6 +508,18 @@ impl World {
         self.hs.stop().await;
         self.pg.stop().await;
     }
+}
+
+/// `tailgres explain TARGET` asked of the proxy with this state directory.
+pub fn explain(state_dir: &Path, target: &str, json: bool) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"));
+    cmd.args(["explain", target, "--state-dir"]).arg(state_dir);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "explain {target}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The lab database's passwords (tailgres-lab's roles, and the roles these
