@@ -28,12 +28,15 @@ const SQL: &[&str] = &[
     "GRANT CONNECT ON DATABASE analytics TO PUBLIC",
 ];
 
-/// tagOwners and the packet grant every policy here starts with: who may
-/// reach the proxy's port at all (Tailscale's layer, not tailgres').
+/// groups, tagOwners and the packet grant every policy here starts with:
+/// who may reach the proxy's port at all (Tailscale's layer, not tailgres').
 fn policy(srcs: &str, app_grants: &str) -> String {
     format!(
         r#"// tailgres on headscale (HuJSON: comments and trailing commas are fine).
 {{
+  "groups": {{
+    "group:analysts": ["alice@"],
+  }},
   "tagOwners": {{
     "tag:db-proxy": [],
     "tag:ci": [],
@@ -216,14 +219,15 @@ async fn headscale_grants_decide_and_revoke() {
     w.stop().await;
 }
 
-/// `--require-grant` with a headscale policy: a user without a grant is
+/// `--require-grant` with a headscale policy (alice's grant through a
+/// group, as in README's example): a user without a grant is
 /// refused; a reload that grants her lets her in, and one that takes a
 /// running session's grant away ends it, leaving other sessions alone; a
 /// node expired in headscale loses its running session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headscale_require_grant_reload_and_expiry() {
-    let srcs = r#""alice@", "carol@", "tag:ci""#;
-    let alice_grant = app_grant("alice@", r#"{"databases": ["*"], "users": ["role_*"]}"#);
+    let srcs = r#""group:analysts", "carol@", "tag:ci""#;
+    let alice_grant = app_grant("group:analysts", r#"{"databases": ["*"], "users": ["role_*"]}"#);
     let ci_grant = app_grant("tag:ci", r#"{"databases": ["app"], "users": ["role_trust"]}"#);
     let v1 = policy(srcs, &[alice_grant.clone(), ci_grant.clone()].join("\n"));
     let (mut w, users) = World::start(
