@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 const CAP: &str = "tailgres.dev/cap/postgres";
 
-/// The database side of these tests: a role for `{login_local}` and a
+/// The database side of these tests: a role for `{localpart:*@DOMAIN}` and a
 /// second database.
 const SQL: &[&str] = &[
     "CREATE ROLE alice LOGIN PASSWORD 'alice-pass'",
@@ -59,34 +59,46 @@ fn app_grant(src: &str, values: &str) -> String {
 /// Reads `err` as a refusal by tailgres' grants (FATAL 28000 naming the
 /// user, database and capability).
 fn assert_refused(err: &str, user: &str, database: &str) {
-    assert!(err.contains(&format!("may not connect as user \"{user}\" to database \"{database}\"")), "{err}");
+    assert!(
+        err.contains(&format!("may not open a session as user \"{user}\" to database \"{database}\"")),
+        "{err}"
+    );
     assert!(err.contains(CAP), "the refusal says how to grant it: {err}");
 }
 
-/// Who may be which database user, decided by a headscale policy: users'
-/// grants (literal roles, `{login_local}`, per-database), a tag's grant, a
-/// user with no grant; denials audited `not_authorized` with the identity
-/// headscale gave; `tailgres explain` answering as it does on the lab's
-/// control server. Then revocation: a policy reload that withdraws a
-/// running session's grant, and a node deleted from headscale.
+/// Who may be which database user, decided by a headscale policy. First
+/// no peer carries the capability (an open tailnet: whoever the ACLs let
+/// through may connect); a reload brings grants: users' (literal roles,
+/// `{localpart:*@DOMAIN}`, per database), a tag's, and a user without one,
+/// now refused. Denials are audited `not_authorized` with the identity
+/// headscale gave; `tailgres explain` tells each peer's grants. Then
+/// revocation: a reload that withdraws a running session's grant, one that
+/// no longer lets the peer's packets through, and a node deleted from
+/// headscale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headscale_grants_decide_and_revoke() {
-    let alice_values = r#"{"databases": ["app"], "users": ["role_scram"]},
-      {"databases": ["analytics"], "users": ["{login_local}"], "max_connections": 3}"#;
-    let ci_values = r#"{"databases": ["app", "analytics"], "users": ["role_md5"]}"#;
-    let v1 = policy(
-        r#""alice@", "bob@", "tag:ci""#,
-        &[app_grant("alice@", alice_values), app_grant("tag:ci", ci_values)].join("\n"),
-    );
+    let srcs = r#""alice@", "bob@", "tag:ci""#;
+    let v0 = policy(srcs, "");
     let (mut w, users) =
-        World::start(&v1, &[("alice", "alice@example.com"), ("bob", "bob@example.com")], SQL, &[]).await;
+        World::start(&v0, &[("alice", "alice@example.com"), ("bob", "bob@example.com")], SQL, &[]).await;
     let alice = w.client("alice-laptop", Owner::User(users[0])).await;
     let bob = w.client("bob-laptop", Owner::User(users[1])).await;
     let ci = w.client("ci", Owner::Tags("tag:ci")).await;
 
+    // No grants anywhere: the ACLs decide alone.
+    w.until(bob, "role_trust", "app", true).await;
+    let text = w.explain("bob-laptop", false);
+    assert!(text.contains("bob@example.com") && text.contains("any user on any database"), "{text}");
+
+    let alice_values = r#"{"databases": ["app"], "users": ["role_scram"]},
+      {"databases": ["analytics"], "users": ["{localpart:*@example.com}"], "max_connections": 3}"#;
+    let ci_values = r#"{"databases": ["app", "analytics"], "users": ["role_md5"]}"#;
+    let v1 = policy(srcs, &[app_grant("alice@", alice_values), app_grant("tag:ci", ci_values)].join("\n"));
+    w.hs.set_policy(&v1).await;
+
     // alice: her grants, and nothing else.
     w.until(alice, "role_scram", "app", true).await;
-    w.until(alice, "alice", "analytics", true).await; // {login_local}
+    w.until(alice, "alice", "analytics", true).await; // {localpart:*@example.com}
     let err = w.until(alice, "role_md5", "app", false).await;
     assert_refused(&err, "role_md5", "app");
     let err = w.until(alice, "alice", "app", false).await;
@@ -107,9 +119,16 @@ async fn headscale_grants_decide_and_revoke() {
     assert_eq!(denied["peer"]["tailnet_ip"], w.c(alice).ip().as_str(), "{denied}");
     assert_eq!(denied["peer"]["tags"], json!([]), "{denied}");
 
-    // bob carries no grant: let through, as Tailscale's ACLs let him in.
-    w.until(bob, "role_trust", "app", true).await;
-    w.until(bob, "role_md5", "analytics", true).await;
+    // bob carries no grant while others do: refused now.
+    let err = w.until(bob, "role_trust", "app", false).await;
+    assert!(err.contains("has no access grant") && err.contains(CAP), "{err}");
+    let denied = w
+        .wait_record("bob denied", |r| {
+            r["event"] == "session_denied" && r["peer"]["user_login"] == "bob@example.com"
+        })
+        .await;
+    assert_eq!(denied["reason"], "not_authorized", "{denied}");
+    assert!(denied["detail"].as_str().unwrap().contains("other peers carry it"), "{denied}");
 
     // The tagged device: its tag's grant, identified by the tag.
     w.until(ci, "role_md5", "app", true).await;
@@ -117,22 +136,25 @@ async fn headscale_grants_decide_and_revoke() {
     let err = w.until(ci, "role_trust", "app", false).await;
     assert_refused(&err, "role_trust", "app");
     let denied = w
-        .wait_record("ci denied", |r| r["event"] == "session_denied" && r["postgres"]["user"] == "role_trust")
+        .wait_record("ci denied", |r| {
+            r["event"] == "session_denied" && r["peer"]["tailnet_ip"] == w.c(ci).ip().as_str()
+        })
         .await;
     assert_eq!(denied["reason"], "not_authorized", "{denied}");
     assert_eq!(denied["peer"]["tags"], json!(["tag:ci"]), "{denied}");
     assert_eq!(denied["peer"]["node_name"], "ci.tail.lab", "{denied}");
 
-    // explain: the same answers as on the lab's control server.
+    // explain: each peer's identity and grants as headscale delivered them.
     let a = w.explain_json("alice-laptop");
     assert_eq!(a["identity"]["node_name"], "alice-laptop.tail.lab", "{a}");
     assert_eq!(a["identity"]["user_login"], "alice@example.com", "{a}");
+    assert_eq!(a["grants_in_use"], "used", "{a}");
     let mut grants: Vec<String> = a["grants"].as_array().unwrap().iter().map(|g| g.to_string()).collect();
     grants.sort();
     assert_eq!(
         grants,
         [
-            r#"{"databases":["analytics"],"max_connections":3,"users":["{login_local}"]}"#,
+            r#"{"databases":["analytics"],"max_connections":3,"users":["{localpart:*@example.com}"]}"#,
             r#"{"databases":["app"],"users":["role_scram"]}"#,
         ],
         "headscale hands tailgres the grant values as written: {a}"
@@ -144,7 +166,7 @@ async fn headscale_grants_decide_and_revoke() {
         may,
         [
             r#"users ["role_scram"] on databases ["app"]"#,
-            r#"users ["{login_local}"] on databases ["analytics"] (at most 3 sessions)"#,
+            r#"users ["{localpart:*@example.com}"] on databases ["analytics"] (at most 3 sessions)"#,
         ]
     );
     let text = w.explain("ci", false);
@@ -153,7 +175,7 @@ async fn headscale_grants_decide_and_revoke() {
         "{text}"
     );
     let text = w.explain("bob-laptop", false);
-    assert!(text.contains("bob@example.com") && text.contains("any user on any database"), "{text}");
+    assert!(text.contains("nothing: it carries no") && text.contains("other peers do"), "{text}");
     let by_ip = w.explain(&w.c(ci).ip(), false);
     assert!(by_ip.contains("ci.tail.lab"), "{by_ip}");
     let unknown = w.explain("nobody", false);
@@ -162,14 +184,8 @@ async fn headscale_grants_decide_and_revoke() {
     // Revocation by policy: alice runs a long query; the policy file loses
     // her role_scram grant and headscale reloads it.
     let long = w.long_session(alice, "role_scram", "app", "alice-long").await;
-    let v2 = policy(
-        r#""alice@", "bob@", "tag:ci""#,
-        &[
-            app_grant("alice@", r#"{"databases": ["analytics"], "users": ["{login_local}"]}"#),
-            app_grant("tag:ci", ci_values),
-        ]
-        .join("\n"),
-    );
+    let alice_analytics = r#"{"databases": ["analytics"], "users": ["{localpart:*@example.com}"]}"#;
+    let v2 = policy(srcs, &[app_grant("alice@", alice_analytics), app_grant("tag:ci", ci_values)].join("\n"));
     let t = Instant::now();
     w.hs.set_policy(&v2).await;
     let end = w.wait_end("alice-long").await;
@@ -184,25 +200,11 @@ async fn headscale_grants_decide_and_revoke() {
     w.until(alice, "role_scram", "app", false).await;
     w.until(alice, "alice", "analytics", true).await; // what the new policy still grants
 
-    // Revocation by deletion: bob's node is deleted from headscale.
-    let long = w.long_session(bob, "role_trust", "app", "bob-long").await;
-    let t = Instant::now();
-    w.hs.delete_node("bob-laptop").await;
-    let end = w.wait_end("bob-long").await;
-    eprintln!("headscale: node delete to revoked session_end in {:?}", t.elapsed());
-    assert_eq!(end["reason"], "revoked", "{end}");
-    assert_eq!(end["ended_by"], "proxy", "{end}");
-    assert!(end["detail"].as_str().unwrap().contains("left the tailnet"), "{end}");
-    w.wait_gone_from_database("bob-long").await;
-    long.abort(); // bob's node is gone: his psql may never hear the end
-    let text = w.explain("bob-laptop", false);
-    assert!(!text.contains("any user on any database"), "a deleted node has no access: {text}");
-
     // Revocation at the packet layer: a reload that no longer lets alice's
     // packets reach the proxy at all (headscale then drops her from the
-    // proxy's peers).
+    // proxy's peers, so the tailnet no longer identifies her).
     let long = w.long_session(alice, "alice", "analytics", "alice-acl").await;
-    let v3 = policy(r#""tag:ci""#, &app_grant("tag:ci", ci_values));
+    let v3 = policy(r#""bob@", "tag:ci""#, &app_grant("tag:ci", ci_values));
     let t = Instant::now();
     w.hs.set_policy(&v3).await;
     let end = w.wait_end("alice-acl").await;
@@ -212,10 +214,24 @@ async fn headscale_grants_decide_and_revoke() {
         end["detail"]
     );
     assert_eq!(end["reason"], "revoked", "{end}");
-    assert!(end["detail"].as_str().unwrap().contains("left the tailnet"), "{end}");
+    assert!(end["detail"].as_str().unwrap().contains("no longer identifies the peer"), "{end}");
     w.wait_gone_from_database("alice-acl").await;
     long.abort(); // her packets no longer reach the proxy: her psql may never hear the end
     w.until(ci, "role_md5", "app", true).await; // the tag's access is untouched
+
+    // Revocation by deletion: ci's node is deleted from headscale.
+    let long = w.long_session(ci, "role_md5", "app", "ci-long").await;
+    let t = Instant::now();
+    w.hs.delete_node("ci").await;
+    let end = w.wait_end("ci-long").await;
+    eprintln!("headscale: node delete to revoked session_end in {:?}", t.elapsed());
+    assert_eq!(end["reason"], "revoked", "{end}");
+    assert_eq!(end["ended_by"], "proxy", "{end}");
+    assert!(end["detail"].as_str().unwrap().contains("no longer identifies the peer"), "{end}");
+    w.wait_gone_from_database("ci-long").await;
+    long.abort(); // ci's node is gone: its psql may never hear the end
+    let text = w.explain("ci", false);
+    assert!(!text.contains("may connect as"), "a deleted node has no access: {text}");
     w.stop().await;
 }
 
@@ -273,14 +289,23 @@ async fn headscale_require_grant_reload_and_expiry() {
     let lab_state = Path::new(lab.info["dir"].as_str().unwrap()).join("proxy-state");
     let lab_explain = |t: &str| -> Value { serde_json::from_str(&explain(&lab_state, t, true)).unwrap() };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while lab_explain("alice-laptop")["grants"].as_array().is_none_or(|g| g.is_empty()) {
+    while lab_explain("alice-laptop")["grants_in_use"] != "used"
+        || w.explain_json("alice-laptop")["grants_in_use"] != "used"
+    {
         assert!(Instant::now() < deadline, "the lab's grants never reached its proxy");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for peer in ["alice-laptop", "carol-laptop", "ci"] {
         let (hs, lab) = (w.explain_json(peer), lab_explain(peer));
-        for k in ["capability", "require_grant", "allow_shared_nodes", "grants", "may_connect_as", "verdict"]
-        {
+        for k in [
+            "capability",
+            "require_grant",
+            "grants_in_use",
+            "allow_shared_nodes",
+            "grants",
+            "may_connect_as",
+            "verdict",
+        ] {
             assert_eq!(hs[k], lab[k], "{peer}: {k} differs\nheadscale: {hs:#}\nlab: {lab:#}");
         }
         for k in ["tags", "expired", "shared_in", "os"] {
