@@ -85,6 +85,13 @@ async fn headscale_grants_decide_and_revoke() {
     let bob = w.client("bob-laptop", Owner::User(users[1])).await;
     let ci = w.client("ci", Owner::Tags("tag:ci")).await;
 
+    // The proxy registered with the tagged key: headscale lists it as a
+    // tagged device, owned by no user.
+    let nodes = w.hs.nodes().await;
+    let pg = nodes.iter().find(|n| n["given_name"] == "pg").unwrap_or_else(|| panic!("{nodes:#?}"));
+    assert_eq!(pg["tags"], json!(["tag:db-proxy"]), "{pg}");
+    assert_eq!(pg["user"]["name"], "tagged-devices", "{pg}");
+
     // No grants anywhere: the ACLs decide alone.
     w.until(bob, "role_trust", "app", true).await;
     let text = w.explain("bob-laptop", false);
