@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod audit;
+pub mod headscale;
 pub mod lab;
 pub mod ops;
 pub mod wire;
@@ -91,10 +92,17 @@ pub struct LabProcess {
 
 impl LabProcess {
     async fn spawn(args: &[String], dir: &Path, what: &str) -> LabProcess {
+        LabProcess::spawn_env(args, dir, what, &[]).await
+    }
+
+    /// Starts `tslab ARGS` with `env` added to the inherited environment
+    /// (e.g. a knob another control server needs) and waits for its ready line.
+    pub async fn spawn_env(args: &[String], dir: &Path, what: &str, env: &[(&str, &str)]) -> LabProcess {
         let stderr_path = dir.join(format!("{what}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = Command::new(tslab_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
