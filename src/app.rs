@@ -107,6 +107,8 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
         cancels: CancelRegistry::default(),
         metrics: metrics.clone(),
         per_identity: Default::default(),
+        handshaking: Default::default(),
+        denials: Default::default(),
         grant_use: Default::default(),
         live: Default::default(),
         directory: Default::default(),

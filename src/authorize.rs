@@ -278,58 +278,73 @@ pub enum Decision {
 }
 
 impl Policy {
-    /// `names` are the names the server will use ([`Names`]); `grants` says
-    /// whether the tailnet uses the capability at all.
-    pub fn decide(&self, id: &PeerIdentity, names: &Names, grants: GrantUseState) -> Decision {
-        let (user, database) = (names.user.as_str(), names.database.as_str());
+    /// The refusals that depend on the identity alone (an expired key, a
+    /// shared-in device, no grant where one is needed): decided right after
+    /// WhoIs, before the client's startup is read, and again by [`decide`].
+    ///
+    /// [`decide`]: Policy::decide
+    pub fn decide_identity(&self, id: &PeerIdentity, grants: GrantUseState) -> Option<Decision> {
         let who = format!("{} on {}", id.principal(), id.node_name);
         if id.expired {
-            return deny(
+            return Some(deny(
                 format!("{who}: node key expired"),
                 format!(
                     "tailgres: the node key of {who} has expired; log the device in to the tailnet again"
                 ),
-            );
+            ));
         }
         if id.shared_in && !self.allow_shared_nodes {
-            return deny(
+            return Some(deny(
                 format!("{who} is a device shared in from another tailnet; --allow-shared-nodes is off"),
                 format!(
                     "tailgres: {who} is shared in from another tailnet and may not connect; \
                      the operator can allow shared devices with --allow-shared-nodes"
                 ),
-            );
+            ));
         }
-        let values = id.capability(&self.capability);
-        if values.is_empty() {
+        if id.capability(&self.capability).is_empty() {
             let why = match (self.require_grant, grants) {
+                (false, GrantUseState::Unused) => return None,
                 (true, _) => "--require-grant is on",
                 (false, GrantUseState::Used) => "other peers carry it, so every peer must",
                 (false, GrantUseState::Unknown) => {
                     "tailgres has not yet read whether the tailnet uses grants"
                 }
-                (false, GrantUseState::Unused) => {
-                    if names.replication {
-                        return deny(
-                            format!("{who} asked for a replication connection without a grant"),
-                            format!(
-                                "tailgres: {who} may not open a replication connection; an admin allows \
-                                 it with \"replication\": true in a \"{}\" grant",
-                                self.capability
-                            ),
-                        );
-                    }
-                    return Decision::Allow { via_grant: false, limit: None };
-                }
             };
-            return deny(
+            return Some(deny(
                 format!("{who} has no {} grant ({why})", self.capability),
                 format!(
                     "tailgres: {who} has no access grant; an admin grants it in the tailnet \
                      policy with the \"{}\" capability",
                     self.capability
                 ),
-            );
+            ));
+        }
+        None
+    }
+
+    /// `names` are the names the server will use ([`Names`]); `grants` says
+    /// whether the tailnet uses the capability at all.
+    pub fn decide(&self, id: &PeerIdentity, names: &Names, grants: GrantUseState) -> Decision {
+        if let Some(deny) = self.decide_identity(id, grants) {
+            return deny;
+        }
+        let (user, database) = (names.user.as_str(), names.database.as_str());
+        let who = format!("{} on {}", id.principal(), id.node_name);
+        let values = id.capability(&self.capability);
+        if values.is_empty() {
+            // A grant-less peer of a tailnet that uses no grants at all.
+            if names.replication {
+                return deny(
+                    format!("{who} asked for a replication connection without a grant"),
+                    format!(
+                        "tailgres: {who} may not open a replication connection; an admin allows \
+                         it with \"replication\": true in a \"{}\" grant",
+                        self.capability
+                    ),
+                );
+            }
+            return Decision::Allow { via_grant: false, limit: None };
         }
         let mut grants = Vec::with_capacity(values.len());
         for v in values {

@@ -23,6 +23,11 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Live sessions per identity, for grants' max_connections.
     pub per_identity: crate::authorize::Counter,
+    /// Connections per tailnet node still in their handshake (see
+    /// `session::MAX_HANDSHAKES_PER_PEER`).
+    pub handshaking: crate::authorize::Counter,
+    /// Aggregates the records of refusals that come in bursts.
+    pub denials: crate::audit::DenialLog,
     /// Whether any peer carries the capability (kept by `live::follow`).
     pub grant_use: crate::authorize::GrantUse,
     /// Peer names to addresses (for `tailgres explain`).

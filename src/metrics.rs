@@ -272,7 +272,7 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
         AuditUnavailable => "audit_write",
         ProtocolError | HandshakeTimeout => "client_protocol",
         ClientTlsFailed => "client_tls",
-        TooManySessions => "session_limit",
+        TooManySessions | TooManyHandshakes => "session_limit",
         UpstreamUntrustedCertificate | UpstreamNameMismatch | UpstreamCertificateExpired | UpstreamTls => {
             "upstream_tls"
         }

@@ -18,6 +18,10 @@ use tokio::task::JoinSet;
 /// Accept errors back off from this, doubling up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Connections over --max-sessions that are told so (a FATAL after a brief
+/// negotiation) at once; past this many, they are closed without a word, so
+/// a flood over the limit costs no TLS handshakes.
+const MAX_REFUSING: usize = 32;
 /// After the grace, how long ended sessions get to write their
 /// `session_end` and cancel their queries before they are aborted.
 const END_WAIT: Duration = Duration::from_secs(5);
@@ -43,6 +47,7 @@ pub async fn serve<T: Tailnet>(
     force: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(opts.max_sessions));
+    let refusers = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut tasks = JoinSet::new();
     let (conn_tx, mut conns) = mpsc::channel(64);
     let mut acceptors = JoinSet::new();
@@ -69,16 +74,30 @@ pub async fn serve<T: Tailnet>(
                         });
                     }
                     Err(_) => {
+                        // Counted every time; recorded once a second per
+                        // address (with how many were not); told while
+                        // few are being told.
+                        shared.metrics.denied(DenyReason::TooManySessions);
+                        let due = shared.denials.due(addr.ip());
+                        let refuser = refusers.clone().try_acquire_owned().ok();
                         let limit = opts.max_sessions;
-                        tasks.spawn(async move {
-                            let d = format!("session limit (--max-sessions {limit}) reached");
-                            tracing::warn!(peer = %addr, "{d}");
-                            shared.metrics.denied(DenyReason::TooManySessions);
-                            let r = Record::new(crate::audit::new_session_id(), addr, Event::denied(DenyReason::TooManySessions, d));
-                            session::write_audit(&shared, &r).await;
-                            session::refuse_unnegotiated(stream, &shared, sqlstate::TOO_MANY_CONNECTIONS,
-                                "tailgres has too many sessions open; try again shortly").await;
-                        });
+                        if due.is_some() || refuser.is_some() {
+                            tasks.spawn(async move {
+                                if let Some(more) = due {
+                                    let mut d = format!("session limit (--max-sessions {limit}) reached");
+                                    if more > 0 {
+                                        d.push_str(&format!(" ({more} more refused from this address since the last record)"));
+                                    }
+                                    tracing::warn!(peer = %addr, "{d}");
+                                    let r = Record::new(crate::audit::new_session_id(), addr, Event::denied(DenyReason::TooManySessions, d));
+                                    session::write_audit(&shared, &r).await;
+                                }
+                                if let Some(_refuser) = refuser {
+                                    session::refuse_unnegotiated(stream, &shared, sqlstate::TOO_MANY_CONNECTIONS,
+                                        "tailgres has too many sessions open; try again shortly").await;
+                                }
+                            });
+                        }
                     }
                 }
             },

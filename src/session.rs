@@ -72,6 +72,11 @@ struct Session<'a> {
 /// itself (sending the client a FATAL where it can) before it is dropped.
 const ADMISSION_WIND_DOWN: Duration = Duration::from_secs(1);
 
+/// Connections one peer (tailnet node) may have in their handshake, not
+/// yet authorized, at once. Generous for a pooler filling its pool; small
+/// beside --max-sessions (1000 by default).
+pub const MAX_HANDSHAKES_PER_PEER: u32 = 32;
+
 /// An admitted session: what the relay stage needs from admission.
 ///
 /// The streams are boxed: a TLS stream is over a kilobyte, and a value
@@ -212,6 +217,35 @@ impl Session<'_> {
         };
         self.base.peer = Some(audit_peer(&identity, self.base.peer_addr));
         tracing::debug!(node = %identity.node_name, principal = %identity.principal(), "identified");
+
+        // One peer may hold only so many connections that are not yet
+        // authorized: idle sockets from one machine must not take every
+        // --max-sessions slot. Over the cap: closed at once, no handshake,
+        // and the records for a burst are aggregated.
+        let Some(_handshake) =
+            self.shared.handshaking.acquire(&identity.stable_id, Some(MAX_HANDSHAKES_PER_PEER))
+        else {
+            let d = format!(
+                "{} already has {MAX_HANDSHAKES_PER_PEER} connections in their handshake",
+                identity.node_name
+            );
+            self.finished.store(true, Ordering::Relaxed);
+            self.shared.metrics.denied(DenyReason::TooManyHandshakes);
+            if let Some(more) = self.shared.denials.due(self.base.peer_addr.ip()) {
+                let d = if more > 0 { format!("{d} ({more} more refused since the last record)") } else { d };
+                self.audit(Event::denied(DenyReason::TooManyHandshakes, d)).await;
+            }
+            return None;
+        };
+
+        // Refusals by identity alone, before the client's startup is read.
+        if let Some(Decision::Deny { detail, client_message }) =
+            self.settings.policy.decide_identity(&identity, self.shared.grant_use.get())
+        {
+            refuse_unnegotiated(stream, self.shared, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
+            self.refuse(None::<&mut S>, Refusal::denied(DenyReason::NotAuthorized, detail)).await;
+            return None;
+        }
 
         // 3. negotiate
         let handshake_timeout = self.settings.handshake_timeout;

@@ -125,6 +125,71 @@ async fn grants_routes_and_the_session_limit() {
     assert_eq!(r["side"], "proxy");
 }
 
+/// One peer cannot hold every slot with idle sockets: past its cap of
+/// connections in their handshake it is refused at once (no TLS handshake,
+/// no startup read), other peers still get in, and a burst of refusals
+/// leaves one record per second, not one per connection.
+#[tokio::test]
+async fn one_peer_cannot_hold_every_slot_before_authorization() {
+    use tailgres::session::MAX_HANDSHAKES_PER_PEER;
+    let w = World::start(Options { max_sessions: 200, ..Default::default() }).await;
+    let mallory = w.join(person(1, "mallory@example.com", vec![])).await;
+    let alice = w.join(person(2, "alice@example.com", vec![])).await;
+    let mut idle = Vec::new();
+    for _ in 0..MAX_HANDSHAKES_PER_PEER {
+        idle.push(w.dial(mallory).await);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut over = Vec::new();
+    for _ in 0..20 {
+        over.push(w.dial(mallory).await);
+    }
+    for c in &mut over {
+        let mut b = Vec::new();
+        within("closed at once", c.read_to_end(&mut b)).await.unwrap();
+        assert!(b.is_empty(), "nothing is negotiated with a peer over its cap: {b:?}");
+    }
+    let r = w.denied("too_many_handshakes").await;
+    assert_eq!(r["side"], "client");
+    let records: Vec<Value> =
+        w.records().into_iter().filter(|r| r["reason"] == "too_many_handshakes").collect();
+    assert_eq!(records.len(), 1, "one record for the burst: {records:#?}");
+    let m = w.metrics();
+    assert!(m.contains("reason=\"too_many_handshakes\"} 20"), "every refusal is counted: {m}");
+    // alice is not affected.
+    let (client, conn) = w.connect(alice, "alice").await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+    drop(client);
+    conn.await.unwrap();
+    // A second later the next refusal is recorded again, with the count.
+    tokio::time::sleep(tailgres::audit::DenialLog::EVERY).await;
+    let mut c = w.dial(mallory).await;
+    let mut b = Vec::new();
+    within("closed at once", c.read_to_end(&mut b)).await.unwrap();
+    let r = w
+        .record("the next record", |r| {
+            r["reason"] == "too_many_handshakes" && r["detail"].as_str().unwrap().contains("19 more")
+        })
+        .await;
+    assert_eq!(r["event"], "session_denied");
+}
+
+/// A peer whose identity alone is refused (here: no grant, while others
+/// carry one) is told so before its startup is read.
+#[tokio::test]
+async fn identity_refusals_come_before_the_startup() {
+    let w = World::start(Options::default()).await;
+    let _alice = w.join(person(1, "alice@example.com", vec![grant(&["alice"], &["app"])])).await;
+    let bob = w.join(person(2, "bob@example.com", vec![])).await;
+    let mut c = w.dial(bob).await;
+    c.write_all(&startup("bob", "app")).await.unwrap();
+    let (code, msg) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "28000", "{msg}");
+    assert!(msg.contains("has no access grant"), "{msg}");
+    let r = w.denied("not_authorized").await;
+    assert!(r["postgres"].is_null(), "refused before the startup was read: {r}");
+}
+
 #[tokio::test]
 async fn an_unwritable_audit_log_refuses_sessions() {
     let w = World::start(Options { audit: Some("/dev/full".into()), ..Default::default() }).await;

@@ -196,6 +196,46 @@ impl AuditLog {
 }
 
 /// A fresh session id: 16 lowercase hex characters (64 random bits).
+/// Rate-limits the records of refusals that come in bursts (over
+/// --max-sessions, or over a peer's handshake cap): at most one record per
+/// address per [`DenialLog::EVERY`], saying how many were refused since the
+/// last one. Every refusal is still counted in the metrics.
+#[derive(Clone, Default)]
+pub struct DenialLog {
+    last: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u64)>>>,
+}
+
+impl DenialLog {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Forget addresses quiet for this long (bounds the map).
+    const FORGET: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// `Some(n)` when a record is due for `ip` now (`n` refusals since the
+    /// last record were not written); `None` to skip this one.
+    pub fn due(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut m = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            m.retain(|_, (at, _)| now.duration_since(*at) < Self::FORGET);
+        }
+        match m.get_mut(&ip) {
+            Some((at, skipped)) if now.duration_since(*at) < Self::EVERY => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                let n = *skipped;
+                (*at, *skipped) = (now, 0);
+                Some(n)
+            }
+            None => {
+                m.insert(ip, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 pub fn new_session_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }

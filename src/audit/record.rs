@@ -200,6 +200,9 @@ pub enum DenyReason {
     UpstreamProtocolError,
     /// The live-session limit is reached.
     TooManySessions,
+    /// The peer already has the most connections that may be in their
+    /// handshake at once (`session::MAX_HANDSHAKES_PER_PEER`).
+    TooManyHandshakes,
     /// The peer's grants do not allow this role or database.
     NotAuthorized,
     /// No route serves the database asked for (on the port dialled).
@@ -216,7 +219,7 @@ pub enum DenyReason {
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 19] = [
+    pub const ALL: [DenyReason; 20] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -231,6 +234,7 @@ impl DenyReason {
         DenyReason::UpstreamTls,
         DenyReason::UpstreamProtocolError,
         DenyReason::TooManySessions,
+        DenyReason::TooManyHandshakes,
         DenyReason::NotAuthorized,
         DenyReason::NoRoute,
         DenyReason::ClientClosed,
@@ -256,6 +260,7 @@ impl DenyReason {
             DenyReason::UpstreamTls => "upstream_tls",
             DenyReason::UpstreamProtocolError => "upstream_protocol_error",
             DenyReason::TooManySessions => "too_many_sessions",
+            DenyReason::TooManyHandshakes => "too_many_handshakes",
             DenyReason::NotAuthorized => "not_authorized",
             DenyReason::NoRoute => "no_route",
             DenyReason::ClientClosed => "client_closed",
@@ -269,7 +274,7 @@ impl DenyReason {
         use DenyReason::*;
         match self {
             UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized | NoRoute | ClientClosed
-            | ClientTlsFailed => Side::Client,
+            | ClientTlsFailed | TooManyHandshakes => Side::Client,
             UpstreamUntrustedCertificate
             | UpstreamNameMismatch
             | UpstreamCertificateExpired

@@ -381,6 +381,8 @@ impl World {
             cancels: Default::default(),
             metrics: Arc::new(Metrics::default()),
             per_identity: Default::default(),
+            handshaking: Default::default(),
+            denials: Default::default(),
             grant_use: Default::default(),
             live: Default::default(),
             directory: Default::default(),
