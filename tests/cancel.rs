@@ -5,6 +5,7 @@
 //! Run with scripts/test (a fresh network namespace with only `lo`).
 
 mod common;
+use common::{within, STEP};
 
 use common::lab::{LabOptions, LabUp};
 use serde_json::Value;
@@ -19,13 +20,8 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 /// PostgreSQL's CancelRequest code (the "protocol version" field).
 const CANCEL_REQUEST_CODE: u32 = 80877102;
 /// Bound for any one step over the tailnet (first packets may go via DERP).
-const STEP: Duration = Duration::from_secs(30);
 /// psql must give up its query this soon after Ctrl-C.
 const CANCEL_EFFECT: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
-}
 
 /// How many backends of `app` are inside pg_sleep right now (asked of the
 /// database directly, not through the proxy).

@@ -7,6 +7,7 @@
 //! Run with scripts/test (a fresh network namespace with only `lo`).
 
 mod common;
+use common::{within, STEP};
 
 use common::lab::{psql, LabOptions, LabUp};
 use common::wire::{startup, PROTOCOL_3_0};
@@ -25,11 +26,6 @@ const MAX_STARTUP: usize = 10000;
 const HANDSHAKE_TIMEOUT_ARG: &str = "--handshake-timeout=2s";
 const HANDSHAKE_TIMEOUT: &str = "2s";
 /// Bound for any one step over the tailnet (first packets may go via DERP).
-const STEP: Duration = Duration::from_secs(30);
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
-}
 
 fn be(n: u32) -> [u8; 4] {
     n.to_be_bytes()

@@ -5,6 +5,7 @@
 //! Run with scripts/test (a fresh network namespace with only `lo`).
 
 mod common;
+use common::within;
 
 use common::lab::{psql, LabOptions, LabUp};
 use common::ops::{free_port, http_get, sample, wait_readyz, PgProc};
@@ -17,12 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
-
-const STEP: Duration = Duration::from_secs(30);
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
-}
 
 fn conninfo(lab: &LabUp, db: &str, app: &str) -> String {
     let (host, port) = lab.forward_host_port(0);

@@ -23,7 +23,7 @@ const PG_PORT: u16 = 5432;
 const STEP: Duration = Duration::from_secs(60);
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+    common::within_for(STEP, what, f).await
 }
 
 /// Reads the `TSLAB-SRC ip:port` line the forwarding node puts first on each

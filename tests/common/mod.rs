@@ -32,6 +32,22 @@ pub fn ts_test_env() -> Vec<(&'static str, &'static str)> {
 #[path = "../../src/bin/tailgres-lab/lab_env.rs"]
 mod lab_env;
 
+/// How long one step of an end-to-end test may take (a dial through the
+/// tailnet, a query, a record to appear) on a loaded 2-core machine.
+pub const STEP: Duration = Duration::from_secs(30);
+
+/// Awaits `f` for at most [`STEP`]; panics naming `what` otherwise. The one
+/// copy for the end-to-end suites (the in-process harness has its own,
+/// shorter wait).
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    within_for(STEP, what, f).await
+}
+
+/// [`within`] with another limit.
+pub async fn within_for<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"))
+}
+
 /// How long a lab process may take to report ready (cold caches, 2 cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 

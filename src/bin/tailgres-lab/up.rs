@@ -273,12 +273,30 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // The probe leaves one record (a client that hung up during negotiation);
-    // wait for it, so whoever reads the log next sees it in its place.
+    // The probe leaves one record (a client that hung up during negotiation).
+    // It is the lab's, not the user's: once it is written, rotate it away as
+    // an operator would (rename, SIGHUP) into lab-probe.jsonl, so the audit
+    // log that the demo and the tests read starts with their own sessions.
     if a.audit_log.is_none() || audit_log.is_file() {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read(&audit_log).map_or(true, |b| !b.contains(&b'\n')) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let probe_log = dir.join("lab-probe.jsonl");
+        if std::fs::rename(&audit_log, &probe_log).is_ok() {
+            let pid = proxy.child.id().context("tailgres's pid")?;
+            // kill(1): the lab keeps to safe code (no libc::kill).
+            let status = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status()?;
+            anyhow::ensure!(status.success(), "could not send SIGHUP to tailgres ({pid})");
+            // The reopen creates the file again: wait for it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !audit_log.exists() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "tailgres did not reopen its audit log after SIGHUP"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 
