@@ -402,6 +402,52 @@ async fn shutdown_ends_sessions_and_handshakes() {
     drop(flood);
 }
 
+// ---- faults ----
+
+/// The database killed mid-query, and its certificate replaced by one from
+/// another CA mid-run: running sessions are unaffected by the certificate
+/// (they were verified when they began), new ones are refused while it is
+/// wrong, the proxy serves again once it is right, and every session has
+/// exactly one last record.
+#[tokio::test]
+async fn database_faults_lose_nothing() {
+    let w = World::start(Options::default()).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let (running, running_conn) = w.connect(ip, "alice").await.unwrap();
+
+    w.db.set(Db::OtherCa);
+    let e = w.connect(ip, "alice").await.err().expect("refused while the certificate is wrong");
+    assert_eq!(e.code().map(|c| c.code()), Some("08001"), "{e}");
+    w.denied("upstream_untrusted_certificate").await;
+    running.simple_query("select 1").await.expect("the running session goes on");
+    w.db.set(Db::Normal);
+    let (fresh, fresh_conn) = w.connect(ip, "alice").await.unwrap();
+    fresh.simple_query("select 1").await.unwrap();
+
+    // Killed in the middle of a query.
+    assert!(fresh.simple_query("die").await.is_err());
+    let _ = fresh_conn.await;
+    let r = w.ended("upstream_error").await;
+    assert_eq!(r["ended_by"], "upstream");
+    running.simple_query("select 1").await.expect("another session is unaffected");
+    drop(running);
+    running_conn.await.unwrap();
+    w.record("the last session's end", |r| r["event"] == "session_end" && r["reason"] == "client_terminated")
+        .await;
+
+    // One last record per session, none twice.
+    let records = w.records();
+    let mut last = std::collections::HashMap::<String, usize>::new();
+    for r in &records {
+        if r["event"] == "session_end" || r["event"] == "session_denied" {
+            *last.entry(r["session_id"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    let starts = records.iter().filter(|r| r["event"] == "session_start").count();
+    assert!(last.values().all(|n| *n == 1), "a session with two last records: {records:#?}");
+    assert_eq!(starts, 3, "{records:#?}");
+}
+
 // ---- health ----
 
 #[tokio::test]

@@ -105,8 +105,9 @@ pub enum Db {
 /// The database, by user name: "reject" asks for a password and refuses
 /// it (28P01); "password" asks for one and accepts any; "crash" closes in
 /// the middle of authentication; anyone else is trusted. After login, a
-/// simple query "close" makes it close the session, "stream" makes it send
-/// rows until the connection breaks, anything else gets CommandComplete.
+/// simple query "close" makes it close the session, "die" makes it vanish
+/// mid-query, "stream" makes it send rows until the connection breaks,
+/// anything else gets CommandComplete.
 pub struct FakeDb {
     pub addr: SocketAddr,
     pub ca: Ca,
@@ -241,6 +242,13 @@ async fn serve_db(
                 let q = String::from_utf8_lossy(&m.body).trim_end_matches('\0').to_string();
                 match q.as_str() {
                     "close" => return s.shutdown().await,
+                    // Killed mid-query: some rows, then gone without a
+                    // TLS close_notify.
+                    "die" => {
+                        s.write_all(&pgwire::message_bytes(b'D', &[7u8; 100])).await?;
+                        s.flush().await?;
+                        return Ok(());
+                    }
                     "stream" => {
                         let row = pgwire::message_bytes(b'D', &[7u8; 1000]);
                         loop {
