@@ -204,8 +204,8 @@ impl Session<'_> {
             Err(e) => {
                 let r = Refusal::whois(&e);
                 if r.outcome == Outcome::Denied(DenyReason::WhoisFailed) {
+                    // (Counted by the denial's metric, as a whois error.)
                     tracing::error!(error = %e, "WhoIs failed");
-                    self.shared.metrics.error("whois");
                 }
                 // Still speak the protocol, so the client shows the message.
                 if let Some((code, msg)) = &r.tell {
@@ -222,7 +222,7 @@ impl Session<'_> {
         // authorized: idle sockets from one machine must not take every
         // --max-sessions slot. Over the cap: closed at once, no handshake,
         // and the records for a burst are aggregated.
-        let Some(_handshake) =
+        let Some(handshake) =
             self.shared.handshaking.acquire(&identity.stable_id, Some(MAX_HANDSHAKES_PER_PEER))
         else {
             let d = format!(
@@ -281,7 +281,7 @@ impl Session<'_> {
         self.base.postgres = Some(audit_postgres(&startup));
 
         // 4 to 6, on the negotiated connection.
-        match self.admit_negotiated(&mut client, startup, transport, identity, local_port).await {
+        match self.admit_negotiated(&mut client, startup, transport, identity, local_port, handshake).await {
             Ok(parts) => Some(Admitted { client: Box::new(client), parts }),
             Err(r) => {
                 self.refuse(Some(&mut client), r).await;
@@ -299,6 +299,7 @@ impl Session<'_> {
         transport: crate::audit::ClientTransport,
         identity: PeerIdentity,
         local_port: u16,
+        handshake: crate::authorize::Slot,
     ) -> Result<Parts, Refusal>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -329,6 +330,8 @@ impl Session<'_> {
 
         // 4. authorize: before any byte reaches the upstream.
         let decision = settings.policy.decide(&identity, &names, self.shared.grant_use.get());
+        // Authorized (or refused): no longer a handshake of this peer's.
+        drop(handshake);
         let via_grant = matches!(decision, Decision::Allow { via_grant: true, .. });
         let slot = match decision {
             Decision::Deny { detail, client_message } => {

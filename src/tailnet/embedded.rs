@@ -155,7 +155,7 @@ impl Tailnet for EmbeddedNode {
 
     async fn whois(&self, addr: SocketAddr) -> Result<PeerIdentity, TailnetError> {
         let h = self.handle.clone();
-        let js = blocking(move || h.whois_json(&addr.to_string()))
+        let js = blocking(move || h.whois_json(addr))
             .await
             .map_err(|reason| TailnetError::WhoIs { addr, reason })?
             .ok_or(TailnetError::UnknownPeer { addr })?;
@@ -181,6 +181,9 @@ impl Tailnet for EmbeddedNode {
         blocking(move || h.close()).await;
     }
 }
+
+/// Bytes of one announcement (tsffi.h's TSFFI_ANNOUNCE_LEN).
+const ANNOUNCE_LEN: usize = super::ffi::ANNOUNCE_LEN;
 
 /// Accepted tailnet connections, each with its peer's address.
 pub struct TailnetListener {
@@ -222,20 +225,19 @@ impl super::Listener for TailnetListener {
 }
 
 impl TailnetListener {
-    /// Parses an announcement (8-byte little-endian id, then "ip:port") and
-    /// takes the connection over. With a malformed address the connection is
-    /// closed here; with no readable id it is left to the node, which closes
-    /// it with the listener.
+    /// Parses an announcement (TSFFI_ANNOUNCE_LEN bytes: the id, 8 bytes
+    /// little-endian; the peer's IP, 16; its port, 2) and takes the
+    /// connection over. An announcement of another length is left to the
+    /// node, which closes its connection with the listener.
     fn connection(msg: &[u8]) -> Result<(TailnetConn, SocketAddr), TailnetError> {
-        let bad =
-            |why: String| TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
-        let (id, text) =
-            msg.split_first_chunk::<8>().ok_or_else(|| bad("announcement shorter than 8 bytes".into()))?;
-        let id = u64::from_le_bytes(*id);
+        let Ok(msg) = <&[u8; ANNOUNCE_LEN]>::try_from(msg) else {
+            let why = format!("announcement of {} bytes, not {ANNOUNCE_LEN}", msg.len());
+            return Err(TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why)));
+        };
+        let (id, addr) = msg.split_at(8);
+        let id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
+        let addr = super::ffi::announced_addr(addr.try_into().expect("18 bytes"));
         let conn = TailnetConn::attach(id).map_err(TailnetError::Accept)?;
-        let text = std::str::from_utf8(text).map_err(|_| bad("announced address is not UTF-8".into()))?;
-        let addr: SocketAddr =
-            text.parse().map_err(|_| bad(format!("announced address {text:?} is not ip:port")))?;
         Ok((conn, addr))
     }
 }

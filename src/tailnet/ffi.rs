@@ -36,6 +36,27 @@ fn cstring(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("argument contains a NUL byte: {s:?}"))
 }
 
+/// Bytes of one listener announcement (tsffi.h's TSFFI_ANNOUNCE_LEN).
+pub const ANNOUNCE_LEN: usize = bindings::TSFFI_ANNOUNCE_LEN as usize;
+
+/// An IP address as the shim takes and announces it: 16 bytes, IPv4 mapped
+/// into IPv6 (::ffff:a.b.c.d).
+pub fn ip16(ip: std::net::IpAddr) -> [u8; 16] {
+    match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The peer address in an announcement, after its 8-byte id: 16 bytes of
+/// IP (see [`ip16`]) and the port, big-endian.
+pub fn announced_addr(bytes: &[u8; 18]) -> std::net::SocketAddr {
+    let mut ip = [0u8; 16];
+    ip.copy_from_slice(&bytes[..16]);
+    let port = u16::from_be_bytes([bytes[16], bytes[17]]);
+    std::net::SocketAddr::new(std::net::Ipv6Addr::from(ip).to_canonical(), port)
+}
+
 /// Copies and frees a string the shim allocated.
 ///
 /// SAFETY (caller): `p` is null or a malloc'd NUL-terminated string from the
@@ -117,13 +138,13 @@ impl Handle {
     }
 
     /// The peer's identity as JSON; `None` when no tailnet node has the
-    /// address.
-    pub fn whois_json(&self, addr: &str) -> Result<Option<String>, String> {
-        let addr = cstring(addr)?;
+    /// address. The address crosses as a value (16 bytes and a port).
+    pub fn whois_json(&self, addr: std::net::SocketAddr) -> Result<Option<String>, String> {
+        let mut ip = ip16(addr.ip());
         let mut out: *mut c_char = std::ptr::null_mut();
-        // SAFETY: as in status_json.
+        // SAFETY: as in status_json; `ip` is 16 bytes the shim only reads.
         let ret = check(|e, n| unsafe {
-            bindings::tsffi_whois(self.0, addr.as_ptr() as *mut c_char, &mut out, e, n)
+            bindings::tsffi_whois(self.0, ip.as_mut_ptr(), addr.port(), &mut out, e, n)
         })?;
         if ret == 1 {
             return Ok(None);
@@ -264,5 +285,24 @@ impl<W: Wake> Conn<W> {
             return Err(errno(ret.into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_cross_as_values() {
+        for a in ["100.64.0.7:54321", "[fd7a:115c:a1e0::7]:5432", "[::ffff:1.2.3.4]:9"] {
+            let addr: std::net::SocketAddr = a.parse().unwrap();
+            let mut bytes = [0u8; 18];
+            bytes[..16].copy_from_slice(&ip16(addr.ip()));
+            bytes[16..].copy_from_slice(&addr.port().to_be_bytes());
+            let back = announced_addr(&bytes);
+            assert_eq!(back.port(), addr.port(), "{a}");
+            assert_eq!(back.ip(), addr.ip().to_canonical(), "{a}: IPv4 comes back as IPv4");
+        }
+        assert_eq!(ANNOUNCE_LEN, 8 + 16 + 2);
     }
 }

@@ -106,11 +106,13 @@ func tsffi_listen(h C.int, network, addr *C.char, outFD *C.int, errbuf *C.char, 
 }
 
 //export tsffi_whois
-func tsffi_whois(h C.int, addr *C.char, out **C.char, errbuf *C.char, errlen C.size_t) C.int {
+func tsffi_whois(h C.int, ip *C.uchar, port C.ushort, out **C.char, errbuf *C.char, errlen C.size_t) C.int {
 	n, err := lookup(h)
 	var js []byte
 	if err == nil {
-		js, err = n.whois(C.GoString(addr))
+		var ip16 [16]byte
+		copy(ip16[:], C.GoBytes(unsafe.Pointer(ip), 16))
+		js, err = n.whois(addrPortOf(ip16, uint16(port)))
 	}
 	if errors.Is(err, errNoNode) {
 		*out = nil

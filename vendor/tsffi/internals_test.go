@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net/netip"
 	"os"
 	"reflect"
 	"strings"
@@ -383,7 +384,7 @@ func TestNodeConfig(t *testing.T) {
 	}
 	for name, call := range map[string]func() error{
 		"status": func() error { _, err := n.status(); return err },
-		"whois":  func() error { _, err := n.whois("100.64.0.1:1"); return err },
+		"whois":  func() error { _, err := n.whois(netip.MustParseAddrPort("100.64.0.1:1")); return err },
 		"listen": func() error { _, err := n.listen("tcp", ":5432"); return err },
 		"watch":  func() error { _, err := n.watch(); return err },
 	} {
@@ -440,12 +441,9 @@ func TestStartedNodeRegistersItsBackend(t *testing.T) {
 		t.Fatalf("the LocalBackend was not captured: %v", err)
 	}
 	sys := n.srv.Sys()
-	_, err = n.whois("100.64.0.1:5432")
-	if err == nil || !strings.Contains(err.Error(), "no tailnet node has this address") {
+	_, err = n.whois(netip.MustParseAddrPort("100.64.0.1:5432"))
+	if !errors.Is(err, errNoNode) {
 		t.Fatalf("whois of an unknown peer: %v", err)
-	}
-	if _, err := n.whois("not-an-address"); err == nil {
-		t.Fatal("whois accepted a non-address")
 	}
 	js, err := n.status()
 	if err != nil {
@@ -492,5 +490,30 @@ func eofWithin(fd int, d time.Duration) error {
 		case n == 0:
 			return nil
 		}
+	}
+}
+
+// TestAddressesAreValues: the announcement's layout (TSFFI_ANNOUNCE_LEN
+// bytes: id little-endian, 16-byte IP with IPv4 mapped, port big-endian),
+// and the address the C side passes back to whois, for both families.
+func TestAddressesAreValues(t *testing.T) {
+	for _, s := range []string{"100.64.0.7:54321", "[fd7a:115c:a1e0::7]:5432", "0.0.0.0:0"} {
+		ap := netip.MustParseAddrPort(s)
+		msg := announcement(0x0102030405060708, ap)
+		if len(msg) != 26 {
+			t.Fatalf("%s: %d bytes, want TSFFI_ANNOUNCE_LEN (26)", s, len(msg))
+		}
+		if msg[0] != 8 || msg[7] != 1 {
+			t.Fatalf("%s: id not little-endian: % x", s, msg[:8])
+		}
+		var ip [16]byte
+		copy(ip[:], msg[8:24])
+		port := uint16(msg[24])<<8 | uint16(msg[25])
+		if got := addrPortOf(ip, port); got != ap {
+			t.Fatalf("%s: round trip gave %s", s, got)
+		}
+	}
+	if got := addrPortOf(netip.MustParseAddr("::ffff:100.64.0.7").As16(), 1); !got.Addr().Is4() {
+		t.Fatalf("an IPv4-mapped address stays IPv6: %s", got)
 	}
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -84,14 +83,18 @@ func (n *node) listen(network, addr string) (int, error) {
 type tailnetListener struct{}
 
 // handOver adopts c and sends its id, with c's remote address, to the C
-// side in one message: 8 bytes little-endian id, then "ip:port".
+// side in one message (see announcement).
 func handOver(ctrl *net.UnixConn, n *node, ln *tailnetListener, c net.Conn) error {
+	remote, ok := c.RemoteAddr().(*net.TCPAddr)
+	if !ok {
+		c.Close()
+		return fmt.Errorf("a tailnet connection from a %T, not a TCP address", c.RemoteAddr())
+	}
 	id, tc, err := register(n, ln, c)
 	if err != nil {
 		return err
 	}
-	msg := binary.LittleEndian.AppendUint64(make([]byte, 0, 64), id)
-	msg = append(msg, c.RemoteAddr().String()...)
+	msg := announcement(id, remote.AddrPort())
 	if _, _, err := ctrl.WriteMsgUnix(msg, nil, nil); err != nil {
 		tc.close(id, false, false)
 		return err

@@ -54,13 +54,16 @@ int tsffi_status(int node, char **out_json, char *err, size_t errlen);
 
 /* tsffi_listen listens on the tailnet ("tcp", ":5432") and returns, in
  * *out_fd, one end of an AF_UNIX SOCK_SEQPACKET socketpair. Each accepted
- * connection arrives there as ONE message: the connection id (8 bytes,
- * little-endian) followed by the peer's "ip:port" (IPv6 as "[ip]:port").
+ * connection arrives there as ONE message of TSFFI_ANNOUNCE_LEN bytes: the
+ * connection id (8 bytes, little-endian), the peer's IP address (16 bytes,
+ * network order; IPv4 as ::ffff:a.b.c.d) and its port (2 bytes, network
+ * order). An address is a value here, never text.
  * The caller then owns the connection: it must call tsffi_conn_attach, and
  * tsffi_conn_close when done. Closing *out_fd closes the tailnet listener
  * (and the connections announced on it that were never attached). */
 int tsffi_listen(int node, char *network, char *addr, int *out_fd,
                  char *err, size_t errlen);
+#define TSFFI_ANNOUNCE_LEN 26
 
 /* A tailnet connection is read and written without blocking, straight
  * from the node's TCP/IP stack (no socket in between). When a call returns
@@ -103,7 +106,8 @@ int tsffi_conn_shutdown_write(unsigned long long conn);
 /* tsffi_conn_close closes the connection (idempotent, any id). */
 void tsffi_conn_close(unsigned long long conn);
 
-/* tsffi_whois identifies the tailnet peer at "ip:port" straight from the
+/* tsffi_whois identifies the tailnet peer at ip (16 bytes, network order;
+ * IPv4 as ::ffff:a.b.c.d) and port straight from the
  * node's backend (no LocalAPI request; the same lookup and capability map
  * as the LocalAPI's /whois) and returns a JSON object:
  *   {"stable_id", "node_name" (no trailing dot), "user_login",
@@ -112,8 +116,8 @@ void tsffi_conn_close(unsigned long long conn);
  *    "cap_map": {"example.com/cap/x": [json, ...]}}
  * Returns 1 with *out_json NULL when no tailnet node has the address (an
  * unknown peer), and fails (-1) when the lookup itself cannot be made. */
-int tsffi_whois(int node, char *addr, char **out_json, char *err,
-                size_t errlen);
+int tsffi_whois(int node, unsigned char *ip, unsigned short port,
+                char **out_json, char *err, size_t errlen);
 
 /* tsffi_cert_pair fetches (or renews) the HTTPS certificate and key for a
  * domain in the node's cert_domains, as PEM. Release *key_pem with

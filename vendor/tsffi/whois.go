@@ -1,9 +1,9 @@
 package main
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net/netip"
 	"strings"
 	"sync"
@@ -76,22 +76,30 @@ type identityJSON struct {
 	CapMap          map[string][]json.RawMessage `json:"cap_map"`
 }
 
-// whois identifies the peer at addr ("ip:port" or "ip") exactly as the
-// LocalAPI's /whois does: the node owning the address (or, for a proxied
-// flow, the one the proxy map names), its user's profile, and the
-// capabilities granted to the node's first address toward this node.
-func (n *node) whois(addr string) ([]byte, error) {
+// addrPortOf is the address the C side passes: 16 bytes (IPv4 mapped into
+// IPv6, as ::ffff:a.b.c.d) and a port.
+func addrPortOf(ip [16]byte, port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16(ip).Unmap(), port)
+}
+
+// announcement is what a listener sends the C side for one connection:
+// the id (8 bytes little-endian), the peer's IP (16 bytes, IPv4 mapped)
+// and port (2 bytes big-endian): TSFFI_ANNOUNCE_LEN bytes.
+func announcement(id uint64, peer netip.AddrPort) []byte {
+	msg := binary.LittleEndian.AppendUint64(make([]byte, 0, 26), id)
+	ip := peer.Addr().As16()
+	msg = append(msg, ip[:]...)
+	return binary.BigEndian.AppendUint16(msg, peer.Port())
+}
+
+// whois identifies the peer at ipp exactly as the LocalAPI's /whois does:
+// the node owning the address (or, for a proxied flow, the one the proxy
+// map names), its user's profile, and the capabilities granted to the
+// node's first address toward this node.
+func (n *node) whois(ipp netip.AddrPort) ([]byte, error) {
 	lb, err := n.backend()
 	if err != nil {
 		return nil, err
-	}
-	ipp, err := netip.ParseAddrPort(addr)
-	if err != nil {
-		ip, ierr := netip.ParseAddr(addr)
-		if ierr != nil {
-			return nil, fmt.Errorf("whois %q: not an address: %w", addr, err)
-		}
-		ipp = netip.AddrPortFrom(ip, 0)
 	}
 	nd, up, ok := lb.WhoIs("tcp", ipp)
 	if !ok {
