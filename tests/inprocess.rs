@@ -113,10 +113,12 @@ async fn grants_routes_and_the_session_limit() {
     assert_eq!(code, "3D000");
     w.denied("no_route").await;
 
-    // --max-sessions 2: two connections in their handshake hold both.
+    // --max-sessions 2: two connections in their handshake hold both (once
+    // the refusals above have finished and given theirs back).
+    w.wait_active(0).await;
     let _a = w.dial(alice).await;
     let _b = w.dial(alice).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    w.wait_active(2).await;
     let mut c = w.dial(alice).await;
     c.write_all(&startup("readonly", "app")).await.unwrap();
     let (code, _) = error_of(&mut c).await.expect("a FATAL");
@@ -139,7 +141,12 @@ async fn one_peer_cannot_hold_every_slot_before_authorization() {
     for _ in 0..MAX_HANDSHAKES_PER_PEER {
         idle.push(w.dial(mallory).await);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    within("every slot of mallory's is taken", async {
+        while w.shared.handshaking.live("n1") < MAX_HANDSHAKES_PER_PEER {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     let mut over = Vec::new();
     for _ in 0..20 {
         over.push(w.dial(mallory).await);
@@ -335,6 +342,8 @@ async fn revocation_ends_even_a_session_whose_client_stopped_reading() {
     let mut buf = [0u8; 64];
     let _ = c.read(&mut buf).await.unwrap();
     c.write_all(&pgwire::message_bytes(b'Q', b"stream\0")).await.unwrap();
+    // (Long enough for the rows to fill every buffer on the way; the
+    // revocation must end the session whether or not they have.)
     tokio::time::sleep(Duration::from_millis(100)).await;
     w.tailnet.remove_peer(alice);
     let r = w.ended("revoked").await;
@@ -385,7 +394,7 @@ async fn shutdown_ends_sessions_and_handshakes() {
     let m = pgwire::read_message(&mut idle, 1 << 16).await.unwrap();
     assert_eq!(m.code(), Some(pgwire::auth::OK));
     let _handshaking = w.dial(ip).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    w.wait_active(3).await;
 
     w.shut_down().await;
     let ends: Vec<Value> = w

@@ -493,6 +493,24 @@ impl World {
         self.record(reason, |r| r["event"] == "session_end" && r["reason"] == reason).await
     }
 
+    /// Sessions the proxy is running (tailgres_sessions_active).
+    pub fn active(&self) -> u64 {
+        let m = self.metrics();
+        let line = m.lines().find(|l| l.starts_with("tailgres_sessions_active ")).expect("the gauge");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Waits until exactly `n` sessions run (earlier ones may still be
+    /// finishing their refusals).
+    pub async fn wait_active(&self, n: u64) {
+        within(&format!("{n} active sessions"), async {
+            while self.active() != n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    }
+
     pub fn metrics(&self) -> String {
         self.shared.metrics.render(&TailnetGauge { backend_state: "Running" })
     }
