@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::{AuditDest, AuditLog};
-use crate::cancel::CancelRegistry;
 use crate::client_tls::{self, ClientTls};
 use crate::config::{Config, ConfigError};
 use crate::context::Shared;
@@ -100,20 +99,13 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     tracing::info!(name = %status.dns_name, ports = ?cfg.ports(), "tailgres ready");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        settings: settings.clone(),
-        client_tls: Some(tokio_rustls::TlsAcceptor::from(client_tls.config.clone())),
-        audit: audit.clone(),
-        cancels: CancelRegistry::default(),
-        metrics: metrics.clone(),
-        per_identity: Default::default(),
-        handshaking: Default::default(),
-        denials: Default::default(),
-        grant_use: Default::default(),
-        live: Default::default(),
-        directory: Default::default(),
-        shutdown: stop_rx,
-    });
+    let shared = Arc::new(Shared::new(
+        settings.clone(),
+        Some(tokio_rustls::TlsAcceptor::from(client_tls.config.clone())),
+        audit.clone(),
+        metrics.clone(),
+        stop_rx,
+    ));
     // Signals: the first SIGTERM/SIGINT starts the drain, a second one cuts
     // it short; SIGHUP reloads.
     let opts = ServeOptions { max_sessions: cfg.max_sessions, grace: cfg.shutdown_grace };

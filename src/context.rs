@@ -39,6 +39,31 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The context at start: these, and empty registries, counters and
+    /// directory. `shutdown` becomes true when sessions are to end.
+    pub fn new(
+        settings: SettingsCell,
+        client_tls: Option<TlsAcceptor>,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Shared {
+        Shared {
+            settings,
+            client_tls,
+            audit,
+            cancels: CancelRegistry::default(),
+            metrics,
+            per_identity: Default::default(),
+            handshaking: Default::default(),
+            denials: Default::default(),
+            grant_use: Default::default(),
+            live: Default::default(),
+            directory: Default::default(),
+            shutdown,
+        }
+    }
+
     /// What revocation needs.
     pub fn live_view(&self) -> crate::live::LiveView {
         crate::live::LiveView {

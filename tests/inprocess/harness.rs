@@ -382,20 +382,13 @@ impl World {
         client_tls.alpn_protocols = vec![b"postgresql".to_vec()];
         let tailnet = Arc::new(MemoryTailnet::new());
         let (stop_tx, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            settings: SettingsCell::new(settings),
-            client_tls: Some(TlsAcceptor::from(Arc::new(client_tls))),
+        let shared = Arc::new(Shared::new(
+            SettingsCell::new(settings),
+            Some(TlsAcceptor::from(Arc::new(client_tls))),
             audit,
-            cancels: Default::default(),
-            metrics: Arc::new(Metrics::default()),
-            per_identity: Default::default(),
-            handshaking: Default::default(),
-            denials: Default::default(),
-            grant_use: Default::default(),
-            live: Default::default(),
-            directory: Default::default(),
-            shutdown: stop_rx,
-        });
+            Arc::new(Metrics::default()),
+            stop_rx,
+        ));
         tokio::spawn(tailgres::live::follow(tailnet.clone(), shared.live_view()));
         let listener = tailnet.listen(PORT).unwrap();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
