@@ -560,4 +560,60 @@ mod tests {
         let _app = app_task.await.unwrap();
         let _db = db_task.await.unwrap();
     }
+
+    /// The password relay's key derivation (PBKDF2, as many rounds as the
+    /// database asks, up to scram::MAX_ITERATIONS) runs off the async
+    /// workers: on a runtime with a single worker, another task keeps
+    /// running while the derivation is under way. (It ran on the worker
+    /// before: nothing else on it moved until the derivation was done.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn key_derivation_leaves_the_worker_free() {
+        use base64::{engine::general_purpose::STANDARD, Engine};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let (mut db, mut upstream) = tokio::io::duplex(1 << 16);
+        let (mut app, mut client) = tokio::io::duplex(1 << 16);
+        let db_ticks = ticks.clone();
+        let db_task = tokio::spawn(async move {
+            let len = db.read_u32().await.unwrap();
+            let mut b = vec![0; len as usize - 4];
+            db.read_exact(&mut b).await.unwrap();
+            db.write_all(&pgwire::auth_request(auth::SASL, b"SCRAM-SHA-256\0\0")).await.unwrap();
+            let first = pgwire::read_message(&mut db, 1 << 16).await.unwrap();
+            let text = String::from_utf8_lossy(&first.body).to_string();
+            let nonce = text.split(",r=").nth(1).unwrap().to_string();
+            let server_first =
+                format!("r={nonce}server,s={},i={}", STANDARD.encode(b"salt"), scram::MAX_ITERATIONS);
+            let sent_at = db_ticks.load(Ordering::Relaxed);
+            db.write_all(&pgwire::auth_request(auth::SASL_CONTINUE, server_first.as_bytes())).await.unwrap();
+            let _client_final = pgwire::read_message(&mut db, 1 << 16).await.unwrap();
+            let during = db_ticks.load(Ordering::Relaxed) - sent_at;
+            db.write_all(&pgwire::fatal("28P01", "no")).await.unwrap();
+            during
+        });
+        let app_task = tokio::spawn(async move {
+            let _ask = pgwire::read_message(&mut app, 1 << 16).await.unwrap();
+            app.write_all(&pgwire::message_bytes(b'p', b"secret\0")).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = app.read_to_end(&mut rest).await;
+        });
+        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
+        let r = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None).await;
+        assert!(matches!(r, Err(AuthError::Rejected { .. })), "{r:?}");
+        drop(client);
+        let during = db_task.await.unwrap();
+        app_task.await.unwrap();
+        ticker.abort();
+        assert!(during > 0, "nothing else ran on the worker while the key was derived");
+    }
 }
