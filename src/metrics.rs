@@ -268,8 +268,9 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
     use DenyReason::*;
     Some(match r {
         NotAuthorized | NoRoute | ClientClosed | ShuttingDown => return None,
+        // The failed writes behind it are counted where they fail.
+        AuditUnavailable => return None,
         UnknownPeer | WhoisFailed => "whois",
-        AuditUnavailable => "audit_write",
         ProtocolError | HandshakeTimeout => "client_protocol",
         ClientTlsFailed => "client_tls",
         TooManySessions | TooManyHandshakes => "session_limit",
