@@ -52,6 +52,7 @@ impl MemoryTailnet {
     /// Adds or replaces the peer at `ip` and announces it.
     pub fn set_peer(&self, ip: IpAddr, id: PeerIdentity) {
         let peer = NetmapPeer {
+            node_id: node_id(ip),
             stable_id: id.stable_id.clone(),
             node_name: id.node_name.clone(),
             addresses: vec![ip],
@@ -68,7 +69,7 @@ impl MemoryTailnet {
     pub fn remove_peer(&self, ip: IpAddr) {
         let mut s = self.state();
         s.peers.remove(&ip);
-        s.announce("peers_removed", vec![], vec![0]);
+        s.announce("peers_removed", vec![], vec![node_id(ip)]);
     }
 
     /// Makes every WhoIs fail (`Some`) or work again (`None`).
@@ -89,6 +90,7 @@ impl MemoryTailnet {
             .peers
             .iter()
             .map(|(ip, id)| NetmapPeer {
+                node_id: node_id(*ip),
                 stable_id: id.stable_id.clone(),
                 node_name: id.node_name.clone(),
                 addresses: vec![*ip],
@@ -118,6 +120,14 @@ impl MemoryTailnet {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "listener closed"))?;
         Ok(ours)
+    }
+}
+
+/// A peer's numeric node ID here: its address as a number.
+fn node_id(ip: IpAddr) -> i64 {
+    match ip {
+        IpAddr::V4(a) => i64::from(u32::from(a)),
+        IpAddr::V6(a) => (u128::from(a) & 0x7fff_ffff_ffff_ffff) as i64,
     }
 }
 

@@ -119,6 +119,9 @@ pub struct NetmapEvent {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetmapPeer {
+    /// The node's numeric ID (what `removed` names); 0 when not given.
+    #[serde(default)]
+    pub node_id: i64,
     pub stable_id: String,
     pub node_name: String,
     pub addresses: Vec<IpAddr>,

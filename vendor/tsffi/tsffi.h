@@ -127,7 +127,7 @@ int tsffi_cert_pair(int node, char *domain, char **cert_pem, char **key_pem,
 
 /* tsffi_watch returns, in *out_fd, the read end of a stream socket on which
  * the node writes one JSON line per change:
- *   {"seq": n, "kind": K, "peers": [{"stable_id", "node_name", "addresses",
+ *   {"seq": n, "kind": K, "peers": [{"node_id", "stable_id", "node_name", "addresses",
  *    "tags", "user_id", "expired"}, ...], "removed": [node_id, ...]}
  * where K is "netmap" (first line: every peer), "peers_changed" (added, or
  * tags, capabilities, key expiry changed), "peers_removed" or

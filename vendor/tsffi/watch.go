@@ -13,6 +13,7 @@ import (
 )
 
 type peerJSON struct {
+	NodeID    int64    `json:"node_id"` // what "removed" names
 	StableID  string   `json:"stable_id"`
 	NodeName  string   `json:"node_name"`
 	Addresses []string `json:"addresses"`
@@ -120,6 +121,7 @@ func (n *node) watch() (int, error) {
 
 func peerFromView(p tailcfg.NodeView) peerJSON {
 	pj := peerJSON{
+		NodeID:    int64(p.ID()),
 		StableID:  string(p.StableID()),
 		NodeName:  strings.TrimSuffix(p.Name(), "."),
 		Tags:      p.Tags().AsSlice(),
