@@ -73,15 +73,34 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
         tracing::info!(address = %cfg.health_listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()), "serving /healthz, /readyz, /metrics");
         health_tasks.spawn(health::serve(l, health.clone(), stopped(health_stopped.clone())));
     }
-    tokio::select! {
-        r = node.wait_running(&node_cfg) => r?,
-        _ = signals.recv() => {
-            // Asked to stop before anything was served: a clean stop.
-            tracing::info!("stopped while joining the tailnet");
-            node.shutdown().await;
-            audit.close().await;
-            let _ = audit_task.await;
-            return Ok(());
+    // While joining (an interactive login may take a person minutes):
+    // SIGTERM/SIGINT stop cleanly; SIGHUP reopens the audit log (a rotation
+    // must not stop the proxy) and the wait goes on. The rest of a reload
+    // applies once the node runs, with the settings read then.
+    {
+        let joined = node.wait_running(&node_cfg);
+        tokio::pin!(joined);
+        loop {
+            tokio::select! {
+                r = &mut joined => {
+                    r?;
+                    break;
+                }
+                req = signals.recv() => match req {
+                    Request::Reload => {
+                        tracing::info!("SIGHUP while joining the tailnet: reopening the audit log");
+                        audit.reopen();
+                    }
+                    Request::Shutdown => {
+                        // Asked to stop before anything was served: a clean stop.
+                        tracing::info!("stopped while joining the tailnet");
+                        node.shutdown().await;
+                        audit.close().await;
+                        let _ = audit_task.await;
+                        return Ok(());
+                    }
+                },
+            }
         }
     }
     if let Some(port) = cfg.health_tailnet_port {
