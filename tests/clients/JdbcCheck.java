@@ -71,6 +71,11 @@ public class JdbcCheck {
         props.setProperty("sslmode", sslmode);
         if (args.length == 4) props.setProperty("sslfactory", args[3]);
         props.setProperty("ApplicationName", app);
+        // pgJDBC puts ApplicationName in the StartupMessage (where the proxy,
+        // and so the audit log, reads it) only when told the server is 9.0 or
+        // later; otherwise it sends `SET application_name` after login and
+        // the audit records show null.
+        props.setProperty("assumeMinServerVersion", "9.0");
         props.setProperty("connectTimeout", "30");
         props.setProperty("socketTimeout", "60");
         String url = "jdbc:postgresql://" + host + ":" + port + "/app";
