@@ -8,7 +8,8 @@
 //! CancelRequest over TLS when the session is TLS; pgJDBC:
 //! `Statement.cancel()` from another thread, always a plaintext
 //! CancelRequest), which must end with SQLSTATE 57014 and nothing else,
-//! the connection usable after it, and a clean close. One lab for both.
+//! the connection usable after it, and a clean close; pgx also asking for
+//! protocol 3.2 over TLS. One lab for both.
 mod common;
 use common::lab::{LabOptions, LabUp};
 use serde_json::Value;
@@ -36,7 +37,12 @@ struct Case {
 
 impl Case {
     fn app(&self) -> String {
-        format!("{}-{}", self.driver, self.sslmode)
+        // pgx's optional argument (max_protocol_version) ends its name.
+        let mut app = format!("{}-{}", self.driver, self.sslmode);
+        if self.driver == "pgx" {
+            self.extra.iter().for_each(|e| app += &format!("-{e}"));
+        }
+        app
     }
     fn tls(&self) -> bool {
         self.sslmode != "disable"
@@ -76,6 +82,8 @@ fn cases() -> Vec<Case> {
         go("disable"),
         go("prefer"),
         go("require"),
+        // Protocol 3.2 asked for (variable-length cancel keys in PostgreSQL 18).
+        Case { extra: vec!["latest".into()], ..go("require") },
         java("disable", None),
         java("prefer", None),
         // The lab proxy's certificate is self-signed: the factory pgJDBC's
@@ -90,7 +98,7 @@ async fn pgx_and_pgjdbc_login_query_and_cancel_with_every_sslmode() {
     let lab = LabUp::start(LabOptions::default()).await;
     let (host, port) = lab.forward_host_port(0);
     for case in &cases {
-        let what = format!("{} sslmode={}", case.driver, case.sslmode);
+        let what = format!("{} sslmode={} {:?}", case.driver, case.sslmode, case.extra);
         let mut args = case.prefix.clone();
         args.extend([host.clone(), port.to_string(), case.sslmode.to_string()]);
         args.extend(case.extra.iter().cloned());
@@ -130,6 +138,10 @@ async fn pgx_and_pgjdbc_login_query_and_cancel_with_every_sslmode() {
         assert_eq!(start["client_transport"], transport, "{what}: {start}");
         assert_eq!(start["postgres"]["user"], "role_scram", "{what}: {start}");
         assert_eq!(start["postgres"]["database"], "app", "{what}: {start}");
+        // What the StartupMessage asked for (pgx's "latest" is 3.2; the lab's
+        // PostgreSQL may negotiate it down, and the cancel key with it).
+        let protocol = if case.extra.iter().any(|e| e == "latest") { "3.2" } else { "3.0" };
+        assert_eq!(start["postgres"]["protocol"], protocol, "{what}: {start}");
         let sid = start["session_id"].as_str().unwrap().to_string();
         let auth = lab
             .wait_record(&format!("{app} auth_ok"), |x| {

@@ -9,7 +9,10 @@
 //
 // Prints one JSON line with what happened; exits non-zero on any failure.
 //
-//	pgx-check HOST PORT SSLMODE(disable|prefer|require)
+//	pgx-check HOST PORT SSLMODE(disable|prefer|require) [MAX_PROTOCOL_VERSION]
+//
+// With MAX_PROTOCOL_VERSION (pgx's max_protocol_version: 3.0, 3.2, latest)
+// the client asks for that protocol; the application name then ends in it.
 package main
 
 import (
@@ -45,20 +48,24 @@ func pgxVersion() string {
 }
 
 func main() {
-	if len(os.Args) != 4 {
-		fail("usage: pgx-check HOST PORT SSLMODE")
+	if len(os.Args) != 4 && len(os.Args) != 5 {
+		fail("usage: pgx-check HOST PORT SSLMODE [MAX_PROTOCOL_VERSION]")
 	}
 	host, sslmode := os.Args[1], os.Args[3]
 	port, err := strconv.Atoi(os.Args[2])
 	if err != nil {
 		fail("port %q: %v", os.Args[2], err)
 	}
-	app := "pgx-" + sslmode
+	app, extra := "pgx-"+sslmode, ""
+	if len(os.Args) == 5 {
+		app += "-" + os.Args[4]
+		extra = " max_protocol_version=" + os.Args[4]
+	}
 	// sslmode=prefer and require do not verify the certificate (libpq's
 	// meaning, which pgx follows): the lab proxy's certificate is
 	// self-signed. The password is in the string as the python checks pass it.
 	connString := fmt.Sprintf("host=%s port=%d user=role_scram password=scram-pass dbname=app "+
-		"sslmode=%s application_name=%s connect_timeout=30", host, port, sslmode, app)
+		"sslmode=%s application_name=%s connect_timeout=30%s", host, port, sslmode, app, extra)
 	cfg, err := pgx.ParseConfig(connString)
 	if err != nil {
 		fail("parse config: %v", err)
@@ -79,6 +86,7 @@ func main() {
 	_, tlsInUse := conn.PgConn().Conn().(*tls.Conn)
 	out["ssl_in_use"] = tlsInUse
 	out["pid"] = conn.PgConn().PID()
+	out["secret_key_bytes"] = len(conn.PgConn().SecretKey())
 
 	var answer int
 	if err := conn.QueryRow(ctx, "select $1::int + 1", 41).Scan(&answer); err != nil {
