@@ -388,7 +388,11 @@ async fn control_server_down_keeps_known_peers_served() {
     let outage = control_outage();
     let mut w = World::start().await;
     let health = common::ops::free_port();
-    let mut proxy = w.spawn_proxy(&[format!("--health-listen=127.0.0.1:{health}")]);
+    let tsnet_log = w.lab.dir.path().join("proxy-tsnet.log");
+    let mut proxy = w.spawn_proxy(&[
+        format!("--health-listen=127.0.0.1:{health}"),
+        format!("--tsnet-log={}", tsnet_log.display()),
+    ]);
     w.wait_serving(&w.node, "warmup").await;
     let laptop = records_of(&w).into_iter().find(|r| r["event"] == "session_start").unwrap()["peer"].clone();
 
@@ -433,6 +437,9 @@ async fn control_server_down_keeps_known_peers_served() {
         }
     }
     assert_eq!(w.lab.admin("GET", "/control", None).await["up"], false, "still down at the end");
+    if std::env::var_os("TAILGRES_FAULT_SHOW_TSNET").is_some() {
+        eprintln!("{}", std::fs::read_to_string(&tsnet_log).unwrap_or_default());
+    }
     eprintln!(
         "control down {:?}: {queries} queries on the held session, {} new sessions, /readyz 200 at {}/{} checks",
         began.elapsed(),
