@@ -135,16 +135,16 @@ impl AuditLog {
         options: AuditOptions,
     ) -> Result<(AuditLog, JoinHandle<()>), AuditError> {
         let label = dest.to_string();
-        let sink = match dest {
+        let (sink, torn) = match dest {
             AuditDest::File(path) => {
                 let p = path.clone();
-                let file = tokio::task::spawn_blocking(move || writer::open_append(&p))
+                let (file, torn) = tokio::task::spawn_blocking(move || writer::open_append(&p))
                     .await
                     .unwrap_or_else(|join| Err(io::Error::other(join)))
                     .map_err(|source| AuditError::Open { path: path.clone(), source })?;
-                Sink::File { path, file: Some(Arc::new(file)) }
+                (Sink::File { path, file: Some(Arc::new(file)) }, torn)
             }
-            AuditDest::Stdout => Sink::Stdout,
+            AuditDest::Stdout => (Sink::Stdout, false),
         };
         let shared = Arc::new(Shared {
             dest: label,
@@ -153,7 +153,7 @@ impl AuditLog {
             wake: Notify::new(),
         });
         let (tx, rx) = mpsc::channel(options.capacity.max(1));
-        let writer = Writer { sink, shared: shared.clone(), sync: options.sync, rx, torn: false };
+        let writer = Writer { sink, shared: shared.clone(), sync: options.sync, rx, torn };
         let handle = tokio::spawn(writer.run());
         Ok((AuditLog { tx, shared }, handle))
     }

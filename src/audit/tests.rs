@@ -245,6 +245,36 @@ async fn appends_to_an_existing_log() {
     assert_eq!(got[1]["detail"], "round 1");
 }
 
+/// A log whose last line was cut short (the proxy killed mid-write): the
+/// next writer, at start or on reopen, starts on a line of its own, so the
+/// fragment stays alone and the new record whole.
+#[tokio::test]
+async fn a_torn_tail_is_left_alone_on_its_line() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let whole = serde_json::to_string(&denied("before")).unwrap();
+    let fragment = &whole[..whole.len() / 2];
+    std::fs::write(&path, format!("{whole}\n{fragment}")).unwrap();
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    log.record(&denied("after start")).await.unwrap();
+    // Torn again, then a reopen (SIGHUP) onto it.
+    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(fragment.as_bytes()).unwrap();
+    log.reopen();
+    log.record(&denied("after reopen")).await.unwrap();
+    log.close().await;
+    writer.await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got.len(), 5, "{text}");
+    assert_eq!(got[0], whole);
+    assert_eq!(got[1], fragment);
+    assert_eq!(serde_json::from_str::<Value>(got[2]).unwrap()["detail"], "after start");
+    assert_eq!(got[3], fragment);
+    assert_eq!(serde_json::from_str::<Value>(got[4]).unwrap()["detail"], "after reopen");
+    assert!(text.ends_with('\n'));
+}
+
 #[tokio::test]
 async fn dropping_every_handle_stops_the_writer() {
     let dir = tempfile::tempdir().unwrap();

@@ -37,8 +37,9 @@ pub(super) enum Sink {
     Stdout,
 }
 
-/// Opens `path` for appending, creating it with mode 0600.
-pub(super) fn open_append(path: &Path) -> io::Result<File> {
+/// Opens `path` for appending, creating it with mode 0600. Also says
+/// whether the file ends mid-line (see [`ends_mid_line`]).
+pub(super) fn open_append(path: &Path) -> io::Result<(File, bool)> {
     let file = OpenOptions::new().create(true).append(true).mode(NEW_FILE_MODE).open(path)?;
     // An existing file keeps its mode; say so when others can read it.
     if let Ok(meta) = file.metadata() {
@@ -51,7 +52,32 @@ pub(super) fn open_append(path: &Path) -> io::Result<File> {
             );
         }
     }
-    Ok(file)
+    let torn = ends_mid_line(path);
+    if torn {
+        tracing::warn!(
+            audit_log = %path.display(),
+            "audit log ends with an unterminated line (an earlier writer stopped mid-write); \
+             the next record starts on a new line"
+        );
+    }
+    Ok((file, torn))
+}
+
+/// Whether the regular file at `path` is not empty and its last byte is not
+/// a newline: a writer was stopped in the middle of a line (killed, or the
+/// disk filled). Appending there would glue the next record to that
+/// fragment and lose both; the writer starts its first line with a newline
+/// instead, so the fragment stands alone (a reader names it) and every new
+/// record stays whole. Anything that cannot be read counts as whole.
+fn ends_mid_line(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = File::open(path) else { return false };
+    let Ok(meta) = file.metadata() else { return false };
+    if !meta.is_file() || meta.len() == 0 {
+        return false;
+    }
+    let mut last = [0u8; 1];
+    matches!(file.read_at(&mut last, meta.len() - 1), Ok(1)) && last[0] != b'\n'
 }
 
 pub(super) struct Writer {
@@ -129,9 +155,9 @@ impl Writer {
         // keeping a handle to the rotated file would hide a failed reopen.
         *file = None;
         match open_blocking(path.clone()).await {
-            Ok(f) => {
+            Ok((f, torn)) => {
                 *file = Some(Arc::new(f));
-                self.torn = false;
+                self.torn = torn;
                 tracing::info!(audit_log = %path.display(), "audit log reopened");
             }
             Err(error) => {
@@ -159,9 +185,11 @@ impl Writer {
         if let Sink::File { path, file } = &mut self.sink {
             *file = None;
             match open_blocking(path.clone()).await {
-                Ok(f) => {
+                Ok((f, torn)) => {
                     *file = Some(Arc::new(f));
-                    self.torn = false;
+                    // What the file's tail says: a partial line the failed
+                    // write could not cut off is still there.
+                    self.torn = torn;
                 }
                 Err(error) => return Err(self.failed(error)),
             }
@@ -189,14 +217,15 @@ impl Writer {
     /// One write (plus fdatasync with `sync`), opening the file first if a
     /// reopen had failed.
     async fn attempt(&mut self, line: Arc<[u8]>) -> io::Result<()> {
-        let (torn, sync) = (self.torn, self.sync);
         let target = match &mut self.sink {
             Sink::File { path, file } => {
                 let f = match file {
                     Some(f) => f.clone(),
                     None => {
-                        let f = Arc::new(open_blocking(path.clone()).await?);
+                        let (f, torn) = open_blocking(path.clone()).await?;
+                        let f = Arc::new(f);
                         *file = Some(f.clone());
+                        self.torn = torn;
                         f
                     }
                 };
@@ -204,6 +233,7 @@ impl Writer {
             }
             Sink::Stdout => None,
         };
+        let (torn, sync) = (self.torn, self.sync);
         let attempt = tokio::task::spawn_blocking(move || match target {
             Some(f) => write_file(&f, &line, torn, sync),
             None => write_stdout(&line, torn),
@@ -215,7 +245,7 @@ impl Writer {
     }
 }
 
-async fn open_blocking(path: PathBuf) -> io::Result<File> {
+async fn open_blocking(path: PathBuf) -> io::Result<(File, bool)> {
     tokio::task::spawn_blocking(move || open_append(&path))
         .await
         .unwrap_or_else(|join| Err(io::Error::other(join)))

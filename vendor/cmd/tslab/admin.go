@@ -28,6 +28,9 @@ func (l *lab) adminHandler() http.Handler {
 	mux.HandleFunc("PUT /policy", l.handle(l.putPolicy))
 	mux.HandleFunc("DELETE /policy", l.handle(l.deletePolicy))
 	mux.HandleFunc("POST /auth/complete", l.handle(l.completeAuth))
+	mux.HandleFunc("GET /control", l.handle(l.getControl))
+	mux.HandleFunc("POST /control/down", l.handle(l.setControl(false)))
+	mux.HandleFunc("POST /control/up", l.handle(l.setControl(true)))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path)})
 	})

@@ -39,6 +39,7 @@ type lab struct {
 	logf logger.Logf
 	ctrl *testcontrol.Server
 	mgr  *mapManager
+	gate *gateListener // the control server's port (see gate.go)
 }
 
 func runControl(args []string) error {
@@ -53,7 +54,8 @@ func runControl(args []string) error {
 			"Runs DERP, STUN, a test control server and an admin JSON API on 127.0.0.1.\n"+
 			"Admin API: GET /nodes, GET|DELETE /nodes/{sel}, POST /nodes/{sel}/tags,\n"+
 			"POST /nodes/{sel}/expire, GET|POST /caps/global, GET|PUT|DELETE /policy,\n"+
-			"POST /auth/complete {\"url\": LOGIN_URL}.\n\n")
+			"POST /auth/complete {\"url\": LOGIN_URL},\n"+
+			"GET /control, POST /control/down|up (the control server unreachable, then back).\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -126,7 +128,8 @@ func runControl(args []string) error {
 		return err
 	}
 	ctrlHTTP.Listener.Close()
-	ctrlHTTP.Listener = ctrlLn
+	l.gate = newGateListener(ctrlLn)
+	ctrlHTTP.Listener = l.gate
 	ctrlHTTP.Config.ErrorLog = logger.StdLogger(logf)
 	ctrlHTTP.Start()
 	l.ctrl.HTTPTestServer = ctrlHTTP
