@@ -207,11 +207,7 @@ impl Session<'_> {
                     // (Counted by the denial's metric, as a whois error.)
                     tracing::error!(error = %e, "WhoIs failed");
                 }
-                // Still speak the protocol, so the client shows the message.
-                if let Some((code, msg)) = &r.tell {
-                    refuse_unnegotiated(stream, self.shared, code, msg).await;
-                }
-                self.refuse(None::<&mut S>, Refusal { tell: None, ..r }).await;
+                self.refuse_unnegotiated(stream, r).await;
                 return None;
             }
         };
@@ -242,8 +238,9 @@ impl Session<'_> {
         if let Some(Decision::Deny { detail, client_message }) =
             self.settings.policy.decide_identity(&identity, self.shared.grant_use.get())
         {
-            refuse_unnegotiated(stream, self.shared, sqlstate::INVALID_AUTHORIZATION, &client_message).await;
-            self.refuse(None::<&mut S>, Refusal::denied(DenyReason::NotAuthorized, detail)).await;
+            let r = Refusal::denied(DenyReason::NotAuthorized, detail)
+                .telling(sqlstate::INVALID_AUTHORIZATION, client_message);
+            self.refuse_unnegotiated(stream, r).await;
             return None;
         }
 
@@ -446,6 +443,19 @@ impl Session<'_> {
             via_grant,
             _slot: slot,
         })
+    }
+
+    /// [`Session::refuse`] for a client that has not negotiated yet: it is
+    /// negotiated briefly, so the FATAL reaches it on the transport it
+    /// expects (plaintext, or TLS after an SSLRequest or directly).
+    async fn refuse_unnegotiated<S>(&self, stream: S, r: Refusal)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if let Some((code, msg)) = &r.tell {
+            refuse_unnegotiated(stream, self.shared, code, msg).await;
+        }
+        self.refuse(None::<&mut S>, Refusal { tell: None, ..r }).await;
     }
 
     /// The one way admission ends short of a session: the client is told
