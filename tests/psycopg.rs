@@ -1,5 +1,6 @@
 //! psycopg 3 with the libpq its binary wheel bundles (17 or later), as
-//! most Python users run it: login with every sslmode, and both of libpq's
+//! most Python users run it: login with every sslmode and with direct TLS
+//! (sslnegotiation=direct), and both of libpq's
 //! newer cancel paths (PQcancelBlocking, and PQcancelStart/Poll) during a
 //! running query. Over TLS these fail with "SSL error: unexpected eof while
 //! reading" unless the proxy ends the cancel connection with a TLS
@@ -13,7 +14,9 @@ async fn psycopg_libpq18_cancels_with_every_sslmode() {
     let lab = LabUp::start(LabOptions::default()).await;
     let (host, port) = lab.forward_host_port(0);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/psycopg_check.py");
-    for sslmode in ["disable", "prefer", "require"] {
+    // "direct" is sslmode=require with sslnegotiation=direct: TLS from the
+    // first byte, with ALPN "postgresql" (libpq 17+).
+    for sslmode in ["disable", "prefer", "require", "direct"] {
         let out = tokio::time::timeout(
             std::time::Duration::from_secs(180),
             tokio::process::Command::new("python3")
@@ -48,8 +51,16 @@ async fn psycopg_libpq18_cancels_with_every_sslmode() {
                 })
                 .await;
             assert_eq!(cancel["reason"], "forwarded", "{cancel}");
-            let transport = if sslmode == "disable" { "plaintext" } else { "tls" };
-            assert_eq!(cancel["client_transport"], transport, "libpq 17+ cancels over TLS: {cancel}");
+            let transport = match sslmode {
+                "disable" => "plaintext",
+                "direct" => "direct_tls",
+                _ => "tls",
+            };
+            assert_eq!(start["client_transport"], transport, "{start}");
+            assert_eq!(
+                cancel["client_transport"], transport,
+                "libpq 17+ cancels over TLS, as it connected: {cancel}"
+            );
         }
     }
     lab.stop().await;

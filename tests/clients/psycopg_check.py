@@ -6,7 +6,7 @@ both cancel paths during pg_sleep, each of which must report no error
 connection is closed without close_notify). Prints one JSON line; exits
 non-zero on failure.
 
-usage: psycopg_check.py HOST PORT SSLMODE
+usage: psycopg_check.py HOST PORT SSLMODE (or "direct": sslnegotiation=direct)
 """
 import asyncio
 import json
@@ -19,8 +19,10 @@ from psycopg import errors
 
 
 def conninfo(host, port, sslmode, app):
+    # "direct": TLS from the first byte (sslnegotiation=direct, libpq 17+).
+    mode = "sslmode=require sslnegotiation=direct" if sslmode == "direct" else f"sslmode={sslmode}"
     return (f"host={host} port={port} user=role_scram password=scram-pass dbname=app "
-            f"sslmode={sslmode} application_name={app} connect_timeout=30")
+            f"{mode} application_name={app} connect_timeout=30")
 
 
 def blocking_cancel(host, port, sslmode):
