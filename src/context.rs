@@ -9,7 +9,7 @@ use crate::cancel::CancelRegistry;
 use crate::metrics::Metrics;
 use crate::settings::SettingsCell;
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 /// What every session shares (built once at start).
@@ -26,6 +26,11 @@ pub struct Shared {
     /// Connections per tailnet node still in their handshake (see
     /// `session::MAX_HANDSHAKES_PER_PEER`).
     pub handshaking: crate::authorize::Counter,
+    /// Refusals in a burst (over --max-sessions, over a peer's handshake
+    /// cap) that are told why at once: a FATAL after a brief negotiation.
+    /// Past [`MAX_REFUSING`], they are closed without a word, so a flood
+    /// costs no TLS handshakes.
+    pub refusers: Arc<Semaphore>,
     /// Aggregates the records of refusals that come in bursts.
     pub denials: crate::audit::DenialLog,
     /// Whether any peer carries the capability (kept by `live::follow`).
@@ -37,6 +42,9 @@ pub struct Shared {
     /// Becomes true when the proxy ends its sessions (after the grace).
     pub shutdown: watch::Receiver<bool>,
 }
+
+/// See [`Shared::refusers`].
+pub const MAX_REFUSING: usize = 32;
 
 impl Shared {
     /// The context at start: these, and empty registries, counters and
@@ -56,6 +64,7 @@ impl Shared {
             metrics,
             per_identity: Default::default(),
             handshaking: Default::default(),
+            refusers: Arc::new(Semaphore::new(MAX_REFUSING)),
             denials: Default::default(),
             grant_use: Default::default(),
             live: Default::default(),

@@ -18,10 +18,6 @@ use tokio::task::JoinSet;
 /// Accept errors back off from this, doubling up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// Connections over --max-sessions that are told so (a FATAL after a brief
-/// negotiation) at once; past this many, they are closed without a word, so
-/// a flood over the limit costs no TLS handshakes.
-const MAX_REFUSING: usize = 32;
 /// After the grace, how long ended sessions get to write their
 /// `session_end` and cancel their queries before they are aborted.
 const END_WAIT: Duration = Duration::from_secs(5);
@@ -47,7 +43,6 @@ pub async fn serve<T: Tailnet>(
     force: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(opts.max_sessions));
-    let refusers = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut tasks = JoinSet::new();
     let (conn_tx, mut conns) = mpsc::channel(64);
     let mut acceptors = JoinSet::new();
@@ -79,7 +74,7 @@ pub async fn serve<T: Tailnet>(
                         // few are being told.
                         shared.metrics.denied(DenyReason::TooManySessions);
                         let due = shared.denials.due(addr.ip());
-                        let refuser = refusers.clone().try_acquire_owned().ok();
+                        let refuser = shared.refusers.clone().try_acquire_owned().ok();
                         let limit = opts.max_sessions;
                         if due.is_some() || refuser.is_some() {
                             tasks.spawn(async move {

@@ -75,7 +75,7 @@ const ADMISSION_WIND_DOWN: Duration = Duration::from_secs(1);
 /// Connections one peer (tailnet node) may have in their handshake, not
 /// yet authorized, at once. Generous for a pooler filling its pool; small
 /// beside --max-sessions (1000 by default).
-pub const MAX_HANDSHAKES_PER_PEER: u32 = 32;
+pub const MAX_HANDSHAKES_PER_PEER: u32 = 64;
 
 /// An admitted session: what the relay stage needs from admission.
 ///
@@ -216,8 +216,9 @@ impl Session<'_> {
 
         // One peer may hold only so many connections that are not yet
         // authorized: idle sockets from one machine must not take every
-        // --max-sessions slot. Over the cap: closed at once, no handshake,
-        // and the records for a burst are aggregated.
+        // --max-sessions slot. Over the cap: told 53300 while few refusals
+        // are being told (else closed at once), and the records for a
+        // burst are aggregated.
         let Some(handshake) =
             self.shared.handshaking.acquire(&identity.stable_id, Some(MAX_HANDSHAKES_PER_PEER))
         else {
@@ -230,6 +231,14 @@ impl Session<'_> {
             if let Some(more) = self.shared.denials.due(self.base.peer_addr.ip()) {
                 let d = if more > 0 { format!("{d} ({more} more refused since the last record)") } else { d };
                 self.audit(Event::denied(DenyReason::TooManyHandshakes, d)).await;
+            }
+            if let Ok(_refuser) = self.shared.refusers.clone().try_acquire_owned() {
+                let msg = format!(
+                    "tailgres: {} has {MAX_HANDSHAKES_PER_PEER} connections that are not yet authorized; \
+                     try again shortly",
+                    identity.node_name
+                );
+                refuse_unnegotiated(stream, self.shared, sqlstate::TOO_MANY_CONNECTIONS, &msg).await;
             }
             return None;
         };
