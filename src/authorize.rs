@@ -121,21 +121,19 @@ pub enum GrantUseState {
 }
 
 impl GrantUse {
-    pub fn get(&self) -> GrantUseState {
-        match self.0.load(Ordering::Relaxed) {
+    fn state(v: u8) -> GrantUseState {
+        match v {
             1 => GrantUseState::Unused,
             2 => GrantUseState::Used,
             _ => GrantUseState::Unknown,
         }
     }
+    pub fn get(&self) -> GrantUseState {
+        Self::state(self.0.load(Ordering::Relaxed))
+    }
     /// Records what a scan found; returns the previous state.
     pub fn set(&self, used: bool) -> GrantUseState {
-        let prev = self.0.swap(if used { 2 } else { 1 }, Ordering::Relaxed);
-        match prev {
-            1 => GrantUseState::Unused,
-            2 => GrantUseState::Used,
-            _ => GrantUseState::Unknown,
-        }
+        Self::state(self.0.swap(if used { 2 } else { 1 }, Ordering::Relaxed))
     }
     /// A fixed state (tests, and tools that know).
     pub fn fixed(state: GrantUseState) -> GrantUse {

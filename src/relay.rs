@@ -125,7 +125,7 @@ pub const STOP_WRITE_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `fut` unless the stop is signalled and [`STOP_WRITE_GRACE`] passes
 /// first (`None` then).
-async fn unless_stopped<F: Future>(fut: F, mut stop: watch::Receiver<bool>) -> Option<F::Output> {
+async fn unless_stopped<F: Future>(fut: F, stop: &mut watch::Receiver<bool>) -> Option<F::Output> {
     let deadline = async move {
         if stop.wait_for(|s| *s).await.is_err() {
             std::future::pending::<()>().await;
@@ -175,7 +175,7 @@ where
             w.write_all(&buf.0[..n]).await?;
             w.flush().await
         };
-        match unless_stopped(write, stop.clone()).await {
+        match unless_stopped(write, &mut stop).await {
             None => return DirEnd::StoppedMidWrite,
             Some(Err(e)) => return DirEnd::WriteErr(e),
             Some(Ok(())) => {}
@@ -184,7 +184,7 @@ where
         buf.adapt(n);
     }
     // Forward the half-close; the other side's close then ends the session.
-    let _ = unless_stopped(w.shutdown(), stop).await;
+    let _ = unless_stopped(w.shutdown(), &mut stop).await;
     DirEnd::Eof
 }
 

@@ -98,6 +98,8 @@ struct Parts {
     /// Admitted by a grant (not as a grant-less peer of an open tailnet):
     /// it is revoked when no grant allows it any more.
     via_grant: bool,
+    /// A replication connection (authorized as one; re-checked as one).
+    replication: bool,
     /// The identity's session slot (its grant's limit), held to the end.
     _slot: crate::authorize::Slot,
 }
@@ -450,6 +452,7 @@ impl Session<'_> {
             startup,
             auth: out,
             via_grant,
+            replication: names.replication,
             _slot: slot,
         })
     }
@@ -495,7 +498,8 @@ impl Session<'_> {
     {
         let Admitted {
             client,
-            parts: Parts { upstream, upstream_tls, identity, startup, auth: out, via_grant, _slot },
+            parts:
+                Parts { upstream, upstream_tls, identity, startup, auth: out, via_grant, replication, _slot },
         } = a;
         let peer_addr = self.base.peer_addr;
         let settings = &self.settings;
@@ -517,7 +521,7 @@ impl Session<'_> {
             node: identity.stable_id.clone(),
             user: startup.user().to_string(),
             database: startup.database().to_string(),
-            replication: crate::authorize::Names::from_params(&startup.params).replication,
+            replication,
             via_grant,
         });
         let stop = {

@@ -230,13 +230,13 @@ impl TailnetListener {
     /// connection over. An announcement of another length is left to the
     /// node, which closes its connection with the listener.
     fn connection(msg: &[u8]) -> Result<(TailnetConn, SocketAddr), TailnetError> {
-        let Ok(msg) = <&[u8; ANNOUNCE_LEN]>::try_from(msg) else {
+        let parts = msg.split_first_chunk::<8>().and_then(|(id, rest)| Some((id, rest.try_into().ok()?)));
+        let Some((id, addr)) = parts else {
             let why = format!("announcement of {} bytes, not {ANNOUNCE_LEN}", msg.len());
             return Err(TailnetError::Accept(std::io::Error::new(std::io::ErrorKind::InvalidData, why)));
         };
-        let (id, addr) = msg.split_at(8);
-        let id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
-        let addr = super::ffi::announced_addr(addr.try_into().expect("18 bytes"));
+        let id = u64::from_le_bytes(*id);
+        let addr = super::ffi::announced_addr(addr);
         let conn = TailnetConn::attach(id).map_err(TailnetError::Accept)?;
         Ok((conn, addr))
     }

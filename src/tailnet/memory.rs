@@ -51,15 +51,7 @@ impl MemoryTailnet {
 
     /// Adds or replaces the peer at `ip` and announces it.
     pub fn set_peer(&self, ip: IpAddr, id: PeerIdentity) {
-        let peer = NetmapPeer {
-            node_id: node_id(ip),
-            stable_id: id.stable_id.clone(),
-            node_name: id.node_name.clone(),
-            addresses: vec![ip],
-            tags: id.tags.clone(),
-            user_id: 1,
-            expired: id.expired,
-        };
+        let peer = netmap_peer(ip, &id);
         let mut s = self.state();
         s.peers.insert(ip, id);
         s.announce("peers_changed", vec![peer], vec![]);
@@ -86,19 +78,7 @@ impl MemoryTailnet {
     /// Announces the whole peer table, as a node's first netmap does.
     pub fn announce_netmap(&self) {
         let mut s = self.state();
-        let peers = s
-            .peers
-            .iter()
-            .map(|(ip, id)| NetmapPeer {
-                node_id: node_id(*ip),
-                stable_id: id.stable_id.clone(),
-                node_name: id.node_name.clone(),
-                addresses: vec![*ip],
-                tags: id.tags.clone(),
-                user_id: 1,
-                expired: id.expired,
-            })
-            .collect();
+        let peers = s.peers.iter().map(|(ip, id)| netmap_peer(*ip, id)).collect();
         s.announce("netmap", peers, vec![]);
     }
 
@@ -120,6 +100,19 @@ impl MemoryTailnet {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "listener closed"))?;
         Ok(ours)
+    }
+}
+
+/// How the watch announces the peer at `ip`.
+fn netmap_peer(ip: IpAddr, id: &PeerIdentity) -> NetmapPeer {
+    NetmapPeer {
+        node_id: node_id(ip),
+        stable_id: id.stable_id.clone(),
+        node_name: id.node_name.clone(),
+        addresses: vec![ip],
+        tags: id.tags.clone(),
+        user_id: 1,
+        expired: id.expired,
     }
 }
 
