@@ -19,7 +19,6 @@ use tokio_postgres::{CancelToken, Client, NoTls};
 
 /// PostgreSQL's CancelRequest code (the "protocol version" field).
 const CANCEL_REQUEST_CODE: u32 = 80877102;
-/// Bound for any one step over the tailnet (first packets may go via DERP).
 /// psql must give up its query this soon after Ctrl-C.
 const CANCEL_EFFECT: Duration = Duration::from_secs(10);
 

@@ -25,7 +25,6 @@ const MAX_STARTUP: usize = 10000;
 /// in the audit detail.
 const HANDSHAKE_TIMEOUT_ARG: &str = "--handshake-timeout=2s";
 const HANDSHAKE_TIMEOUT: &str = "2s";
-/// Bound for any one step over the tailnet (first packets may go via DERP).
 
 fn be(n: u32) -> [u8; 4] {
     n.to_be_bytes()

@@ -82,6 +82,9 @@ fn server_tls(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) 
 
 // ---- the scripted database ----
 
+/// (pid, key) of every CancelRequest the database received.
+pub type Cancels = Arc<Mutex<Vec<(u32, Vec<u8>)>>>;
+
 /// What the database does with a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Db {
@@ -113,7 +116,7 @@ pub struct FakeDb {
     pub ca: Ca,
     pub mode: Arc<Mutex<Db>>,
     /// (pid, key) of every CancelRequest received.
-    pub cancels: Arc<Mutex<Vec<(u32, Vec<u8>)>>>,
+    pub cancels: Cancels,
     /// Sessions the database is serving right now.
     pub live: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -173,7 +176,7 @@ async fn serve_db(
     mode: Db,
     acceptor: TlsAcceptor,
     pid: u32,
-    cancels: Arc<Mutex<Vec<(u32, Vec<u8>)>>>,
+    cancels: Cancels,
     live: Arc<std::sync::atomic::AtomicUsize>,
 ) -> std::io::Result<()> {
     let mut req = [0u8; 8];
