@@ -34,7 +34,7 @@ use tracing::Instrument;
 /// `local_port` is the tailnet port the peer dialled (it selects routes).
 pub async fn run<S, T>(stream: S, peer_addr: SocketAddr, local_port: u16, tailnet: &T, shared: &Shared)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + relay::HandOff,
     T: Tailnet,
 {
     let id = audit::new_session_id();
@@ -150,7 +150,7 @@ impl Session<'_> {
 
     async fn run<S, T>(mut self, stream: S, local_port: u16, tailnet: &T)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + relay::HandOff,
         T: Tailnet,
     {
         // A task's future is as large as its largest state, and admission
@@ -494,7 +494,7 @@ impl Session<'_> {
     /// proxy shuts down, or the tailnet takes this peer's access away.
     async fn relay<S>(&self, a: Admitted<S>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + relay::HandOff,
     {
         let Admitted {
             client,
@@ -547,7 +547,15 @@ impl Session<'_> {
                 }
             }
         };
-        let r = relay::relay(client, upstream, settings.idle_timeout, stop).await;
+        let r = match Self::hand_off(*client, *upstream) {
+            Ok(relay) => relay::supervise(&relay, settings.idle_timeout, stop).await,
+            Err(e) => relay::RelayOutcome {
+                client_to_upstream: 0,
+                upstream_to_client: 0,
+                reason: EndReason::ClientError,
+                detail: Some(format!("the relay could not take over the connection: {e}")),
+            },
+        };
         if matches!(r.reason, EndReason::Revoked | EndReason::Shutdown) {
             // A backend busy with a query notices its client is gone only
             // when it next talks to it: cancel the query so the database
@@ -567,6 +575,31 @@ impl Session<'_> {
             r.detail,
         )
         .await;
+    }
+
+    /// Hands the data phase to the client connection's driver: from here on
+    /// the tailnet node moves the bytes and [`relay::Relay`] decides. TLS
+    /// state (and anything read but not yet relayed) moves with it.
+    fn hand_off<S: relay::HandOff>(
+        client: ClientStream<S>,
+        upstream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) -> std::io::Result<Arc<relay::Relay>> {
+        let (client, client_tls) = match client {
+            ClientStream::Plain(s) => (s, None),
+            ClientStream::Tls(t) => {
+                let (s, tls) = t.into_inner();
+                (s, Some(rustls::Connection::Server(tls)))
+            }
+        };
+        let (client, pending) = client.into_parts();
+        let (tcp, upstream_tls) = upstream.into_inner();
+        let relay = Arc::new(relay::Relay::new(
+            client_tls,
+            pending,
+            Some(rustls::Connection::Client(upstream_tls)),
+        ));
+        client.hand_off(tcp.into_std()?, relay.clone())?;
+        Ok(relay)
     }
 
     /// Identity-bound cancel: forwarded over a new verified TLS connection

@@ -30,6 +30,12 @@ impl<S> Rewind<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+    /// The inner stream and the replay bytes not yet read.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let mut prefix = self.prefix;
+        prefix.drain(..self.pos);
+        (self.inner, prefix)
+    }
     /// Whether replayed bytes are still pending.
     pub fn has_prefix(&self) -> bool {
         self.pos < self.prefix.len()

@@ -158,3 +158,14 @@ impl AsyncWrite for TailnetConn {
         Poll::Ready(self.get_mut().conn.shutdown_write())
     }
 }
+
+/// The node's goroutines move a relayed session's bytes (tsffi.h).
+impl crate::relay::HandOff for TailnetConn {
+    fn hand_off(
+        self,
+        upstream: std::net::TcpStream,
+        relay: Arc<crate::relay::Relay>,
+    ) -> io::Result<()> {
+        self.conn.relay(upstream.into(), relay)
+    }
+}

@@ -7,8 +7,10 @@
 #![allow(unsafe_code)]
 #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
 
-use std::ffi::{c_char, c_int, CStr, CString};
-use std::os::fd::{FromRawFd, OwnedFd};
+use crate::relay::{self, Relay};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 mod bindings {
@@ -283,6 +285,113 @@ impl<W: Wake> Conn<W> {
         let ret = unsafe { bindings::tsffi_conn_shutdown_write(self.id) };
         if ret < 0 {
             return Err(errno(ret.into()));
+        }
+        Ok(())
+    }
+}
+
+/// The node's relay goroutines call into a [`Relay`] through these; ctx is
+/// the `Arc<Relay>` [`Conn::relay`] leaked for them, released by
+/// `relay_done` (tsffi.h: after done, ctx is never used again).
+fn relay_of<'a>(ctx: *mut c_void) -> &'a Relay {
+    // SAFETY: see above; the reference never outlives the callback.
+    unsafe { &*(ctx as *const Relay) }
+}
+
+/// The side named in a callback (tsffi.h's TSFFI_CLIENT, TSFFI_UPSTREAM).
+fn side_of(side: c_int) -> usize {
+    if side == bindings::TSFFI_CLIENT as c_int {
+        relay::CLIENT
+    } else {
+        relay::UPSTREAM
+    }
+}
+
+extern "C" fn relay_begin(ctx: *mut c_void, side: c_int) -> c_uint {
+    relay_of(ctx).begin(side_of(side))
+}
+
+extern "C" fn relay_input(ctx: *mut c_void, side: c_int, buf: *const u8, len: usize) -> c_uint {
+    let data: &[u8] = if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the node passes len readable bytes at buf, for this call.
+        unsafe { std::slice::from_raw_parts(buf, len) }
+    };
+    relay_of(ctx).input(side_of(side), data)
+}
+
+extern "C" fn relay_output(ctx: *mut c_void, side: c_int, buf: *mut u8, cap: usize) -> usize {
+    if cap == 0 {
+        return 0;
+    }
+    // SAFETY: the node passes cap writable bytes at buf, for this call.
+    let out = unsafe { std::slice::from_raw_parts_mut(buf, cap) };
+    relay_of(ctx).output(side_of(side), out)
+}
+
+extern "C" fn relay_failed(ctx: *mut c_void, side: c_int, writing: c_int, err: c_int) -> c_uint {
+    relay_of(ctx).failed(side_of(side), writing != 0, &std::io::Error::from_raw_os_error(err))
+}
+
+extern "C" fn relay_done(ctx: *mut c_void) {
+    // SAFETY: the reference Conn::relay leaked; the node calls done once,
+    // last.
+    let r = unsafe { Arc::from_raw(ctx as *const Relay) };
+    r.finished();
+}
+
+static RELAY_OPS: bindings::tsffi_relay_ops = bindings::tsffi_relay_ops {
+    begin: Some(relay_begin),
+    input: Some(relay_input),
+    output: Some(relay_output),
+    failed: Some(relay_failed),
+    done: Some(relay_done),
+};
+
+// The relay's bits and sides are tsffi.h's.
+const _: () = {
+    assert!(bindings::TSFFI_CLIENT as usize == relay::CLIENT);
+    assert!(bindings::TSFFI_UPSTREAM as usize == relay::UPSTREAM);
+    assert!(bindings::TSFFI_RELAY_WRITE_CLIENT == relay::WRITE_CLIENT);
+    assert!(bindings::TSFFI_RELAY_WRITE_UPSTREAM == relay::WRITE_UPSTREAM);
+    assert!(bindings::TSFFI_RELAY_HALF_CLOSE == relay::HALF_CLOSE);
+    assert!(bindings::TSFFI_RELAY_END == relay::END);
+};
+
+impl<W: Wake> Conn<W> {
+    /// Hands the connection and the database's socket to the node, whose
+    /// goroutines move the bytes from now on, `relay` deciding (tsffi.h).
+    pub fn relay(self, upstream: OwnedFd, relay: Arc<Relay>) -> std::io::Result<()> {
+        let ctx = Arc::into_raw(relay.clone());
+        let grace = c_uint::try_from(relay::STOP_WRITE_GRACE.as_millis()).unwrap_or(c_uint::MAX);
+        // SAFETY: RELAY_OPS lives forever and its callbacks match
+        // tsffi_relay_ops; ctx stays valid until relay_done releases it.
+        // The node takes the descriptor over, even on failure.
+        let ret = unsafe {
+            bindings::tsffi_relay_start(
+                self.id,
+                upstream.into_raw_fd(),
+                std::ptr::addr_of!(RELAY_OPS).cast_mut(),
+                ctx as *mut c_void,
+                grace,
+            )
+        };
+        if ret < 0 {
+            // SAFETY: not started, so the node never saw ctx.
+            drop(unsafe { Arc::from_raw(ctx) });
+            return Err(errno(ret.into()));
+        }
+        let id = self.id;
+        // SAFETY: a plain call; an id whose relay is over is ignored.
+        relay.set_kick(Box::new(move || unsafe { bindings::tsffi_relay_kick(id) }));
+        // The node owns the connection now and will never wake us again:
+        // release the wake ctx without closing the connection.
+        let this = std::mem::ManuallyDrop::new(self);
+        if !this.ctx.is_null() {
+            // SAFETY: ctx came from Arc::into_raw in attach; Drop, which
+            // would release it too, never runs.
+            drop(unsafe { Arc::from_raw(this.ctx) });
         }
         Ok(())
     }

@@ -215,3 +215,17 @@ impl Tailnet for MemoryTailnet {
         s.watchers.clear();
     }
 }
+
+/// The in-memory tailnet's connections are tokio's: tokio tasks move their
+/// bytes, keeping to the relay's protocol as the embedded node does.
+impl crate::relay::HandOff for DuplexStream {
+    fn hand_off(
+        self,
+        upstream: std::net::TcpStream,
+        relay: std::sync::Arc<crate::relay::Relay>,
+    ) -> std::io::Result<()> {
+        let upstream = tokio::net::TcpStream::from_std(upstream)?;
+        tokio::spawn(crate::relay::drive(self, upstream, relay));
+        Ok(())
+    }
+}

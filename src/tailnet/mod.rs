@@ -172,7 +172,7 @@ pub enum TailnetError {
 /// The backend boundary: what the proxy needs from a tailnet.
 pub trait Tailnet: Send + Sync + 'static {
     /// An accepted connection from a peer.
-    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + crate::relay::HandOff + 'static;
     type Listener: Listener<Conn = Self::Conn>;
     type Watch: Watch;
 
@@ -188,7 +188,7 @@ pub trait Tailnet: Send + Sync + 'static {
 
 /// Connections accepted on one tailnet port.
 pub trait Listener: Send + Sync + 'static {
-    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + crate::relay::HandOff + 'static;
     /// The tailnet port it serves.
     fn port(&self) -> u16;
     /// The next connection and its peer's tailnet address.

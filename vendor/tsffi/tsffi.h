@@ -106,6 +106,50 @@ int tsffi_conn_shutdown_write(unsigned long long conn);
 /* tsffi_conn_close closes the connection (idempotent, any id). */
 void tsffi_conn_close(unsigned long long conn);
 
+/* The data phase. tsffi_relay_start hands a tailnet connection and the
+ * database's TCP socket (upstream_fd, which the node takes over and closes
+ * even on failure) to the node, whose goroutines then move the bytes: one
+ * reader per side, in the node's own scheduler, as tsnet's own connections
+ * are served. The caller's engine (ops, ctx) decides everything; the node
+ * calls it on its threads, never two calls with the same side's writes at
+ * once, and no call may block or call back into tsffi:
+ *   begin(ctx, side): before the side's first read (side: TSFFI_CLIENT or
+ *     TSFFI_UPSTREAM); returns bits as input does.
+ *   input(ctx, side, buf, len): bytes read from side (len 0: end of
+ *     stream); returns TSFFI_RELAY_* bits: WRITE_CLIENT / WRITE_UPSTREAM
+ *     (call output for that side until it returns 0 and write it all, under
+ *     that side's write lock), HALF_CLOSE (then shut down the other side's
+ *     write; this side's reader is done), END (the session is over).
+ *   output(ctx, side, buf, cap): fills buf with bytes to write to side.
+ *   failed(ctx, side, writing, errno): a read (writing 0) or write failed;
+ *     returns bits as input does.
+ *   done(ctx): both connections are closed; ctx is never used again.
+ * On END, or tsffi_relay_kick, the readers stop and every write from then on
+ * has grace_ms to finish; then the pending output of both sides is written,
+ * both connections closed and done called. tsffi_conn_attach's callback is
+ * never called again once tsffi_relay_start returns, and the caller must not
+ * use the connection id except to kick. ops is only read. Returns 0 or
+ * -errno. */
+#define TSFFI_CLIENT 0
+#define TSFFI_UPSTREAM 1
+#define TSFFI_RELAY_WRITE_CLIENT 1u
+#define TSFFI_RELAY_WRITE_UPSTREAM 2u
+#define TSFFI_RELAY_HALF_CLOSE 4u
+#define TSFFI_RELAY_END 8u
+typedef struct tsffi_relay_ops {
+    unsigned int (*begin)(void *ctx, int side);
+    unsigned int (*input)(void *ctx, int side, const unsigned char *buf, size_t len);
+    size_t (*output)(void *ctx, int side, unsigned char *buf, size_t cap);
+    unsigned int (*failed)(void *ctx, int side, int writing, int err);
+    void (*done)(void *ctx);
+} tsffi_relay_ops;
+int tsffi_relay_start(unsigned long long conn, int upstream_fd, tsffi_relay_ops *ops,
+                      void *ctx, unsigned int grace_ms);
+
+/* tsffi_relay_kick starts a relay's wind-down (the engine has decided to
+ * stop it); unknown ids are ignored. */
+void tsffi_relay_kick(unsigned long long conn);
+
 /* tsffi_whois identifies the tailnet peer at ip (16 bytes, network order;
  * IPv4 as ::ffff:a.b.c.d) and port straight from the
  * node's backend (no LocalAPI request; the same lookup and capability map

@@ -1,0 +1,395 @@
+package main
+
+/*
+#include "tsffi.h"
+
+// cgo cannot call C function pointers directly.
+static unsigned int relay_begin(const tsffi_relay_ops *o, void *ctx, int side) {
+	return o->begin(ctx, side);
+}
+static unsigned int relay_input(const tsffi_relay_ops *o, void *ctx, int side, void *buf, size_t len) {
+	return o->input(ctx, side, buf, len);
+}
+static size_t relay_output(const tsffi_relay_ops *o, void *ctx, int side, void *buf, size_t cap) {
+	return o->output(ctx, side, buf, cap);
+}
+static unsigned int relay_failed(const tsffi_relay_ops *o, void *ctx, int side, int writing, int err) {
+	return o->failed(ctx, side, writing, err);
+}
+static void relay_done(const tsffi_relay_ops *o, void *ctx) { o->done(ctx); }
+*/
+import "C"
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// The data phase of a session, moved by goroutines in this runtime's
+// scheduler, as tsnet serves its own connections: the netstack wakes the
+// client reader with a channel send (a goroutine switch, not a thread
+// wake-up), the database socket is in Go's netpoller, and writes into the
+// netstack are made from a goroutine, next to the inject goroutine they
+// ready. The engine (C callbacks into tailgres, see tsffi.h) decides
+// everything: TLS, message boundaries, who ended the session, the FATAL a
+// stopped client is told. Nothing here inspects a byte.
+
+const (
+	sideClient   = C.TSFFI_CLIENT
+	sideUpstream = C.TSFFI_UPSTREAM
+)
+
+// relayBuf is the size of the pooled buffers reads and writes use. They
+// are taken only while bytes move, so an idle session holds none.
+const relayBuf = 64 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBuf); return &b }}
+
+type relay struct {
+	id  uint64
+	tc  *tconn
+	up  *net.TCPConn
+	raw syscall.RawConn
+
+	ops   *C.tsffi_relay_ops
+	ctx   unsafe.Pointer
+	grace time.Duration
+
+	// wmu[side] is held while that side's output is taken and written,
+	// so TLS records leave in the order the engine made them.
+	wmu  [2]sync.Mutex
+	dead [2]atomic.Bool // a write to that side failed
+
+	down      sync.Once
+	stopped   chan struct{} // closed when the wind-down begins
+	graceOver chan struct{} // closed grace after that
+	readers   atomic.Int32  // still running
+}
+
+var relays sync.Map // conn id -> *relay
+
+//export tsffi_relay_start
+func tsffi_relay_start(id C.ulonglong, fd C.int, ops *C.tsffi_relay_ops, ctx unsafe.Pointer, graceMS C.uint) C.int {
+	f := os.NewFile(uintptr(fd), "upstream")
+	c, err := net.FileConn(f) // a dup; f's descriptor is closed next
+	f.Close()
+	tc := lookupConn(id)
+	if err != nil || tc == nil {
+		if c != nil {
+			c.Close()
+		}
+		if tc == nil {
+			return -C.int(syscall.ECONNABORTED)
+		}
+		return -C.int(syscall.EBADF)
+	}
+	up, ok := c.(*net.TCPConn)
+	var raw syscall.RawConn
+	if ok {
+		raw, err = up.SyscallConn()
+	}
+	if !ok || err != nil {
+		c.Close()
+		return -C.int(syscall.ENOTSOCK)
+	}
+	if err := tc.detach(); err != nil {
+		c.Close()
+		return -C.int(err.(syscall.Errno))
+	}
+	r := &relay{
+		id: uint64(id), tc: tc, up: up, raw: raw,
+		ops: ops, ctx: ctx, grace: time.Duration(graceMS) * time.Millisecond,
+		stopped: make(chan struct{}), graceOver: make(chan struct{}),
+	}
+	r.readers.Store(2)
+	relays.Store(uint64(id), r)
+	go r.readClient()
+	go r.readUpstream()
+	return 0
+}
+
+//export tsffi_relay_kick
+func tsffi_relay_kick(id C.ulonglong) {
+	if v, ok := relays.Load(uint64(id)); ok {
+		v.(*relay).windDown()
+	}
+}
+
+// detach hands the connection from C's wake callback to a relay.
+func (tc *tconn) detach() error {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	if tc.closed {
+		return syscall.ECONNABORTED
+	}
+	if tc.attached {
+		// Waits for a callback under way: after this, wake is never called.
+		tc.wq.EventUnregister(&tc.entry)
+		tc.attached = false
+	}
+	return nil
+}
+
+// windDown stops both readers; from now on every write has r.grace.
+func (r *relay) windDown() {
+	r.down.Do(func() {
+		close(r.stopped)
+		r.up.SetReadDeadline(time.Unix(1, 0))
+		r.up.SetWriteDeadline(time.Now().Add(r.grace))
+		time.AfterFunc(r.grace, func() { close(r.graceOver) })
+	})
+}
+
+func (r *relay) isStopped() bool {
+	select {
+	case <-r.stopped:
+		return true
+	default:
+		return false
+	}
+}
+
+// readClient reads the tailnet connection straight from the netstack.
+func (r *relay) readClient() {
+	defer r.readerDone()
+	if !r.act(sideClient, C.relay_begin(r.ops, r.ctx, sideClient)) {
+		return
+	}
+	entry, ready := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	r.tc.wq.EventRegister(&entry)
+	defer r.tc.wq.EventUnregister(&entry)
+	for !r.isStopped() {
+		bp := relayBufs.Get().(*[]byte)
+		w := tcpip.SliceWriter(*bp)
+		res, err := r.tc.ep.Read(&w, tcpip.ReadOptions{})
+		var bits C.uint
+		switch err.(type) {
+		case nil:
+			r.tc.ep.ModerateRecvBuf(res.Count)
+			bits = r.input(sideClient, (*bp)[:res.Count])
+		case *tcpip.ErrWouldBlock:
+			relayBufs.Put(bp)
+			select {
+			case <-ready:
+			case <-r.stopped:
+			}
+			continue
+		case *tcpip.ErrClosedForReceive:
+			bits = r.input(sideClient, nil)
+		default:
+			bits = C.relay_failed(r.ops, r.ctx, sideClient, 0, C.int(errno(err)))
+		}
+		relayBufs.Put(bp)
+		if !r.act(sideClient, bits) {
+			return
+		}
+	}
+}
+
+// readUpstream reads the database's socket through Go's netpoller; the
+// buffer is taken only once the socket is readable.
+func (r *relay) readUpstream() {
+	defer r.readerDone()
+	if !r.act(sideUpstream, C.relay_begin(r.ops, r.ctx, sideUpstream)) {
+		return
+	}
+	for {
+		var bp *[]byte
+		var n int
+		var rerr error
+		err := r.raw.Read(func(fd uintptr) bool {
+			bp = relayBufs.Get().(*[]byte)
+			for {
+				n, rerr = syscall.Read(int(fd), *bp)
+				if rerr != syscall.EINTR {
+					break
+				}
+			}
+			if rerr == syscall.EAGAIN {
+				relayBufs.Put(bp)
+				bp = nil
+				return false
+			}
+			return true
+		})
+		if r.isStopped() {
+			if bp != nil {
+				relayBufs.Put(bp)
+			}
+			return
+		}
+		var bits C.uint
+		switch {
+		case err != nil:
+			bits = C.relay_failed(r.ops, r.ctx, sideUpstream, 0, C.int(errnoOf(err)))
+		case rerr != nil:
+			bits = C.relay_failed(r.ops, r.ctx, sideUpstream, 0, C.int(errnoOf(rerr)))
+		case n == 0:
+			bits = r.input(sideUpstream, nil)
+		default:
+			bits = r.input(sideUpstream, (*bp)[:n])
+		}
+		if bp != nil {
+			relayBufs.Put(bp)
+		}
+		if !r.act(sideUpstream, bits) {
+			return
+		}
+	}
+}
+
+func (r *relay) input(side C.int, b []byte) C.uint {
+	if len(b) == 0 {
+		return C.relay_input(r.ops, r.ctx, side, nil, 0)
+	}
+	return C.relay_input(r.ops, r.ctx, side, unsafe.Pointer(&b[0]), C.size_t(len(b)))
+}
+
+func writeBit(side C.int) C.uint {
+	if side == sideClient {
+		return C.TSFFI_RELAY_WRITE_CLIENT
+	}
+	return C.TSFFI_RELAY_WRITE_UPSTREAM
+}
+
+// act does what the engine asked after a read of side; false: this
+// reader is done.
+func (r *relay) act(side C.int, bits C.uint) bool {
+	other := 1 - side
+	if bits&writeBit(other) != 0 {
+		bits |= r.flush(other)
+	}
+	if bits&writeBit(side) != 0 {
+		bits |= r.flush(side)
+	}
+	switch {
+	case bits&C.TSFFI_RELAY_END != 0:
+		r.windDown()
+		return false
+	case bits&C.TSFFI_RELAY_HALF_CLOSE != 0:
+		r.closeWrite(other)
+		return false
+	}
+	return true
+}
+
+// flush writes side's pending output; it returns the engine's bits if a
+// write failed.
+func (r *relay) flush(side C.int) C.uint {
+	r.wmu[side].Lock()
+	defer r.wmu[side].Unlock()
+	if r.dead[side].Load() {
+		return 0
+	}
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	b := *bp
+	for {
+		n := int(C.relay_output(r.ops, r.ctx, side, unsafe.Pointer(&b[0]), C.size_t(len(b))))
+		if n == 0 {
+			return 0
+		}
+		if err := r.write(side, b[:n]); err != nil {
+			r.dead[side].Store(true)
+			return C.relay_failed(r.ops, r.ctx, side, 1, C.int(errnoOf(err)))
+		}
+	}
+}
+
+func (r *relay) write(side C.int, b []byte) error {
+	if side == sideUpstream {
+		_, err := r.up.Write(b)
+		return err
+	}
+	return r.writeClient(b)
+}
+
+// writeClient writes all of b into the netstack, waiting while its send
+// buffer is full (at most the grace once the wind-down began).
+func (r *relay) writeClient(b []byte) error {
+	var (
+		rd    bytes.Reader
+		entry waiter.Entry
+		ready chan struct{}
+	)
+	for len(b) > 0 {
+		rd.Reset(b)
+		n, err := r.tc.ep.Write(&rd, tcpip.WriteOptions{})
+		b = b[n:]
+		switch err.(type) {
+		case nil:
+		case *tcpip.ErrWouldBlock:
+			if ready == nil {
+				// Registered, then tried again before waiting: a change
+				// between the write and the registration is not missed.
+				entry, ready = waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
+				r.tc.wq.EventRegister(&entry)
+				defer r.tc.wq.EventUnregister(&entry)
+				continue
+			}
+			select {
+			case <-ready:
+			case <-r.graceOver:
+				return syscall.ETIMEDOUT
+			}
+		default:
+			return errno(err)
+		}
+	}
+	return nil
+}
+
+func (r *relay) closeWrite(side C.int) {
+	r.wmu[side].Lock()
+	defer r.wmu[side].Unlock()
+	if r.dead[side].Load() {
+		return
+	}
+	if side == sideUpstream {
+		r.up.CloseWrite()
+	} else {
+		r.tc.ep.Shutdown(tcpip.ShutdownWrite)
+	}
+}
+
+// readerDone ends the relay after its last reader: what is pending (the
+// FATAL, TLS close_notify) is written within the grace, both connections
+// are closed, and the engine is told.
+func (r *relay) readerDone() {
+	if r.readers.Add(-1) != 0 {
+		return
+	}
+	r.windDown()
+	for _, side := range []C.int{sideClient, sideUpstream} {
+		r.flush(side)
+		r.closeWrite(side)
+	}
+	r.tc.close(r.id, false, false)
+	r.up.Close()
+	relays.Delete(r.id)
+	C.relay_done(r.ops, r.ctx)
+}
+
+// errnoOf gives the errno behind a Go I/O error (EIO when there is none).
+func errnoOf(err error) syscall.Errno {
+	var e syscall.Errno
+	switch {
+	case errors.As(err, &e):
+		return e
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return syscall.ETIMEDOUT
+	case errors.Is(err, net.ErrClosed):
+		return syscall.ECONNABORTED
+	}
+	return syscall.EIO
+}
