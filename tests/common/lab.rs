@@ -91,16 +91,7 @@ impl LabUp {
     /// Runs SQL on the lab database as its superuser (unix socket, not
     /// through the proxy); returns psql -At output.
     pub async fn psql_admin(&self, sql: &str) -> String {
-        let up = &self.info["upstream"];
-        let conn = format!(
-            "host={} port={} user={} dbname=postgres",
-            up["socket_dir"].as_str().unwrap(),
-            up["port"],
-            up["superuser"].as_str().unwrap()
-        );
-        let out = Command::new("psql").args(["-X", "-At", "-c", sql, &conn]).output().await.unwrap();
-        assert!(out.status.success(), "psql admin: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
+        psql_superuser(&self.info["upstream"], sql).await
     }
 
     /// Audit records so far, each validated against audit-schema.json.
@@ -183,6 +174,21 @@ impl LabUp {
     }
 }
 
+/// Runs SQL as the superuser of a lab database described by `pg` (the
+/// `upstream` of `tailgres-lab up`, or the line `tailgres-lab pg` prints:
+/// `socket_dir`, `port`, `superuser`) over its unix socket; psql -At output.
+pub async fn psql_superuser(pg: &Value, sql: &str) -> String {
+    let conn = format!(
+        "host={} port={} user={} dbname=postgres",
+        pg["socket_dir"].as_str().unwrap(),
+        pg["port"],
+        pg["superuser"].as_str().unwrap()
+    );
+    let out = Command::new("psql").args(["-X", "-At", "-c", sql, &conn]).output().await.unwrap();
+    assert!(out.status.success(), "psql admin: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A test that panics drops its lab without [`LabUp::stop`]: SIGTERM (not
 /// SIGKILL) lets `tailgres-lab` stop its own children, so no tailgres,
 /// tslab or postgres outlives the test.
@@ -201,17 +207,40 @@ pub fn terminate(child: &mut Child) {
 
 /// Runs psql with a connection string; returns (success, stdout, stderr).
 pub async fn psql(conninfo: &str, password: Option<&str>, sql: &str) -> (bool, String, String) {
+    psql_stdin(conninfo, password, &[sql], Vec::new()).await
+}
+
+/// [`psql`] with several `-c` commands run in one session, and `stdin`
+/// written to its standard input (what `COPY ... FROM STDIN` reads).
+pub async fn psql_stdin(
+    conninfo: &str,
+    password: Option<&str>,
+    commands: &[&str],
+    stdin: Vec<u8>,
+) -> (bool, String, String) {
     let mut cmd = Command::new("psql");
-    cmd.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, conninfo]).env_remove("PGPASSWORD");
+    cmd.args(["-X", "-At", "-v", "ON_ERROR_STOP=1"]);
+    for sql in commands {
+        cmd.args(["-c", sql]);
+    }
+    cmd.arg(conninfo).env_remove("PGPASSWORD");
     if let Some(p) = password {
         cmd.env("PGPASSWORD", p);
     }
     // Never read ~/.pgpass or service files of the machine running tests.
     cmd.env("PGPASSFILE", "/dev/null").env("PGSERVICEFILE", "/dev/null").env("PGCONNECT_TIMEOUT", "30");
-    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start psql");
+    let mut input = child.stdin.take().unwrap();
+    // Written beside the wait: psql may print (and block) before it reads.
+    let feed = tokio::spawn(async move {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut input, &stdin).await;
+    });
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
         .await
         .expect("psql hung")
         .unwrap();
+    let _ = feed.await;
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
