@@ -207,11 +207,13 @@ struct Engine {
     ended: Option<(EndReason, Option<String>)>,
     /// The proxy ended the session.
     stopped: Option<Stop>,
+    /// The driver is done (both sides closed).
+    finished: bool,
 }
 
 impl Engine {
     fn over(&self) -> bool {
-        self.ended.is_some() || self.stopped.is_some()
+        self.ended.is_some() || self.stopped.is_some() || self.finished
     }
 
     fn pending(&self) -> u32 {
@@ -325,6 +327,7 @@ impl Relay {
                 first_closed: None,
                 ended: None,
                 stopped: None,
+                finished: false,
             }),
             moved: Default::default(),
             kick: OnceLock::new(),
@@ -454,6 +457,7 @@ impl Relay {
 
     /// The driver is done: both connections are closed.
     pub fn finished(&self) {
+        self.lock().finished = true;
         self.done.notify_one();
     }
 

@@ -241,3 +241,39 @@ async fn terminate_then_an_unclean_upstream_close_is_the_clients() {
     let out = task.await.unwrap();
     assert_eq!(out.reason, EndReason::ClientTerminated, "{:?}", out.detail);
 }
+
+/// What admission read but did not use (a pipelined query) goes first.
+#[tokio::test]
+async fn bytes_read_before_the_relay_go_first() {
+    let (mut c_peer, c) = duplex(1024);
+    let (mut u_peer, u) = duplex(1024);
+    let early = crate::pgwire::message_bytes(b'Q', b"select 1\0");
+    let r = Arc::new(Relay::new(None, early.clone(), None));
+    tokio::spawn(drive(c, u, r.clone()));
+    let task = tokio::spawn(async move { supervise(&r, None, std::future::pending::<Stop>()).await });
+    let later = crate::pgwire::message_bytes(b'X', b"");
+    c_peer.write_all(&later).await.unwrap();
+    c_peer.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    u_peer.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, [early.clone(), later].concat());
+    drop(u_peer);
+    let out = task.await.unwrap();
+    assert_eq!(out.reason, EndReason::ClientTerminated);
+    assert_eq!(out.client_to_upstream, got.len() as u64, "the early bytes are counted too");
+}
+
+/// A stop after the session ended changes nothing: the end stands.
+#[tokio::test]
+async fn a_stop_after_the_end_is_ignored() {
+    let (c_peer, c) = duplex(1024);
+    let (u_peer, u) = duplex(1024);
+    let r = Arc::new(Relay::new(None, Vec::new(), None));
+    tokio::spawn(drive(c, u, r.clone()));
+    drop(c_peer); // an unclean end of a plaintext stream is a clean close
+    drop(u_peer);
+    let out = supervise(&r, None, std::future::pending::<Stop>()).await;
+    assert!(matches!(out.reason, EndReason::ClientClosed | EndReason::UpstreamClosed), "{:?}", out.reason);
+    let stop = Stop { reason: EndReason::Revoked, client_message: "x".into(), detail: None };
+    assert!(!r.stop(stop), "nothing to stop");
+}

@@ -53,6 +53,7 @@ type tconn struct {
 	mu       sync.Mutex
 	entry    waiter.Entry
 	attached bool
+	relayed  bool // handed to a relay (relay.go), which closes it
 	closed   bool
 	wake     C.tsffi_wake_fn
 	ctx      unsafe.Pointer
@@ -233,11 +234,11 @@ func (tc *tconn) shutdownWrite() int64 {
 // close closes the endpoint (idempotent). byNode says the node or the
 // listener is closing it, not C: C is then woken once so that a pending
 // read or write sees the connection gone. onlyUnattached leaves alone a
-// connection C has attached.
+// connection C has attached, or handed to a relay.
 func (tc *tconn) close(id uint64, byNode, onlyUnattached bool) {
 	tc.mu.Lock()
 	defer tc.mu.Unlock()
-	if tc.closed || (onlyUnattached && tc.attached) {
+	if tc.closed || (onlyUnattached && (tc.attached || tc.relayed)) {
 		return
 	}
 	tc.closed = true

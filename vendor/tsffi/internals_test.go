@@ -517,3 +517,46 @@ func TestAddressesAreValues(t *testing.T) {
 		t.Fatalf("an IPv4-mapped address stays IPv6: %s", got)
 	}
 }
+
+// TestListenerCloseLeavesRelayedConnections: a listener that stops closes
+// the connections it announced that nobody took, never one handed to a
+// relay (a drain stops listening while sessions go on); the node's close
+// ends those too.
+func TestListenerCloseLeavesRelayedConnections(t *testing.T) {
+	server, _ := connPair(t)
+	ep, wq, err := endpointOf(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &tailnetListener{}
+	relayed := &tconn{ep: ep, wq: wq, ln: ln}
+	if err := relayed.detach(); err != nil {
+		t.Fatal(err)
+	}
+	untaken := &tconn{ep: ep, wq: wq, ln: ln}
+	conns.Store(uint64(1<<62), relayed)
+	conns.Store(uint64(1<<62+1), untaken)
+	defer conns.Delete(uint64(1 << 62))
+	defer conns.Delete(uint64(1<<62 + 1))
+
+	closeConns(func(tc *tconn) bool { return tc.ln == ln }, true)
+	if relayed.closed {
+		t.Fatal("the listener's close closed a relayed connection")
+	}
+	if !untaken.closed {
+		t.Fatal("the listener's close left a connection nobody took")
+	}
+	closeConns(func(tc *tconn) bool { return tc.ln == ln }, false)
+	if !relayed.closed {
+		t.Fatal("the node's close left a relayed connection open")
+	}
+}
+
+// TestListenersAreDistinct: each listener's connections are told apart by
+// the listener's address, so two listeners must never share one.
+func TestListenersAreDistinct(t *testing.T) {
+	a, b := &tailnetListener{}, &tailnetListener{}
+	if a == b {
+		t.Fatal("two listeners share an address")
+	}
+}

@@ -79,8 +79,10 @@ func (n *node) listen(network, addr string) (int, error) {
 	return cEnd, nil
 }
 
-// tailnetListener identifies one listener's connections.
-type tailnetListener struct{}
+// tailnetListener identifies one listener's connections by its address.
+// Not zero-sized: Go may give every zero-sized allocation the same
+// address, which would make all listeners one.
+type tailnetListener struct{ _ byte }
 
 // handOver adopts c and sends its id, with c's remote address, to the C
 // side in one message (see announcement).

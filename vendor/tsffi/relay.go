@@ -73,7 +73,10 @@ type relay struct {
 	down      sync.Once
 	stopped   chan struct{} // closed when the wind-down begins
 	graceOver chan struct{} // closed grace after that
-	readers   atomic.Int32  // still running
+	readers   atomic.Int32  // sides still reading
+
+	client      atomic.Int32 // clientIdle, clientReading or clientDone
+	clientEntry waiter.Entry
 }
 
 var relays sync.Map // conn id -> *relay
@@ -113,7 +116,7 @@ func tsffi_relay_start(id C.ulonglong, fd C.int, ops *C.tsffi_relay_ops, ctx uns
 	}
 	r.readers.Store(2)
 	relays.Store(uint64(id), r)
-	go r.readClient()
+	r.startClient()
 	go r.readUpstream()
 	return 0
 }
@@ -121,7 +124,9 @@ func tsffi_relay_start(id C.ulonglong, fd C.int, ops *C.tsffi_relay_ops, ctx uns
 //export tsffi_relay_kick
 func tsffi_relay_kick(id C.ulonglong) {
 	if v, ok := relays.Load(uint64(id)); ok {
-		v.(*relay).windDown()
+		// On a goroutine: the wind-down may end the relay, whose last
+		// writes may wait (up to the grace), and the caller must not.
+		go v.(*relay).windDown()
 	}
 }
 
@@ -137,17 +142,28 @@ func (tc *tconn) detach() error {
 		tc.wq.EventUnregister(&tc.entry)
 		tc.attached = false
 	}
+	tc.relayed = true
 	return nil
 }
 
-// windDown stops both readers; from now on every write has r.grace.
+// windDown stops both sides' reading; from now on every write has
+// r.grace.
 func (r *relay) windDown() {
+	first := false
 	r.down.Do(func() {
+		first = true
 		close(r.stopped)
 		r.up.SetReadDeadline(time.Unix(1, 0))
 		r.up.SetWriteDeadline(time.Now().Add(r.grace))
 		time.AfterFunc(r.grace, func() { close(r.graceOver) })
 	})
+	// A client side with no reader running ends here (outside Do: this may
+	// be the last side, whose end calls windDown again); a running one sees
+	// r.stopped.
+	if first && r.client.CompareAndSwap(clientIdle, clientDone) {
+		r.tc.wq.EventUnregister(&r.clientEntry)
+		r.readerDone()
+	}
 }
 
 func (r *relay) isStopped() bool {
@@ -159,16 +175,43 @@ func (r *relay) isStopped() bool {
 	}
 }
 
-// readClient reads the tailnet connection straight from the netstack.
+// The client side has no goroutine while the client is quiet: a wait
+// queue callback (on the netstack goroutine that queued the data, under the
+// endpoint's lock, so it must not read) starts one, which reads until the
+// netstack has nothing more and ends. An idle session costs one goroutine
+// (the database reader), not two.
+const (
+	clientIdle int32 = iota
+	clientReading
+	clientDone
+)
+
+func (r *relay) startClient() {
+	r.clientEntry = waiter.NewFunctionEntry(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr,
+		func(waiter.EventMask) {
+			if r.client.CompareAndSwap(clientIdle, clientReading) {
+				go r.readClient()
+			}
+		})
+	r.client.Store(clientReading)
+	r.tc.wq.EventRegister(&r.clientEntry)
+	go func() {
+		if !r.act(sideClient, C.relay_begin(r.ops, r.ctx, sideClient)) {
+			r.clientOver()
+			return
+		}
+		r.readClient()
+	}()
+}
+
+// readClient reads the tailnet connection straight from the netstack until
+// it has nothing more (or the side is done).
 func (r *relay) readClient() {
-	defer r.readerDone()
-	if !r.act(sideClient, C.relay_begin(r.ops, r.ctx, sideClient)) {
-		return
-	}
-	entry, ready := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
-	r.tc.wq.EventRegister(&entry)
-	defer r.tc.wq.EventUnregister(&entry)
-	for !r.isStopped() {
+	for {
+		if r.isStopped() {
+			r.clientOver()
+			return
+		}
 		bp := relayBufs.Get().(*[]byte)
 		w := tcpip.SliceWriter(*bp)
 		res, err := r.tc.ep.Read(&w, tcpip.ReadOptions{})
@@ -179,9 +222,14 @@ func (r *relay) readClient() {
 			bits = r.input(sideClient, (*bp)[:res.Count])
 		case *tcpip.ErrWouldBlock:
 			relayBufs.Put(bp)
-			select {
-			case <-ready:
-			case <-r.stopped:
+			r.client.Store(clientIdle)
+			// A notification between the read and the store found this
+			// goroutine still reading and started none: look again.
+			if r.tc.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0 && !r.isStopped() {
+				return
+			}
+			if !r.client.CompareAndSwap(clientIdle, clientReading) {
+				return // another reader took over, or the side is done
 			}
 			continue
 		case *tcpip.ErrClosedForReceive:
@@ -191,8 +239,17 @@ func (r *relay) readClient() {
 		}
 		relayBufs.Put(bp)
 		if !r.act(sideClient, bits) {
+			r.clientOver()
 			return
 		}
+	}
+}
+
+// clientOver ends the client side's reading, once.
+func (r *relay) clientOver() {
+	if r.client.Swap(clientDone) != clientDone {
+		r.tc.wq.EventUnregister(&r.clientEntry)
+		r.readerDone()
 	}
 }
 
@@ -362,7 +419,7 @@ func (r *relay) closeWrite(side C.int) {
 	}
 }
 
-// readerDone ends the relay after its last reader: what is pending (the
+// readerDone ends the relay after its last side stopped reading: what is pending (the
 // FATAL, TLS close_notify) is written within the grace, both connections
 // are closed, and the engine is told.
 func (r *relay) readerDone() {
