@@ -593,11 +593,8 @@ impl Session<'_> {
         };
         let (client, pending) = client.into_parts();
         let (tcp, upstream_tls) = upstream.into_inner();
-        let relay = Arc::new(relay::Relay::new(
-            client_tls,
-            pending,
-            Some(rustls::Connection::Client(upstream_tls)),
-        ));
+        let relay =
+            Arc::new(relay::Relay::new(client_tls, pending, Some(rustls::Connection::Client(upstream_tls))));
         client.hand_off(tcp.into_std()?, relay.clone())?;
         Ok(relay)
     }

@@ -134,7 +134,8 @@ impl Frames {
             if self.header_len == 5 {
                 self.header_len = 0;
                 self.current = self.header[0];
-                let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                let len =
+                    u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
                 self.remaining = u64::from(len.saturating_sub(4));
                 if self.remaining == 0 {
                     self.last_complete = Some(self.current);
@@ -236,7 +237,13 @@ impl Engine {
     /// Takes ciphertext (or plaintext) read from `from`, forwarding the
     /// plaintext to the other leg. `Ok(true)`: `from` ended its stream
     /// cleanly (end of a plaintext stream, or TLS close_notify).
-    fn take_in(&mut self, from: usize, mut data: &[u8], eof: bool, moved: &AtomicU64) -> Result<bool, String> {
+    fn take_in(
+        &mut self,
+        from: usize,
+        mut data: &[u8],
+        eof: bool,
+        moved: &AtomicU64,
+    ) -> Result<bool, String> {
         let [client, upstream] = &mut self.legs;
         let (src, dst) = if from == CLIENT { (client, upstream) } else { (upstream, client) };
         let frames = &mut self.frames[from];

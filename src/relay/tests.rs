@@ -196,9 +196,9 @@ impl AsyncRead for EofIsError {
     ) -> std::task::Poll<io::Result<()>> {
         let before = buf.filled().len();
         match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
-            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => std::task::Poll::Ready(
-                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no close_notify")),
-            ),
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no close_notify")))
+            }
             other => other,
         }
     }

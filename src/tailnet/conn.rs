@@ -161,11 +161,7 @@ impl AsyncWrite for TailnetConn {
 
 /// The node's goroutines move a relayed session's bytes (tsffi.h).
 impl crate::relay::HandOff for TailnetConn {
-    fn hand_off(
-        self,
-        upstream: std::net::TcpStream,
-        relay: Arc<crate::relay::Relay>,
-    ) -> io::Result<()> {
+    fn hand_off(self, upstream: std::net::TcpStream, relay: Arc<crate::relay::Relay>) -> io::Result<()> {
         self.conn.relay(upstream.into(), relay)
     }
 }
