@@ -76,9 +76,9 @@ pub fn write_bit(side: usize) -> u32 {
 /// keep a revoked or drained session, its backend and its locks, forever.
 pub const STOP_WRITE_GRACE: Duration = Duration::from_secs(2);
 
-/// A plaintext side's pending output keeps its allocation up to this size
-/// once written; a larger one (a bulk transfer's) is freed, so an idle
-/// session holds little.
+/// A plaintext side's pending output keeps its allocation up to this size;
+/// a larger one (a bulk transfer's) is freed once a small write empties it,
+/// so an idle session holds little.
 const KEEP_PLAIN_OUT: usize = 16 * 1024;
 
 #[derive(Debug)]
@@ -399,7 +399,10 @@ impl Relay {
                 let n = out.len().min(buf.len());
                 buf[..n].copy_from_slice(&out[..n]);
                 out.drain(..n);
-                if out.is_empty() && out.capacity() > KEEP_PLAIN_OUT {
+                // A bulk transfer keeps its buffer; once what is written is
+                // small again (the end of a result, an interactive session)
+                // a large one is freed.
+                if out.is_empty() && out.capacity() > KEEP_PLAIN_OUT && n < KEEP_PLAIN_OUT {
                     *out = Vec::new();
                 }
                 n

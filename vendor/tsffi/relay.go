@@ -49,11 +49,35 @@ const (
 	sideUpstream = C.TSFFI_UPSTREAM
 )
 
-// relayBuf is the size of the pooled buffers reads and writes use. They
-// are taken only while bytes move, so an idle session holds none.
-const relayBuf = 64 << 10
+// Reads take relayRead bytes; a buffer has room beyond that, so what one
+// read becomes once encrypted (TLS adds a header and a tag per record)
+// leaves in one write. Buffers are taken only while bytes move, so an idle
+// session holds none. They are kept in a free list of their own rather than
+// a sync.Pool: a pool is emptied at every GC, and under load each GC cycle
+// would allocate (and zero) a new set.
+const (
+	relayRead = 64 << 10
+	relayBuf  = relayRead + 4<<10
+)
 
-var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBuf); return &b }}
+var relayFree = make(chan *[]byte, 32)
+
+func getBuf() *[]byte {
+	select {
+	case b := <-relayFree:
+		return b
+	default:
+		b := make([]byte, relayBuf)
+		return &b
+	}
+}
+
+func putBuf(b *[]byte) {
+	select {
+	case relayFree <- b:
+	default: // the list is full: left to the GC
+	}
+}
 
 type relay struct {
 	id  uint64
@@ -212,8 +236,8 @@ func (r *relay) readClient() {
 			r.clientOver()
 			return
 		}
-		bp := relayBufs.Get().(*[]byte)
-		w := tcpip.SliceWriter(*bp)
+		bp := getBuf()
+		w := tcpip.SliceWriter((*bp)[:relayRead])
 		res, err := r.tc.ep.Read(&w, tcpip.ReadOptions{})
 		var bits C.uint
 		switch err.(type) {
@@ -221,7 +245,7 @@ func (r *relay) readClient() {
 			r.tc.ep.ModerateRecvBuf(res.Count)
 			bits = r.input(sideClient, (*bp)[:res.Count])
 		case *tcpip.ErrWouldBlock:
-			relayBufs.Put(bp)
+			putBuf(bp)
 			r.client.Store(clientIdle)
 			// A notification between the read and the store found this
 			// goroutine still reading and started none: look again.
@@ -237,7 +261,7 @@ func (r *relay) readClient() {
 		default:
 			bits = C.relay_failed(r.ops, r.ctx, sideClient, 0, C.int(errno(err)))
 		}
-		relayBufs.Put(bp)
+		putBuf(bp)
 		if !r.act(sideClient, bits) {
 			r.clientOver()
 			return
@@ -265,15 +289,15 @@ func (r *relay) readUpstream() {
 		var n int
 		var rerr error
 		err := r.raw.Read(func(fd uintptr) bool {
-			bp = relayBufs.Get().(*[]byte)
+			bp = getBuf()
 			for {
-				n, rerr = syscall.Read(int(fd), *bp)
+				n, rerr = syscall.Read(int(fd), (*bp)[:relayRead])
 				if rerr != syscall.EINTR {
 					break
 				}
 			}
 			if rerr == syscall.EAGAIN {
-				relayBufs.Put(bp)
+				putBuf(bp)
 				bp = nil
 				return false
 			}
@@ -281,7 +305,7 @@ func (r *relay) readUpstream() {
 		})
 		if r.isStopped() {
 			if bp != nil {
-				relayBufs.Put(bp)
+				putBuf(bp)
 			}
 			return
 		}
@@ -297,7 +321,7 @@ func (r *relay) readUpstream() {
 			bits = r.input(sideUpstream, (*bp)[:n])
 		}
 		if bp != nil {
-			relayBufs.Put(bp)
+			putBuf(bp)
 		}
 		if !r.act(sideUpstream, bits) {
 			return
@@ -348,8 +372,8 @@ func (r *relay) flush(side C.int) C.uint {
 	if r.dead[side].Load() {
 		return 0
 	}
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
+	bp := getBuf()
+	defer putBuf(bp)
 	b := *bp
 	for {
 		n := int(C.relay_output(r.ops, r.ctx, side, unsafe.Pointer(&b[0]), C.size_t(len(b))))
