@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Mutex};
 
 const READ_BUF: usize = 16 * 1024;
@@ -30,46 +30,49 @@ async fn unless_stopped<F: Future>(fut: F, mut stop: watch::Receiver<bool>) -> O
     }
 }
 
-struct Driver<C, U> {
+/// A side's write half, whichever stream it is.
+type Writer = Mutex<Box<dyn AsyncWrite + Unpin + Send>>;
+
+struct Driver {
     relay: Arc<Relay>,
-    client: Mutex<WriteHalf<C>>,
-    upstream: Mutex<WriteHalf<U>>,
+    /// Each side's write half, by [`CLIENT`] and [`UPSTREAM`].
+    writers: [Writer; 2],
     /// The wind-down began: readers stop, writes get the grace.
     stopping: Arc<watch::Sender<bool>>,
     /// A write to this side failed; nothing more is written to it.
     dead: [AtomicBool; 2],
 }
 
-impl<C: AsyncWrite + Unpin, U: AsyncWrite + Unpin> Driver<C, U> {
+impl Driver {
     async fn flush(&self, side: usize) -> u32 {
         if self.dead[side].load(Ordering::Acquire) {
             return 0;
         }
-        if side == CLIENT {
-            self.flush_to(side, &mut *self.client.lock().await).await
-        } else {
-            self.flush_to(side, &mut *self.upstream.lock().await).await
-        }
-    }
-
-    async fn flush_to<W: AsyncWrite + Unpin>(&self, side: usize, w: &mut W) -> u32 {
+        let mut w = self.writers[side].lock().await;
         let mut buf = vec![0u8; READ_BUF * 2];
         loop {
             let n = self.relay.output(side, &mut buf);
-            if n == 0 {
+            if n > 0 {
+                let write = async {
+                    w.write_all(&buf[..n]).await?;
+                    w.flush().await
+                };
+                let err = match unless_stopped(write, self.stopping.subscribe()).await {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(e),
+                    None => {
+                        Some(io::Error::new(io::ErrorKind::TimedOut, "not written within the stop grace"))
+                    }
+                };
+                if let Some(err) = err {
+                    self.dead[side].store(true, Ordering::Release);
+                    return self.relay.failed(side, true, &err);
+                }
+            }
+            // A short chunk was all there was (see the protocol).
+            if n < buf.len() {
                 return 0;
             }
-            let write = async {
-                w.write_all(&buf[..n]).await?;
-                w.flush().await
-            };
-            let err = match unless_stopped(write, self.stopping.subscribe()).await {
-                Some(Ok(())) => continue,
-                Some(Err(e)) => e,
-                None => io::Error::new(io::ErrorKind::TimedOut, "not written within the stop grace"),
-            };
-            self.dead[side].store(true, Ordering::Release);
-            return self.relay.failed(side, true, &err);
         }
     }
 
@@ -77,12 +80,8 @@ impl<C: AsyncWrite + Unpin, U: AsyncWrite + Unpin> Driver<C, U> {
         if self.dead[side].load(Ordering::Acquire) {
             return;
         }
-        let rx = self.stopping.subscribe();
-        if side == CLIENT {
-            let _ = unless_stopped(self.client.lock().await.shutdown(), rx).await;
-        } else {
-            let _ = unless_stopped(self.upstream.lock().await.shutdown(), rx).await;
-        }
+        let mut w = self.writers[side].lock().await;
+        let _ = unless_stopped(w.shutdown(), self.stopping.subscribe()).await;
     }
 
     /// Acts on what the relay returned for `side`; false: this reader is done.
@@ -133,8 +132,8 @@ impl<C: AsyncWrite + Unpin, U: AsyncWrite + Unpin> Driver<C, U> {
 /// reaches it.
 pub fn drive<C, U>(client: C, upstream: U, relay: Arc<Relay>) -> impl Future<Output = ()> + Send
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
-    U: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stopping = Arc::new(watch::channel(false).0);
     let kick = stopping.clone();
@@ -146,15 +145,14 @@ where
 
 async fn run<C, U>(client: C, upstream: U, relay: Arc<Relay>, stopping: Arc<watch::Sender<bool>>)
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
-    U: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (cr, cw) = tokio::io::split(client);
     let (ur, uw) = tokio::io::split(upstream);
     let d = Driver {
         relay,
-        client: Mutex::new(cw),
-        upstream: Mutex::new(uw),
+        writers: [Mutex::new(Box::new(cw)), Mutex::new(Box::new(uw))],
         stopping,
         dead: Default::default(),
     };

@@ -16,10 +16,11 @@
 //!   empty slice is the end of the stream), or [`Relay::failed`] for a read
 //!   error; then it acts on the returned bits ([`WRITE_CLIENT`],
 //!   [`WRITE_UPSTREAM`], [`HALF_CLOSE`], [`END`]).
-//! - Writing a side means calling [`Relay::output`] until it returns 0,
-//!   writing each chunk in full, all under that side's write lock (so TLS
-//!   records leave in the order they were made). A write error goes to
-//!   [`Relay::failed`].
+//! - Writing a side means calling [`Relay::output`] until it returns less
+//!   than the buffer, writing each chunk in full, all under that side's
+//!   write lock (so TLS records leave in the order they were made). Bytes
+//!   queued after that are reported to whichever call queued them, whose
+//!   caller writes them. A write error goes to [`Relay::failed`].
 //! - [`HALF_CLOSE`]: write the other side's pending bytes, then shut down
 //!   its write half; this reader is done. [`END`], or [`Relay::stop`]
 //!   calling the kick the driver registered with [`Relay::set_kick`]: stop
@@ -378,7 +379,8 @@ impl Relay {
         }
     }
 
-    /// Fills `buf` with bytes to write to `side`; 0 when there are none.
+    /// Fills `buf` with bytes to write to `side`: less than `buf` holds
+    /// once none are left.
     pub fn output(&self, side: usize, buf: &mut [u8]) -> usize {
         let mut e = self.lock();
         let leg = &mut e.legs[side];

@@ -377,12 +377,16 @@ func (r *relay) flush(side C.int) C.uint {
 	b := *bp
 	for {
 		n := int(C.relay_output(r.ops, r.ctx, side, unsafe.Pointer(&b[0]), C.size_t(len(b))))
-		if n == 0 {
-			return 0
+		if n > 0 {
+			if err := r.write(side, b[:n]); err != nil {
+				r.dead[side].Store(true)
+				return C.relay_failed(r.ops, r.ctx, side, 1, C.int(errnoOf(err)))
+			}
 		}
-		if err := r.write(side, b[:n]); err != nil {
-			r.dead[side].Store(true)
-			return C.relay_failed(r.ops, r.ctx, side, 1, C.int(errnoOf(err)))
+		// A short chunk was all there was; whatever the engine makes
+		// later is written by the call that made it.
+		if n < len(b) {
+			return 0
 		}
 	}
 }

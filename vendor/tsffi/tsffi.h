@@ -117,8 +117,9 @@ void tsffi_conn_close(unsigned long long conn);
  *     TSFFI_UPSTREAM); returns bits as input does.
  *   input(ctx, side, buf, len): bytes read from side (len 0: end of
  *     stream); returns TSFFI_RELAY_* bits: WRITE_CLIENT / WRITE_UPSTREAM
- *     (call output for that side until it returns 0 and write it all, under
- *     that side's write lock), HALF_CLOSE (then shut down the other side's
+ *     (call output for that side until it returns less than cap and write
+ *     it all, under that side's write lock; output made later is reported
+ *     to the call that made it), HALF_CLOSE (then shut down the other side's
  *     write; this side's reader is done), END (the session is over).
  *   output(ctx, side, buf, cap): fills buf with bytes to write to side.
  *   failed(ctx, side, writing, errno): a read (writing 0) or write failed;
