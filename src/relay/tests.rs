@@ -15,6 +15,15 @@ where
     supervise(&r, idle, stop).await
 }
 
+/// A stop that resolves to `s` once the sender is used.
+fn stop_on_signal(s: Stop) -> (tokio::sync::oneshot::Sender<()>, impl Future<Output = Stop>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+        s
+    })
+}
+
 #[tokio::test]
 async fn close_propagates_both_ways_and_counts() {
     for client_first in [true, false] {
@@ -67,15 +76,11 @@ fn frames_follow_boundaries_across_chunks() {
 async fn stop_ends_the_relay_with_a_fatal_at_a_message_boundary() {
     let (mut c_peer, c) = duplex(1024);
     let (mut u_peer, u) = duplex(1024);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        let _ = rx.await;
-        Stop {
-            reason: EndReason::Revoked,
-            client_message: "access revoked".into(),
-            detail: Some("why".into()),
-        }
-    };
+    let (tx, stop) = stop_on_signal(Stop {
+        reason: EndReason::Revoked,
+        client_message: "access revoked".into(),
+        detail: Some("why".into()),
+    });
     let task = tokio::spawn(relay(c, u, None, stop));
     // A whole message from the server reaches the client, then the stop.
     let msg = crate::pgwire::message_bytes(b'Z', b"I");
@@ -122,11 +127,8 @@ async fn idle_sessions_end_and_busy_ones_do_not() {
 async fn no_fatal_is_spliced_into_a_half_sent_message() {
     let (mut c_peer, c) = duplex(1024);
     let (mut u_peer, u) = duplex(1024);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        let _ = rx.await;
-        Stop { reason: EndReason::Shutdown, client_message: "bye".into(), detail: None }
-    };
+    let (tx, stop) =
+        stop_on_signal(Stop { reason: EndReason::Shutdown, client_message: "bye".into(), detail: None });
     let task = tokio::spawn(relay(c, u, None, stop));
     let msg = crate::pgwire::message_bytes(b'D', &[7u8; 100]);
     u_peer.write_all(&msg[..50]).await.unwrap();
@@ -147,11 +149,7 @@ async fn a_client_that_never_reads_cannot_outlive_a_stop() {
     for reason in [EndReason::Revoked, EndReason::Shutdown] {
         let (mut c_peer, c) = duplex(1024);
         let (mut u_peer, u) = duplex(1024);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let stop = async move {
-            let _ = rx.await;
-            Stop { reason, client_message: "bye".into(), detail: None }
-        };
+        let (tx, stop) = stop_on_signal(Stop { reason, client_message: "bye".into(), detail: None });
         let task = tokio::spawn(relay(c, u, None, stop));
         // The database streams rows; the client reads none of them.
         let row = crate::pgwire::message_bytes(b'D', &[7u8; 300]);
