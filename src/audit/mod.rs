@@ -1,7 +1,7 @@
 //! Stage 8, audit: the JSON-lines audit log.
 //!
 //! One JSON object per line ([`Record`], described by `audit-schema.json` at
-//! the repository root), written by one writer task and acknowledged to the
+//! the repository root), written by one writer thread and acknowledged to the
 //! caller only once the line has reached the OS (and the disk, with
 //! [`AuditOptions::sync`]).
 //!
@@ -35,7 +35,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use writer::{Msg, Sink, Writer};
 
@@ -102,8 +102,6 @@ struct Shared {
     healthy: AtomicBool,
     /// A reopen was asked for and not yet done.
     reopen: AtomicBool,
-    /// Wakes an idle writer for a reopen.
-    wake: Notify,
 }
 
 /// A handle to the audit log; clones are cheap and share one writer.
@@ -142,19 +140,27 @@ impl AuditLog {
                     .await
                     .unwrap_or_else(|join| Err(io::Error::other(join)))
                     .map_err(|source| AuditError::Open { path: path.clone(), source })?;
-                (Sink::File { path, file: Some(Arc::new(file)) }, torn)
+                (Sink::File { path, file: Some(file) }, torn)
             }
             AuditDest::Stdout => (Sink::Stdout, false),
         };
-        let shared = Arc::new(Shared {
-            dest: label,
-            healthy: AtomicBool::new(true),
-            reopen: AtomicBool::new(false),
-            wake: Notify::new(),
-        });
+        let shared =
+            Arc::new(Shared { dest: label, healthy: AtomicBool::new(true), reopen: AtomicBool::new(false) });
         let (tx, rx) = mpsc::channel(options.capacity.max(1));
         let writer = Writer { sink, shared: shared.clone(), sync: options.sync, rx, torn };
-        let handle = tokio::spawn(writer.run());
+        // The writer is a thread of its own (see `writer`); the handle the
+        // caller awaits finishes when that thread does.
+        let (finished, on_finish) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("tailgres-audit".into())
+            .spawn(move || {
+                writer.run();
+                drop(finished);
+            })
+            .map_err(|source| AuditError::Write { dest: shared.dest.clone(), source })?;
+        let handle = tokio::spawn(async move {
+            let _ = on_finish.await;
+        });
         Ok((AuditLog { tx, shared }, handle))
     }
 
@@ -182,7 +188,9 @@ impl AuditLog {
     /// reopen makes the log unhealthy and is logged with the path and error.
     pub fn reopen(&self) {
         self.shared.reopen.store(true, Ordering::Release);
-        self.shared.wake.notify_one();
+        // A full channel means a busy writer, which looks at the flag
+        // before its next write anyway.
+        let _ = self.tx.try_send(Msg::Wake);
     }
 
     /// Writes every record already queued, then stops the writer. Records

@@ -1,11 +1,12 @@
-//! The one task that writes the audit log.
+//! The one thread that writes the audit log.
 //!
 //! Every line is written with `write(2)` on an `O_APPEND` descriptor (so
 //! `copytruncate` rotation works too) and acknowledged only once it has
-//! reached the OS (and the disk, with `sync`). File calls run on the
-//! blocking pool; the task itself only sequences them, so a slow disk
-//! back-pressures callers through the bounded channel instead of stalling
-//! a runtime worker.
+//! reached the OS (and the disk, with `sync`). The writer is an OS thread of
+//! its own, not a runtime task: a slow disk back-pressures callers through
+//! the bounded channel instead of stalling a runtime worker, and a record
+//! costs one wake each way (caller to writer, acknowledgement back) rather
+//! than a hop through the blocking pool and back for every line.
 #![forbid(unsafe_code)]
 
 use super::{AuditError, Shared};
@@ -25,6 +26,9 @@ pub(super) enum Msg {
     Write { line: Vec<u8>, ack: oneshot::Sender<Result<(), AuditError>> },
     /// Write what is queued, then stop.
     Close { done: oneshot::Sender<()> },
+    /// Look at the reopen flag now (sent by [`super::AuditLog::reopen`] so
+    /// that an idle writer reopens without waiting for a record).
+    Wake,
 }
 
 /// Where lines go.
@@ -32,7 +36,7 @@ pub(super) enum Sink {
     File {
         path: PathBuf,
         /// `None` after a failed reopen: the next write opens the path.
-        file: Option<Arc<File>>,
+        file: Option<File>,
     },
     Stdout,
 }
@@ -97,26 +101,20 @@ struct Attempt {
 }
 
 impl Writer {
-    pub(super) async fn run(mut self) {
-        loop {
-            let msg = tokio::select! {
-                biased;
-                _ = self.shared.wake.notified() => {
-                    self.reopen_if_requested().await;
-                    continue;
-                }
-                msg = self.rx.recv() => msg,
-            };
+    /// Runs on the writer's thread until the channel closes or a
+    /// [`Msg::Close`].
+    pub(super) fn run(mut self) {
+        while let Some(msg) = self.rx.blocking_recv() {
             match msg {
-                None => break,
-                Some(Msg::Write { line, ack }) => {
-                    let result = self.write(line).await;
+                Msg::Wake => self.reopen_if_requested(),
+                Msg::Write { line, ack } => {
+                    let result = self.write(line);
                     // The caller may have given up waiting; the line is
                     // written all the same.
                     let _ = ack.send(result);
                 }
-                Some(Msg::Close { done }) => {
-                    self.drain().await;
+                Msg::Close { done } => {
+                    self.drain();
                     let _ = done.send(());
                     break;
                 }
@@ -128,22 +126,23 @@ impl Writer {
     }
 
     /// Refuses new messages and writes those already queued.
-    async fn drain(&mut self) {
+    fn drain(&mut self) {
         self.rx.close();
-        while let Some(msg) = self.rx.recv().await {
+        while let Some(msg) = self.rx.blocking_recv() {
             match msg {
                 Msg::Write { line, ack } => {
-                    let result = self.write(line).await;
+                    let result = self.write(line);
                     let _ = ack.send(result);
                 }
                 Msg::Close { done } => {
                     let _ = done.send(());
                 }
+                Msg::Wake => {}
             }
         }
     }
 
-    async fn reopen_if_requested(&mut self) {
+    fn reopen_if_requested(&mut self) {
         if !self.shared.reopen.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -154,9 +153,9 @@ impl Writer {
         // Close first: after a rename, the old name is gone anyway, and
         // keeping a handle to the rotated file would hide a failed reopen.
         *file = None;
-        match open_blocking(path.clone()).await {
+        match open_append(path) {
             Ok((f, torn)) => {
-                *file = Some(Arc::new(f));
+                *file = Some(f);
                 self.torn = torn;
                 tracing::info!(audit_log = %path.display(), "audit log reopened");
             }
@@ -171,10 +170,9 @@ impl Writer {
     }
 
     /// Writes one line: on failure reopens once and writes it again.
-    async fn write(&mut self, line: Vec<u8>) -> Result<(), AuditError> {
-        self.reopen_if_requested().await;
-        let line: Arc<[u8]> = line.into();
-        let first = match self.attempt(line.clone()).await {
+    fn write(&mut self, line: Vec<u8>) -> Result<(), AuditError> {
+        self.reopen_if_requested();
+        let first = match self.attempt(&line) {
             Ok(()) => return self.succeeded(),
             Err(e) => e,
         };
@@ -184,9 +182,9 @@ impl Writer {
         );
         if let Sink::File { path, file } = &mut self.sink {
             *file = None;
-            match open_blocking(path.clone()).await {
+            match open_append(path) {
                 Ok((f, torn)) => {
-                    *file = Some(Arc::new(f));
+                    *file = Some(f);
                     // What the file's tail says: a partial line the failed
                     // write could not cut off is still there.
                     self.torn = torn;
@@ -194,7 +192,7 @@ impl Writer {
                 Err(error) => return Err(self.failed(error)),
             }
         }
-        match self.attempt(line).await {
+        match self.attempt(&line) {
             Ok(()) => self.succeeded(),
             Err(error) => Err(self.failed(error)),
         }
@@ -216,39 +214,24 @@ impl Writer {
 
     /// One write (plus fdatasync with `sync`), opening the file first if a
     /// reopen had failed.
-    async fn attempt(&mut self, line: Arc<[u8]>) -> io::Result<()> {
-        let target = match &mut self.sink {
+    fn attempt(&mut self, line: &[u8]) -> io::Result<()> {
+        let attempt = match &mut self.sink {
             Sink::File { path, file } => {
                 let f = match file {
-                    Some(f) => f.clone(),
+                    Some(f) => f,
                     None => {
-                        let (f, torn) = open_blocking(path.clone()).await?;
-                        let f = Arc::new(f);
-                        *file = Some(f.clone());
+                        let (f, torn) = open_append(path)?;
                         self.torn = torn;
-                        f
+                        file.insert(f)
                     }
                 };
-                Some(f)
+                write_file(f, line, self.torn, self.sync)
             }
-            Sink::Stdout => None,
+            Sink::Stdout => write_stdout(line, self.torn),
         };
-        let (torn, sync) = (self.torn, self.sync);
-        let attempt = tokio::task::spawn_blocking(move || match target {
-            Some(f) => write_file(&f, &line, torn, sync),
-            None => write_stdout(&line, torn),
-        })
-        .await
-        .unwrap_or_else(|join| Attempt { result: Err(io::Error::other(join)), torn });
         self.torn = attempt.torn;
         attempt.result
     }
-}
-
-async fn open_blocking(path: PathBuf) -> io::Result<(File, bool)> {
-    tokio::task::spawn_blocking(move || open_append(&path))
-        .await
-        .unwrap_or_else(|join| Err(io::Error::other(join)))
 }
 
 /// Writes `line` as one or more `write(2)` calls, counting what got out.

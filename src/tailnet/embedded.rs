@@ -1,7 +1,10 @@
 //! [`EmbeddedNode`]: the [`Tailnet`] implemented by the Go shim in this
-//! process. Calls into Go may block (status and certificates are in-process
-//! LocalAPI calls with their own timeouts; WhoIs reads the backend directly
-//! but takes its lock), so they run on tokio's blocking pool.
+//! process. Calls into Go that may block (status and certificates are
+//! in-process LocalAPI calls with their own timeouts) run on tokio's
+//! blocking pool. WhoIs is called in place: it reads the backend's peer
+//! map under its lock (microseconds, no I/O), as a write to a tailnet
+//! connection does, and a hop through the pool and back cost every new
+//! session two thread wake-ups.
 #![forbid(unsafe_code)]
 
 use super::conn::TailnetConn;
@@ -154,9 +157,9 @@ impl Tailnet for EmbeddedNode {
     }
 
     async fn whois(&self, addr: SocketAddr) -> Result<PeerIdentity, TailnetError> {
-        let h = self.handle.clone();
-        let js = blocking(move || h.whois_json(addr))
-            .await
+        let js = self
+            .handle
+            .whois_json(addr)
             .map_err(|reason| TailnetError::WhoIs { addr, reason })?
             .ok_or(TailnetError::UnknownPeer { addr })?;
         serde_json::from_str(&js).map_err(|e| TailnetError::Decode(format!("whois {addr}: {e}")))
