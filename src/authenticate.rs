@@ -65,12 +65,18 @@ pub enum AuthError {
     UpstreamProtocol(String),
     #[error("SCRAM with the upstream failed: {0}")]
     Scram(String),
+    /// Identity login: the database asked for more than the certificate
+    /// (its pg_hba.conf does not use `cert` for the role). The client has
+    /// been told.
+    #[error("the database asked for {asked} although tailgres logged in with a client certificate; its pg_hba.conf must use `cert` for role {role:?}")]
+    CertificateNotEnough { asked: &'static str, role: String },
 }
 
 impl AuthError {
     pub fn method(&self) -> AuthMethod {
         match self {
             AuthError::Rejected { method, .. } => *method,
+            AuthError::CertificateNotEnough { .. } => AuthMethod::IdentityCertificate,
             _ => AuthMethod::Other,
         }
     }
@@ -201,14 +207,29 @@ fn upstream_message(read: std::io::Result<Message>) -> Result<Message, AuthError
     })
 }
 
+/// What an authentication request asks of the client, for messages.
+fn asked_for(code: u32) -> &'static str {
+    match code {
+        auth::CLEARTEXT => "a cleartext password",
+        auth::MD5 => "an MD5 password",
+        auth::SASL | auth::SASL_CONTINUE | auth::SASL_FINAL => "a SCRAM password",
+        _ => "GSSAPI or SSPI authentication",
+    }
+}
+
 /// Runs the whole exchange. `client_tls` says whether the client's leg is
-/// TLS; `binding` is the upstream's tls-server-end-point data.
+/// TLS; `binding` is the upstream's tls-server-end-point data. With
+/// `certificate` (identity login) the upstream has seen tailgres's client
+/// certificate and must answer AuthenticationOk: a request for anything
+/// more is refused (the client is never asked for a password it does not
+/// have).
 pub async fn authenticate<C, U>(
     client: &mut C,
     upstream: &mut U,
     startup: &Startup,
     client_tls: bool,
     mode: AuthMode,
+    certificate: bool,
     binding: Option<&[u8]>,
 ) -> Result<AuthOutcome, AuthError>
 where
@@ -235,8 +256,21 @@ where
                 match code {
                     auth::OK => {
                         x.hold_client(&m.to_bytes()).await?;
-                        method.get_or_insert(AuthMethod::Trust);
+                        let by =
+                            if certificate { AuthMethod::IdentityCertificate } else { AuthMethod::Trust };
+                        method.get_or_insert(by);
                         break;
+                    }
+                    other if certificate => {
+                        let asked = asked_for(other);
+                        let role = startup.user().to_string();
+                        let msg = format!(
+                            "tailgres logs in to this database by tailnet identity (a client certificate), \
+                             but the database asked for {asked} for role \"{role}\"; its operator must use \
+                             `cert` for this role in pg_hba.conf"
+                        );
+                        let _ = x.send_client(&pgwire::fatal(sqlstate::INVALID_AUTHORIZATION, &msg)).await;
+                        return Err(AuthError::CertificateNotEnough { asked, role });
                     }
                     auth::SASL if client_tls && mode == AuthMode::PasswordRelay => {
                         method = Some(password_relay(&mut x, &m, binding).await?);
@@ -462,9 +496,10 @@ mod tests {
         db.write_all(&from_db).await.unwrap();
         let mut client = Writes::default();
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let out = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None)
-            .await
-            .unwrap();
+        let out =
+            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None)
+                .await
+                .unwrap();
         assert_eq!(out.method, AuthMethod::Trust);
         assert_eq!(out.backend_key, Some((42, vec![1, 2, 3, 4])));
         assert_eq!(client.0, vec![from_db.clone()], "one write of exactly what the database sent");
@@ -487,7 +522,8 @@ mod tests {
         });
         let mut client = Writes::default();
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let auth = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None);
+        let auth =
+            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None);
         let _db = feed.await.unwrap();
         assert!(tokio::time::timeout(std::time::Duration::from_millis(200), auth).await.is_err());
         let sent: usize = client.0.iter().map(Vec::len).sum();
@@ -551,7 +587,7 @@ mod tests {
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
         let out = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None),
+            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None),
         )
         .await
         .expect("authentication finished without waiting for the client")
@@ -608,7 +644,9 @@ mod tests {
             let _ = app.read_to_end(&mut rest).await;
         });
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let r = authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, None).await;
+        let r =
+            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None)
+                .await;
         assert!(matches!(r, Err(AuthError::Rejected { .. })), "{r:?}");
         drop(client);
         let during = db_task.await.unwrap();

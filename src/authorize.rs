@@ -231,6 +231,22 @@ pub struct Grant {
     /// Whether it allows replication connections (walsenders) too.
     #[serde(default)]
     pub replication: bool,
+    /// Whether its holder may be logged in by tailnet identity (a client
+    /// certificate tailgres signs) on routes that log in that way.
+    #[serde(default)]
+    pub login: GrantLogin,
+}
+
+/// A grant's `login`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantLogin {
+    /// The database's own authentication (a password): routes that log in
+    /// by identity refuse the session.
+    #[default]
+    Password,
+    /// Also by identity, on routes with `login = "identity"`.
+    Identity,
 }
 
 impl Grant {
@@ -268,6 +284,8 @@ pub enum Decision {
     Allow {
         via_grant: bool,
         limit: Option<u32>,
+        /// A grant that allows it also allows identity login.
+        identity_login: bool,
     },
     Deny {
         detail: String,
@@ -342,7 +360,7 @@ impl Policy {
                     ),
                 );
             }
-            return Decision::Allow { via_grant: false, limit: None };
+            return Decision::Allow { via_grant: false, limit: None, identity_login: false };
         }
         let mut grants = Vec::with_capacity(values.len());
         for v in values {
@@ -360,12 +378,14 @@ impl Policy {
             }
         }
         let mut allowed = false;
+        let mut identity_login = false;
         let mut limit: Option<u32> = Some(0);
         for g in &grants {
             let user_ok = g.users.iter().any(|p| user_matches(p, user, id));
             let db_ok = g.databases.iter().any(|p| glob(p, database));
             if user_ok && db_ok && (g.replication || !names.replication) {
                 allowed = true;
+                identity_login |= g.login == GrantLogin::Identity;
                 limit = match (limit, g.max_connections) {
                     (_, None) | (None, _) => None,
                     (Some(a), Some(b)) => Some(a.max(b)),
@@ -373,7 +393,7 @@ impl Policy {
             }
         }
         if allowed {
-            return Decision::Allow { via_grant: true, limit };
+            return Decision::Allow { via_grant: true, limit, identity_login };
         }
         let kind = if names.replication { "a replication connection" } else { "a session" };
         deny(
@@ -620,12 +640,12 @@ mod tests {
         let id = peer("alice@x.com", &[], vec![own.clone(), more]);
         assert_eq!(
             policy(false).decide_open(&id, "alice@x.com", "d"),
-            Decision::Allow { via_grant: true, limit: Some(5) }
+            Decision::Allow { via_grant: true, limit: Some(5), identity_login: false }
         );
         let unlimited = peer("alice@x.com", &[], vec![own, json!({"databases": ["*"], "users": ["*"]})]);
         assert_eq!(
             policy(false).decide_open(&unlimited, "alice@x.com", "d"),
-            Decision::Allow { via_grant: true, limit: None }
+            Decision::Allow { via_grant: true, limit: None, identity_login: false }
         );
 
         let id = peer("alice@x.com", &[], vec![json!({"databases": ["analytics"], "users": ["readonly"]})]);

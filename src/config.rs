@@ -96,6 +96,24 @@ pub struct Args {
     /// password but TLS clients must set channel_binding=disable.
     #[arg(long, env = "TAILGRES_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
+    /// How sessions log in to the database: password (the client's, as
+    /// --auth says) or identity (no password: tailgres signs a short-lived
+    /// client certificate for the role, from --identity-ca-cert, for
+    /// sessions whose grant says "login": "identity"). A [[route]] can set
+    /// its own.
+    #[arg(long, env = "TAILGRES_LOGIN", value_enum)]
+    pub login: Option<LoginMode>,
+    /// CA certificate (PEM) tailgres signs identity-login certificates
+    /// with; the database trusts it for its `cert` method.
+    #[arg(long, env = "TAILGRES_IDENTITY_CA_CERT", value_name = "FILE")]
+    pub identity_ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM, PKCS#8). It never leaves the proxy.
+    #[arg(long, env = "TAILGRES_IDENTITY_CA_KEY", value_name = "FILE")]
+    pub identity_ca_key: Option<PathBuf>,
+    /// How long each identity-login certificate is valid (1m to 1h;
+    /// default 5m). The database checks it once, at login.
+    #[arg(long, env = "TAILGRES_IDENTITY_CERT_VALIDITY", value_name = "DURATION")]
+    pub identity_cert_validity: Option<String>,
     /// Time a client has to finish its startup (e.g. 15s).
     #[arg(long, env = "TAILGRES_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
@@ -164,6 +182,11 @@ pub struct RouteFile {
     pub upstream_client_cert: Option<PathBuf>,
     pub upstream_client_key: Option<PathBuf>,
     pub upstream_direct_tls: bool,
+    /// Default: --login.
+    pub login: Option<LoginMode>,
+    /// Default: --identity-ca-cert / --identity-ca-key.
+    pub identity_ca_cert: Option<PathBuf>,
+    pub identity_ca_key: Option<PathBuf>,
 }
 
 /// A validated route.
@@ -175,6 +198,25 @@ pub struct RouteConfig {
     /// Tailnet port it is served on.
     pub port: u16,
     pub upstream: crate::upstream::UpstreamOptions,
+    pub login: RouteLogin,
+}
+
+/// How a session logs in to the database (`--login`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoginMode {
+    /// With the client's password (handled as --auth says).
+    #[default]
+    Password,
+    /// With a client certificate tailgres signs for the session.
+    Identity,
+}
+
+/// A route's login, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteLogin {
+    Password,
+    Identity { ca_cert: PathBuf, ca_key: PathBuf, validity: Duration },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -277,6 +319,10 @@ impl Args {
             client_tls_cert,
             client_tls_key,
             auth,
+            login,
+            identity_ca_cert,
+            identity_ca_key,
+            identity_cert_validity,
             handshake_timeout,
             connect_timeout,
             max_sessions,
@@ -314,6 +360,15 @@ impl Args {
         if port == 0 {
             return Err(err("--port", "must be a port number (1-65535)"));
         }
+        let validity = duration(
+            &self.identity_cert_validity,
+            "--identity-cert-validity",
+            crate::identity_login::DEFAULT_VALIDITY,
+        )?;
+        if !(crate::identity_login::MIN_VALIDITY..=crate::identity_login::MAX_VALIDITY).contains(&validity) {
+            return Err(err("--identity-cert-validity", "must be between 1m and 1h"));
+        }
+        let global_ca = (&self.identity_ca_cert, &self.identity_ca_key);
         let mut routes = Vec::new();
         for (i, r) in self.route.iter().enumerate() {
             let name = r.name.clone().unwrap_or_else(|| format!("route{}", i + 1));
@@ -339,7 +394,10 @@ impl Args {
                 connect_timeout,
             )
             .map_err(within)?;
-            routes.push(RouteConfig { name, databases, port: r.port.unwrap_or(port), upstream });
+            let own_ca = (&r.identity_ca_cert, &r.identity_ca_key);
+            let mode = r.login.or(self.login).unwrap_or_default();
+            let login = route_login(mode, own_ca, global_ca, &upstream, validity).map_err(within)?;
+            routes.push(RouteConfig { name, databases, port: r.port.unwrap_or(port), upstream, login });
         }
         if self.upstream.is_some() || routes.is_empty() {
             let upstream = upstream_options(
@@ -350,8 +408,29 @@ impl Args {
                 self.upstream_direct_tls.unwrap_or(false),
                 connect_timeout,
             )?;
+            let login =
+                route_login(self.login.unwrap_or_default(), (&None, &None), global_ca, &upstream, validity)?;
             let name = if routes.is_empty() { "default" } else { "upstream" };
-            routes.push(RouteConfig { name: name.into(), databases: vec!["*".into()], port, upstream });
+            routes.push(RouteConfig {
+                name: name.into(),
+                databases: vec!["*".into()],
+                port,
+                upstream,
+                login,
+            });
+        }
+        // A CA given to no route that logs in by identity is a setting that
+        // does nothing, which an operator would not expect.
+        let identity_routes = routes.iter().any(|r| matches!(r.login, RouteLogin::Identity { .. }));
+        if (self.identity_ca_cert.is_some() || self.identity_ca_key.is_some()) && !identity_routes {
+            return Err(err(
+                "--identity-ca-cert",
+                "set, but no route logs in by identity (add --login identity, or login = \"identity\" \
+                 to a [[route]])",
+            ));
+        }
+        if self.identity_cert_validity.is_some() && !identity_routes {
+            return Err(err("--identity-cert-validity", "set, but no route logs in by identity"));
         }
         if self.client_tls_cert.is_some() != self.client_tls_key.is_some() {
             return Err(err("--client-tls-cert", "--client-tls-cert and --client-tls-key go together"));
@@ -448,6 +527,46 @@ impl Args {
     }
 }
 
+/// Checks a route's login: identity needs a CA (certificate and key: the
+/// route's own, else the global one) and excludes a fixed client
+/// certificate; a route's own CA without identity login is refused as a
+/// setting that would do nothing (the global one is checked once all
+/// routes are known).
+fn route_login(
+    mode: LoginMode,
+    own: (&Option<PathBuf>, &Option<PathBuf>),
+    global: (&Option<PathBuf>, &Option<PathBuf>),
+    upstream: &crate::upstream::UpstreamOptions,
+    validity: Duration,
+) -> Result<RouteLogin, ConfigError> {
+    let own_set = own.0.is_some() || own.1.is_some();
+    match mode {
+        LoginMode::Password if own_set => Err(err(
+            "--identity-ca-cert",
+            "set, but this route logs in by password (login = \"identity\" uses it)",
+        )),
+        LoginMode::Password => Ok(RouteLogin::Password),
+        LoginMode::Identity => {
+            let (cert, key) = if own_set { own } else { global };
+            let (Some(ca_cert), Some(ca_key)) = (cert, key) else {
+                return Err(err(
+                    "--identity-ca-cert",
+                    "identity login needs --identity-ca-cert and --identity-ca-key (the CA tailgres signs \
+                     database client certificates with)",
+                ));
+            };
+            if upstream.client_cert.is_some() {
+                return Err(err(
+                    "--upstream-client-cert",
+                    "identity login signs a client certificate for every session; a fixed \
+                     --upstream-client-cert cannot be used with it",
+                ));
+            }
+            Ok(RouteLogin::Identity { ca_cert: ca_cert.clone(), ca_key: ca_key.clone(), validity })
+        }
+    }
+}
+
 /// Checks one upstream's settings (flag names in errors are the
 /// `--upstream*` flags; a route's caller rewrites them).
 fn upstream_options(
@@ -527,6 +646,111 @@ mod tests {
             let e = parse(args).expect_err(&format!("{args:?} accepted"));
             assert_eq!(e.flag, *flag, "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn identity_login_needs_a_ca_and_a_ca_needs_identity_login() {
+        let base = ["--upstream=db:5432", "--audit-log=-"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        // Identity login without a CA, or half a CA.
+        let e = with(&["--login=identity"]).unwrap_err();
+        assert_eq!(e.flag, "--identity-ca-cert", "{e}");
+        let e = with(&["--login=identity", "--identity-ca-cert=/ca.pem"]).unwrap_err();
+        assert_eq!(e.flag, "--identity-ca-cert", "{e}");
+        // A CA that no route uses does nothing: refused, not ignored.
+        let e = with(&["--identity-ca-cert=/ca.pem", "--identity-ca-key=/ca.key"]).unwrap_err();
+        assert!(e.problem.contains("no route logs in by identity"), "{e}");
+        let e = with(&["--identity-cert-validity=10m"]).unwrap_err();
+        assert_eq!(e.flag, "--identity-cert-validity", "{e}");
+        // A fixed client certificate and per-session ones exclude each other.
+        let e = with(&[
+            "--login=identity",
+            "--identity-ca-cert=/ca.pem",
+            "--identity-ca-key=/ca.key",
+            "--upstream-client-cert=/c.pem",
+            "--upstream-client-key=/c.key",
+        ])
+        .unwrap_err();
+        assert_eq!(e.flag, "--upstream-client-cert", "{e}");
+        // Validity stays within 1m..1h.
+        for bad in ["30s", "2h"] {
+            let v = format!("--identity-cert-validity={bad}");
+            let e =
+                with(&["--login=identity", "--identity-ca-cert=/ca.pem", "--identity-ca-key=/ca.key", &v])
+                    .unwrap_err();
+            assert_eq!(e.flag, "--identity-cert-validity", "{bad}: {e}");
+        }
+        let c = with(&[
+            "--login=identity",
+            "--identity-ca-cert=/ca.pem",
+            "--identity-ca-key=/ca.key",
+            "--identity-cert-validity=10m",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.routes[0].login,
+            RouteLogin::Identity {
+                ca_cert: "/ca.pem".into(),
+                ca_key: "/ca.key".into(),
+                validity: Duration::from_secs(600)
+            }
+        );
+        assert_eq!(parse(&base).unwrap().routes[0].login, RouteLogin::Password);
+    }
+
+    #[test]
+    fn a_route_can_log_in_by_identity_beside_password_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(
+            &f,
+            r#"
+audit-log = "-"
+upstream = "db:5432"
+identity-ca-cert = "/ca.pem"
+identity-ca-key = "/ca.key"
+[[route]]
+name = "people"
+port = 5433
+upstream = "db:5432"
+login = "identity"
+[[route]]
+name = "own-ca"
+port = 5434
+upstream = "db:5432"
+login = "identity"
+identity-ca-cert = "/other.pem"
+identity-ca-key = "/other.key"
+"#,
+        )
+        .unwrap();
+        let c = parse(&[&format!("--config={}", f.display())]).unwrap();
+        let logins: Vec<(&str, &RouteLogin)> = c.routes.iter().map(|r| (r.name.as_str(), &r.login)).collect();
+        let id = |cert: &str, key: &str| RouteLogin::Identity {
+            ca_cert: cert.into(),
+            ca_key: key.into(),
+            validity: crate::identity_login::DEFAULT_VALIDITY,
+        };
+        assert_eq!(
+            logins,
+            [
+                ("people", &id("/ca.pem", "/ca.key")),
+                ("own-ca", &id("/other.pem", "/other.key")),
+                ("upstream", &RouteLogin::Password),
+            ]
+        );
+        // A route's own CA on a password route is a mistake.
+        std::fs::write(
+            &f,
+            "audit-log = \"-\"\n[[route]]\nupstream = \"db:5432\"\nidentity-ca-cert = \"/a\"\nidentity-ca-key = \"/b\"\n",
+        )
+        .unwrap();
+        let e = parse(&[&format!("--config={}", f.display())]).unwrap_err();
+        assert!(e.problem.contains("logs in by password"), "{e}");
     }
 
     #[test]

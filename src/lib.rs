@@ -7,10 +7,11 @@
 //! 2. identify     — [`tailnet::Tailnet::whois`] → [`tailnet::PeerIdentity`]
 //! 3. negotiate    — [`negotiate`]: SSL/GSSENC requests, direct TLS, cancel, startup
 //! 4. authorize    — [`authorize`]: capability grants; then the route ([`settings`])
-//! 5. upstream     — [`upstream`]: SSLRequest, one byte, rustls verify-full
+//! 5. upstream     — [`upstream`]: SSLRequest, one byte, rustls verify-full (with
+//!                    a certificate [`identity_login`] signed, for identity login)
 //! 6. authenticate — [`authenticate`]: the adaptive password relay ([`scram`])
 //! 7. relay        — [`relay`]: both ways, close propagated, bytes counted
-//! 8. audit        — [`audit`]: one writer task, JSON lines, fail closed
+//! 8. audit        — [`audit`]: one writer thread, JSON lines, fail closed
 //!
 //! Around them: [`config`] (flags, env, TOML), [`settings`] (what SIGHUP
 //! reloads), [`app`] (the process: drain, reload), [`cancel`] (identity-bound
@@ -35,6 +36,7 @@ pub mod config;
 pub mod context;
 pub mod explain;
 pub mod health;
+pub mod identity_login;
 pub mod live;
 pub mod metrics;
 pub mod negotiate;

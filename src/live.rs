@@ -40,6 +40,8 @@ pub struct LiveInfo {
     /// Admitted by a grant: revoked once no grant allows it, even if the
     /// peer then carries no grant at all.
     pub via_grant: bool,
+    /// Logged in by identity: revoked once no grant allows that.
+    pub identity_login: bool,
 }
 
 struct Entry {
@@ -209,6 +211,10 @@ pub async fn recheck<T: Tailnet>(tailnet: &T, shared: &LiveView) {
                     Decision::Deny { detail, .. } => Some(detail),
                     Decision::Allow { via_grant: false, .. } if s.via_grant => Some(format!(
                         "{} no longer carries a grant that allows user {:?} on database {:?}",
+                        id.node_name, s.user, s.database
+                    )),
+                    Decision::Allow { identity_login: false, .. } if s.identity_login => Some(format!(
+                        "{} no longer carries a grant that allows identity login as user {:?} on database {:?}",
                         id.node_name, s.user, s.database
                     )),
                     Decision::Allow { .. } => None,

@@ -24,10 +24,13 @@ pub enum Stage {
     UpstreamTls,
     /// Authentication, from the first upstream byte to ReadyForQuery.
     Auth,
+    /// Signing an identity-login certificate (key generation, signature).
+    IdentityCertificate,
 }
 
 impl Stage {
-    const ALL: [Stage; 4] = [Stage::Whois, Stage::UpstreamConnect, Stage::UpstreamTls, Stage::Auth];
+    const ALL: [Stage; 5] =
+        [Stage::Whois, Stage::UpstreamConnect, Stage::UpstreamTls, Stage::Auth, Stage::IdentityCertificate];
 
     fn name(self) -> &'static str {
         match self {
@@ -35,6 +38,7 @@ impl Stage {
             Stage::UpstreamConnect => "upstream_connect",
             Stage::UpstreamTls => "upstream_tls",
             Stage::Auth => "auth",
+            Stage::IdentityCertificate => "identity_certificate",
         }
     }
 }
@@ -82,7 +86,7 @@ pub struct Metrics {
     sessions_active: AtomicI64,
     /// (event, reason) → sessions.
     outcomes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    stages: [Histogram; 4],
+    stages: [Histogram; Stage::ALL.len()],
     audit_write: Histogram,
     bytes_c2u: AtomicU64,
     bytes_u2c: AtomicU64,
@@ -279,6 +283,7 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
         }
         UpstreamNoTls | UpstreamProtocolError => "upstream_protocol",
         UpstreamUnreachable | UpstreamTimeout => "upstream_connect",
+        IdentityCertificateFailed => "identity_certificate",
     })
 }
 

@@ -97,6 +97,14 @@ impl Refusal {
                 auth_failed: Some((method, sqlstate)),
                 ..Refusal::ended(EndReason::AuthFailed, message)
             },
+            // Told by authenticate; the database's settings are the cause.
+            AuthError::CertificateNotEnough { .. } => Refusal {
+                auth_failed: Some((
+                    AuthMethod::IdentityCertificate,
+                    SqlState::parse(sqlstate::INVALID_AUTHORIZATION),
+                )),
+                ..Refusal::ended(EndReason::AuthFailed, e.to_string())
+            },
             AuthError::ClientClosed(_) => Refusal::ended(EndReason::ClientClosed, e.to_string()),
             AuthError::ClientProtocol(_) => Refusal::ended(EndReason::ClientError, e.to_string()),
             AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_) => Refusal {

@@ -12,12 +12,13 @@ use crate::authenticate::{self, AuthError};
 use crate::authorize::Decision;
 use crate::cancel::{CancelDecision, CancelOwner};
 use crate::context::Shared;
+use crate::identity_login::{Holder, IdentityCa};
 use crate::metrics::Stage;
 use crate::negotiate::{self, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
 use crate::refusal::{Outcome, Refusal};
 use crate::relay;
-use crate::settings::Settings;
+use crate::settings::{Login, Settings};
 use crate::stream::ClientStream;
 use crate::tailnet::{PeerIdentity, Tailnet};
 use crate::upstream::{UpstreamError, UpstreamTls};
@@ -100,6 +101,8 @@ struct Parts {
     via_grant: bool,
     /// A replication connection (authorized as one; re-checked as one).
     replication: bool,
+    /// Logged in by identity (re-checked as such).
+    identity_login: bool,
     /// The identity's session slot (its grant's limit), held to the end.
     _slot: crate::authorize::Slot,
 }
@@ -341,6 +344,7 @@ impl Session<'_> {
         // Authorized (or refused): no longer a handshake of this peer's.
         drop(handshake);
         let via_grant = matches!(decision, Decision::Allow { via_grant: true, .. });
+        let grant_allows_identity = matches!(decision, Decision::Allow { identity_login: true, .. });
         let slot = match decision {
             Decision::Deny { detail, client_message } => {
                 return Err(Refusal::denied(DenyReason::NotAuthorized, detail)
@@ -376,6 +380,37 @@ impl Session<'_> {
                 ));
         };
 
+        // Identity login: only for a session a grant allows it for (never a
+        // grant-less peer), and the certificate is signed now, after
+        // authorization, so a withdrawn grant stops new certificates at once.
+        let (upstream_tls, certificate) = match &route.login {
+            Login::Password => (route.upstream.clone(), None),
+            Login::Identity(ca) => {
+                if !grant_allows_identity {
+                    let who = format!("{} on {}", identity.principal(), identity.node_name);
+                    let cap = &settings.policy.capability;
+                    return Err(Refusal::denied(
+                        DenyReason::NotAuthorized,
+                        format!(
+                            "{who}: route {:?} logs in by identity, and no {cap} grant that allows user {:?} \
+                             on database {:?} says \"login\": \"identity\"",
+                            route.name, names.user, names.database
+                        ),
+                    )
+                    .telling(
+                        sqlstate::INVALID_AUTHORIZATION,
+                        format!(
+                            "tailgres: this database logs in by tailnet identity, and {who}'s grant does not \
+                             allow that; an admin allows it with \"login\": \"identity\" in the \"{cap}\" grant"
+                        ),
+                    ));
+                }
+                let (cert, tls) =
+                    self.identity_certificate(ca, &route.upstream, &names.user, &identity).await?;
+                (Arc::new(tls), Some(cert))
+            }
+        };
+
         // Fail closed: no session whose session_start is not written. That
         // write is also the probe of an unhealthy log (skipping it while
         // unhealthy would leave nothing to make the log healthy again, and
@@ -394,7 +429,7 @@ impl Session<'_> {
 
         // 5. upstream
         let mut upstream = tokio::select! {
-            r = route.upstream.connect() => r.map_err(|e| {
+            r = upstream_tls.connect() => r.map_err(|e| {
                 tracing::warn!(error = %e, "upstream refused");
                 Refusal::upstream(&e)
             })?,
@@ -421,6 +456,7 @@ impl Session<'_> {
                 &startup,
                 transport.is_tls(),
                 settings.auth_mode,
+                certificate.is_some(),
                 upstream.channel_binding.as_deref(),
             ),
         )
@@ -443,7 +479,12 @@ impl Session<'_> {
                 .telling(sqlstate::PROTOCOL_VIOLATION, "authentication took too long"))
             }
         };
-        self.audit(Event::auth_ok(out.method)).await;
+        let identity_login = certificate.is_some();
+        let event = match certificate {
+            Some(c) => Event::auth_ok_certificate(c),
+            None => Event::auth_ok(out.method),
+        };
+        self.audit(event).await;
 
         Ok(Parts {
             upstream: Box::new(upstream.stream),
@@ -453,8 +494,55 @@ impl Session<'_> {
             auth: out,
             via_grant,
             replication: names.replication,
+            identity_login,
             _slot: slot,
         })
+    }
+
+    /// Signs this session's identity-login certificate (on the blocking
+    /// pool: a key generation and a signature) and builds the TLS client
+    /// that presents it to the database (verify-full as the route's).
+    async fn identity_certificate(
+        &self,
+        ca: &Arc<IdentityCa>,
+        route_tls: &UpstreamTls,
+        role: &str,
+        id: &PeerIdentity,
+    ) -> Result<(audit::ClientCertificate, UpstreamTls), Refusal> {
+        let ca = ca.clone();
+        let (role, principal, node) = (role.to_string(), id.principal(), id.node_name.clone());
+        let session_id = self.base.session_id.clone();
+        let began = Instant::now();
+        let minted = tokio::task::spawn_blocking(move || {
+            ca.mint(&Holder { role: &role, principal: &principal, node: &node, session_id: &session_id })
+        })
+        .await;
+        self.shared.metrics.stage(Stage::IdentityCertificate, began.elapsed());
+        let fail = |why: String| {
+            tracing::error!(error = %why, "cannot sign the identity-login certificate");
+            Refusal::denied(
+                DenyReason::IdentityCertificateFailed,
+                format!("signing the identity-login certificate failed: {why}"),
+            )
+            .telling(
+                sqlstate::CANNOT_CONNECT_NOW,
+                "tailgres could not sign a login certificate for you; the operator's log says why",
+            )
+        };
+        let m = match minted {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Err(join) => return Err(fail(join.to_string())),
+        };
+        let tls = route_tls.with_client_cert(m.chain, m.key).map_err(|e| fail(e.to_string()))?;
+        tracing::debug!(serial = %m.serial, subject = %m.subject, "identity-login certificate signed");
+        let cert = audit::ClientCertificate {
+            serial: m.serial,
+            subject: m.subject,
+            not_before: m.not_before,
+            not_after: m.not_after,
+        };
+        Ok((cert, tls))
     }
 
     /// [`Session::refuse`] for a client that has not negotiated yet: it is
@@ -499,7 +587,17 @@ impl Session<'_> {
         let Admitted {
             client,
             parts:
-                Parts { upstream, upstream_tls, identity, startup, auth: out, via_grant, replication, _slot },
+                Parts {
+                    upstream,
+                    upstream_tls,
+                    identity,
+                    startup,
+                    auth: out,
+                    via_grant,
+                    replication,
+                    identity_login,
+                    _slot,
+                },
         } = a;
         let peer_addr = self.base.peer_addr;
         let settings = &self.settings;
@@ -523,6 +621,7 @@ impl Session<'_> {
             database: startup.database().to_string(),
             replication,
             via_grant,
+            identity_login,
         });
         let stop = {
             let rx = self.shared.shutdown.clone();

@@ -9,7 +9,8 @@
 
 use crate::authenticate::AuthMode;
 use crate::authorize::{glob, Policy};
-use crate::config::Config;
+use crate::config::{Config, RouteLogin};
+use crate::identity_login::IdentityCa;
 use crate::upstream::UpstreamTls;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,6 +23,16 @@ pub struct Route {
     /// The tailnet port whose sessions it serves.
     pub port: u16,
     pub upstream: Arc<UpstreamTls>,
+    pub login: Login,
+}
+
+/// How a route's sessions log in to the database.
+#[derive(Debug, Clone)]
+pub enum Login {
+    /// With the client's password (or whatever the database asks for).
+    Password,
+    /// With a client certificate signed for the session by this CA.
+    Identity(Arc<IdentityCa>),
 }
 
 #[derive(Debug)]
@@ -36,20 +47,31 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Builds every upstream TLS client (reading CA bundles and client keys
-    /// now, so a bad file is refused here and not at a session).
+    /// Builds every upstream TLS client and loads every identity CA
+    /// (reading CA bundles and keys now, so a bad file is refused here and
+    /// not at a session).
     pub fn from_config(cfg: &Config) -> Result<Settings, RouteError> {
         let routes = cfg
             .routes
             .iter()
             .map(|r| {
-                let upstream = UpstreamTls::new(&r.upstream)
-                    .map_err(|e| RouteError { route: r.name.clone(), source: Box::new(e) })?;
+                let route_err = |e: Box<dyn std::error::Error + Send + Sync>| RouteError {
+                    route: r.name.clone(),
+                    source: e,
+                };
+                let upstream = UpstreamTls::new(&r.upstream).map_err(|e| route_err(Box::new(e)))?;
+                let login = match &r.login {
+                    RouteLogin::Password => Login::Password,
+                    RouteLogin::Identity { ca_cert, ca_key, validity } => Login::Identity(
+                        IdentityCa::load(ca_cert, ca_key, *validity).map_err(|e| route_err(Box::new(e)))?,
+                    ),
+                };
                 Ok(Route {
                     name: r.name.clone(),
                     databases: r.databases.clone(),
                     port: r.port,
                     upstream: Arc::new(upstream),
+                    login,
                 })
             })
             .collect::<Result<_, RouteError>>()?;
@@ -75,7 +97,7 @@ impl Settings {
 pub struct RouteError {
     pub route: String,
     #[source]
-    pub source: Box<crate::upstream::ConfigError>,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// The current settings; replaced whole by a reload.

@@ -48,6 +48,10 @@ pub struct UpstreamOptions {
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     config: Arc<ClientConfig>,
+    /// Kept to build a per-session config with a client certificate
+    /// ([`UpstreamTls::with_client_cert`]): the same verify-full.
+    verifier: Arc<WebPkiServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
     addr: String,
     server_name: ServerName<'static>,
     server_name_text: String,
@@ -281,10 +285,10 @@ impl UpstreamTls {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(ConfigError::Verifier)?;
-        let builder = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(ConfigError::Tls)?
-            .with_webpki_verifier(verifier);
+            .with_webpki_verifier(verifier.clone());
         let mut config = match (&o.client_cert, &o.client_key) {
             (None, None) => builder.with_no_client_auth(),
             (Some(_), None) => Err(ConfigError::ClientPairIncomplete { missing: "--upstream-client-key" })?,
@@ -311,6 +315,8 @@ impl UpstreamTls {
         }
         Ok(UpstreamTls {
             config: Arc::new(config),
+            verifier,
+            provider,
             addr: o.addr.clone(),
             server_name,
             server_name_text,
@@ -318,6 +324,24 @@ impl UpstreamTls {
             direct_tls: o.direct_tls,
             connect_timeout: o.connect_timeout,
         })
+    }
+
+    /// The same upstream (address, server name, verify-full with the same
+    /// roots) presenting `chain` with `key` as its client certificate: for
+    /// one session's identity login. TLS resumption is off for it, so no
+    /// session of one certificate is ever resumed under another.
+    pub fn with_client_cert(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<UpstreamTls, rustls::Error> {
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_webpki_verifier(self.verifier.clone())
+            .with_client_auth_cert(chain, key)?;
+        config.resumption = rustls::client::Resumption::disabled();
+        config.alpn_protocols = self.config.alpn_protocols.clone();
+        Ok(UpstreamTls { config: Arc::new(config), ..self.clone() })
     }
 
     pub async fn connect(&self) -> Result<Upstream, UpstreamError> {

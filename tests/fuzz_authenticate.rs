@@ -442,6 +442,8 @@ struct Case {
     client_splits: Vec<usize>,
     client_tls: bool,
     mode: AuthMode,
+    /// Identity login: tailgres presented a client certificate.
+    certificate: bool,
     binding: Option<Vec<u8>>,
     startup: Vec<(String, String)>,
     capacity: usize,
@@ -454,6 +456,7 @@ fn case() -> impl Strategy<Value = Case> {
         proptest::collection::vec(any::<usize>(), 0..4),
         any::<bool>(),
         prop_oneof![3 => Just(AuthMode::PasswordRelay), 1 => Just(AuthMode::Passthrough)],
+        prop_oneof![3 => Just(false), 1 => Just(true)],
         prop_oneof![Just(None), Just(Some(vec![7u8; 32])), bytes(64).prop_map(Some)],
         prop_oneof![
             Just(vec![("user".to_string(), "alice".to_string())]),
@@ -461,16 +464,19 @@ fn case() -> impl Strategy<Value = Case> {
         ],
         prop_oneof![1 => 1usize..64, 3 => Just(1usize << 16)],
     )
-        .prop_map(|(db, client, client_splits, client_tls, mode, binding, startup, capacity)| Case {
-            db,
-            client,
-            client_splits,
-            client_tls,
-            mode,
-            binding,
-            startup,
-            capacity,
-        })
+        .prop_map(
+            |(db, client, client_splits, client_tls, mode, certificate, binding, startup, capacity)| Case {
+                db,
+                client,
+                client_splits,
+                client_tls,
+                mode,
+                certificate,
+                binding,
+                startup,
+                capacity,
+            },
+        )
 }
 
 struct Ran {
@@ -510,6 +516,7 @@ async fn exchange(c: Case) -> Ran {
         &startup,
         c.client_tls,
         c.mode,
+        c.certificate,
         c.binding.as_deref(),
     )
     .await;
@@ -553,6 +560,23 @@ fn check(c: &Case, ran: &Ran) -> Result<(), String> {
             .is_some_and(|(t, body, _)| t == b'R' && body.get(..4) == Some(&auth::SASL.to_be_bytes()[..])),
         _ => false,
     };
+    // Identity login: the client is never asked for anything (it has no
+    // password to give), and nothing of the client's goes upstream.
+    if c.certificate {
+        let asked =
+            to_client.iter().any(|(t, b)| *t == b'R' && b.get(..4) != Some(&auth::OK.to_be_bytes()[..]));
+        if asked {
+            return Err("identity login: the client was asked to authenticate".into());
+        }
+        if !upstream.is_empty() {
+            return Err("identity login: a client message went upstream".into());
+        }
+        if let Ok(out) = &ran.result {
+            if out.method != AuthMethod::IdentityCertificate {
+                return Err(format!("identity login reported as {:?}", out.method));
+            }
+        }
+    }
     let relayed = c.client_tls && c.mode == AuthMode::PasswordRelay;
     if relayed
         && sasl_first
@@ -646,6 +670,7 @@ fn scripted_scram_session_succeeds() {
             client_splits: vec![],
             client_tls: true,
             mode: AuthMode::PasswordRelay,
+            certificate: false,
             binding: Some(vec![1; 32]),
             startup: vec![("user".into(), "alice".into())],
             capacity: 1 << 16,

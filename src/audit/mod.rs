@@ -26,8 +26,9 @@ mod writer;
 pub(crate) use time::rfc3339;
 
 pub use record::{
-    AuthFailure, AuthMethod, CancelOutcome, ClientTransport, Denial, DenyReason, EndReason, Event, Peer,
-    PostgresInfo, ProtocolVersion, Record, SessionEnd, Side, SqlState, TlsVersion, UpstreamInfo,
+    AuthFailure, AuthMethod, CancelOutcome, ClientCertificate, ClientTransport, Denial, DenyReason,
+    EndReason, Event, Peer, PostgresInfo, ProtocolVersion, Record, SessionEnd, Side, SqlState, TlsVersion,
+    UpstreamInfo,
 };
 
 use std::fmt;

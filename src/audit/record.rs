@@ -105,7 +105,12 @@ pub enum Event {
     /// The connection was refused before a session started.
     SessionDenied(Denial),
     /// The upstream accepted the client's authentication.
-    AuthOk { auth_method: AuthMethod },
+    AuthOk {
+        auth_method: AuthMethod,
+        /// The certificate tailgres signed for an identity login (null
+        /// otherwise).
+        client_certificate: Option<ClientCertificate>,
+    },
     /// The upstream (or the proxy's relay of it) rejected authentication.
     AuthFailed(AuthFailure),
     /// A CancelRequest arrived on this connection.
@@ -132,7 +137,12 @@ impl Event {
     }
 
     pub fn auth_ok(auth_method: AuthMethod) -> Event {
-        Event::AuthOk { auth_method }
+        Event::AuthOk { auth_method, client_certificate: None }
+    }
+
+    /// An identity login: the database accepted `cert`.
+    pub fn auth_ok_certificate(cert: ClientCertificate) -> Event {
+        Event::AuthOk { auth_method: AuthMethod::IdentityCertificate, client_certificate: Some(cert) }
     }
 
     pub fn auth_failed(
@@ -214,12 +224,15 @@ pub enum DenyReason {
     /// tailgres was shutting down (its grace over) before the session
     /// started: the connection was closed mid-handshake.
     ShuttingDown,
+    /// tailgres could not sign the identity-login certificate (or build
+    /// the TLS client that presents it).
+    IdentityCertificateFailed,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 20] = [
+    pub const ALL: [DenyReason; 21] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -240,6 +253,7 @@ impl DenyReason {
         DenyReason::ClientClosed,
         DenyReason::ClientTlsFailed,
         DenyReason::ShuttingDown,
+        DenyReason::IdentityCertificateFailed,
     ];
 
     /// The name it is serialized as (the audit record's and the metrics'
@@ -266,6 +280,7 @@ impl DenyReason {
             DenyReason::ClientClosed => "client_closed",
             DenyReason::ClientTlsFailed => "client_tls_failed",
             DenyReason::ShuttingDown => "shutting_down",
+            DenyReason::IdentityCertificateFailed => "identity_certificate_failed",
         }
     }
 
@@ -283,7 +298,9 @@ impl DenyReason {
             | UpstreamTimeout
             | UpstreamTls
             | UpstreamProtocolError => Side::Upstream,
-            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown => Side::Proxy,
+            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown | IdentityCertificateFailed => {
+                Side::Proxy
+            }
         }
     }
 }
@@ -306,19 +323,36 @@ pub enum AuthMethod {
     Cleartext,
     /// The upstream asked for no authentication.
     Trust,
+    /// Identity login: tailgres presented a client certificate it signed
+    /// for the session, and the database accepted it (`cert`).
+    IdentityCertificate,
     Other,
 }
 
 impl AuthMethod {
-    pub const ALL: [AuthMethod; 7] = [
+    pub const ALL: [AuthMethod; 8] = [
         AuthMethod::PasswordRelayScramSha256Plus,
         AuthMethod::PasswordRelayScramSha256,
         AuthMethod::ScramSha256,
         AuthMethod::Md5,
         AuthMethod::Cleartext,
         AuthMethod::Trust,
+        AuthMethod::IdentityCertificate,
         AuthMethod::Other,
     ];
+}
+
+/// The client certificate tailgres signed for an identity login.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientCertificate {
+    /// Serial number, hex (it is the session id).
+    pub serial: String,
+    /// Subject, RFC 4514 (as the database's `pg_stat_ssl` shows it).
+    pub subject: String,
+    #[serde(serialize_with = "ser_ts_seconds")]
+    pub not_before: SystemTime,
+    #[serde(serialize_with = "ser_ts_seconds")]
+    pub not_after: SystemTime,
 }
 
 /// Failed authentication: `auth_method`, `sqlstate`, `detail`.
@@ -592,6 +626,10 @@ fn ser_ts_micros<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error>
     s.serialize_str(&rfc3339(*t, true))
 }
 
+fn ser_ts_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t, false))
+}
+
 fn ser_opt_ts_seconds<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => s.serialize_str(&rfc3339(*t, false)),
@@ -673,7 +711,21 @@ mod tests {
             ),
             (
                 Event::auth_ok(AuthMethod::PasswordRelayScramSha256Plus),
-                json!({"event": "auth_ok", "auth_method": "password_relay_scram_sha_256_plus"}),
+                json!({"event": "auth_ok", "auth_method": "password_relay_scram_sha_256_plus",
+                       "client_certificate": null}),
+            ),
+            (
+                Event::auth_ok_certificate(ClientCertificate {
+                    serial: "8f3a0c1d2e4b5a69".into(),
+                    subject: "CN=app,O=tailgres,serialNumber=8f3a0c1d2e4b5a69,L=laptop,OU=alice@example.com"
+                        .into(),
+                    not_before: at(1_795_442_527, 0),
+                    not_after: at(1_795_442_887, 0),
+                }),
+                json!({"event": "auth_ok", "auth_method": "identity_certificate",
+                       "client_certificate": {"serial": "8f3a0c1d2e4b5a69",
+                           "subject": "CN=app,O=tailgres,serialNumber=8f3a0c1d2e4b5a69,L=laptop,OU=alice@example.com",
+                           "not_before": "2026-11-23T14:02:07Z", "not_after": "2026-11-23T14:08:07Z"}}),
             ),
             (
                 Event::auth_failed(AuthMethod::Md5, SqlState::parse("28P01"), "bad password"),

@@ -19,7 +19,7 @@ use tailgres::context::Shared;
 use tailgres::metrics::{Metrics, TailnetGauge};
 use tailgres::pgwire;
 use tailgres::server::{self, ServeOptions};
-use tailgres::settings::{Route, Settings, SettingsCell};
+use tailgres::settings::{Login, Route, Settings, SettingsCell};
 use tailgres::tailnet::memory::MemoryTailnet;
 use tailgres::tailnet::{PeerIdentity, Tailnet};
 use tailgres::upstream::{UpstreamOptions, UpstreamTls};
@@ -284,6 +284,8 @@ pub struct Options {
     pub databases: Vec<String>,
     pub upstream_addr: Option<String>,
     pub connect_timeout: Duration,
+    /// How the route logs in (identity: with this CA).
+    pub login: Login,
 }
 
 impl Default for Options {
@@ -299,6 +301,7 @@ impl Default for Options {
             databases: vec!["*".into()],
             upstream_addr: None,
             connect_timeout: Duration::from_secs(2),
+            login: Login::Password,
         }
     }
 }
@@ -361,6 +364,7 @@ impl World {
                 databases: o.databases.clone(),
                 port: PORT,
                 upstream: Arc::new(upstream),
+                login: o.login.clone(),
             }],
             policy: Policy {
                 capability: DEFAULT_CAPABILITY.into(),
