@@ -40,7 +40,8 @@ from pathlib import Path
 
 import perfsum
 from report import report, report_soak
-from world import (DB, SCRAM, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab, TailnetSystem, World,
+from world import (CAPABILITY, DB, IDENTITY, SCRAM, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab,
+                   TailnetSystem, World,
                    context_switches, git_commit, log, machine, proc_stats, require_loopback_only, rss_breakdown,
                    run_pgbench)
 
@@ -193,6 +194,30 @@ def connect_rate(world, sys_, role, duration, pids):
         res["proxy_cpu_ms_per_conn"] = cpu["proxy"] / res["connections"] * 1e3
         res["proxy_ctxsw_per_conn"] = (context_switches(pids["proxy"]) - cs_before["proxy"]) / res["connections"]
     return res
+
+
+def identity_connect_rate(world, lab, sys_, rnd, pids):
+    """pgbench -C through tailgres's identity-login route: no password, a
+    client certificate signed per connection. Identity login needs a grant
+    that says so: the lab grants it to every node for this run only."""
+    a = world.args
+    lab.set_global_caps({CAPABILITY: [{"databases": ["*"], "users": ["*"], "login": "identity"}]})
+    try:
+        # Until the grant has reached tailgres (a netmap push).
+        deadline = time.time() + 60
+        while True:
+            probe = subprocess.run([str(world.bins["psql"]), "-X", "-At", "-c", "select 1"],
+                                   env=sys_.env(IDENTITY), capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            if time.time() > deadline:
+                return {"failed": True, "error": f"identity login never worked: {probe.stderr[-500:]}"}
+            time.sleep(0.5)
+        log(f"{sys_.name} r{rnd}: new connection per transaction ({IDENTITY[0]}, identity login), {a.duration}s")
+        with Perf(world, f"{sys_.name}-r{rnd}-connect_identity", pids):
+            return again_on_failure(sys_, lambda: connect_rate(world, sys_, IDENTITY, a.duration, pids))
+    finally:
+        lab.set_global_caps({})
 
 
 def copy_runs(world, lab, sys_, pids):
@@ -364,6 +389,8 @@ def measure(world, lab, sys_, rnd):
         with Perf(world, f"{sys_.name}-r{rnd}-connect_{label}", pids):
             res[f"connect_{label}"] = again_on_failure(
                 sys_, lambda: connect_rate(world, sys_, role, a.duration, pids))
+    if getattr(sys_, "identity_port", None):
+        res["connect_identity"] = identity_connect_rate(world, lab, sys_, rnd, pids)
     log(f"{sys_.name} r{rnd}: COPY out and in, {lab.bulk_bytes / 1e6:.0f} MB each way")
     with Perf(world, f"{sys_.name}-r{rnd}-copy", pids):
         res["copy"] = again_on_failure(sys_, lambda: copy_runs(world, lab, sys_, pids))

@@ -39,8 +39,14 @@ TAILSCALE_VERSION = "v1.102.5"  # vendor/go.mod; pgproxy is installed at this ve
 DB = "app"
 SCRAM = ("role_scram", "scram-pass")
 TRUST = ("role_trust", None)
+# Identity login (tailgres only): no password; tailgres signs a client
+# certificate the lab database accepts for this role.
+IDENTITY = ("role_identity", None)
 SERVER_NAME = "db.lab.test"
 PG_PORT_ON_TAILNET = 5432
+# tailgres's identity-login route (login = "identity"), beside the main one.
+IDENTITY_PORT_ON_TAILNET = 5433
+CAPABILITY = "tailgres.dev/cap/postgres"
 READY_TIMEOUT = 120.0
 # libpq must never read this machine's ~/.pgpass; /dev/null makes it warn
 # on every trust connection ("not a plain file"), a missing file does not.
@@ -231,10 +237,19 @@ class Lab:
         r = self.pg.ready
         self.pg_port = r["port"]
         self.ca_file = r["ca_file"]
+        self.identity_ca = (r["identity_ca_file"], r["identity_key_file"])
         self.socket_dir = r["socket_dir"]
         self.pg_settings = settings
         self.bulk_file = world.dir / "bulk.copy"
         self.bulk_bytes = 0
+
+    def set_global_caps(self, caps):
+        """The lab's global app capabilities (a grant from every source to
+        every node); {} clears them."""
+        req = urllib.request.Request(f"{self.admin_url}/caps/global", method="POST",
+                                     data=json.dumps(caps).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
 
     def admin_sql(self, sql):
         out = subprocess.run(
@@ -358,7 +373,21 @@ class TailnetSystem:
                 argv.append("--direct")
             self.proc = Proc(self.hostname, argv, w, env=dict(TS_ENV, **(extra_env or {})), ready_line=True)
         elif name == "tailgres":
-            argv = [str(b["tailgres"]), f"--upstream={up}", f"--upstream-server-name={SERVER_NAME}",
+            # A second route, on its own port, logs in by identity (only
+            # the identity connection figure uses it).
+            config = w.dir / f"{self.hostname}.toml"
+            config.write_text(
+                "[[route]]\n"
+                'name = "identity"\n'
+                f"port = {IDENTITY_PORT_ON_TAILNET}\n"
+                f'upstream = "{up}"\n'
+                f'upstream-server-name = "{SERVER_NAME}"\n'
+                f'upstream-ca = ["{lab.ca_file}"]\n'
+                'login = "identity"\n'
+                f'identity-ca-cert = "{lab.identity_ca[0]}"\n'
+                f'identity-ca-key = "{lab.identity_ca[1]}"\n')
+            argv = [str(b["tailgres"]), f"--config={config}", f"--upstream={up}",
+                    f"--upstream-server-name={SERVER_NAME}",
                     f"--upstream-ca={lab.ca_file}", f"--hostname={self.hostname}", f"--state-dir={state}",
                     f"--control-url={lab.control_url}", f"--audit-log={w.dir / (self.hostname + '.audit.jsonl')}",
                     f"--port={PG_PORT_ON_TAILNET}", f"--max-sessions={w.args.idle + 1000}"]
@@ -379,11 +408,16 @@ class TailnetSystem:
         cargv = [str(b["tslab"]), "node", f"--control-url={lab.control_url}", f"--hostname={self.client_name}",
                  f"--state-dir={w.dir / ('state-' + self.client_name)}",
                  f"--forward=127.0.0.1:0={self.ip}:{PG_PORT_ON_TAILNET}", "--dial-timeout=20s"]
+        if name == "tailgres":
+            cargv.append(f"--forward=127.0.0.1:0={self.ip}:{IDENTITY_PORT_ON_TAILNET}")
         if not w.args.derp:
             cargv.append("--direct")
         self.client = Proc(self.client_name, cargv, w, env=TS_ENV, ready_line=True)
         self.host, port = self.client.ready["forwards"][0]["listen"].rsplit(":", 1)
         self.port = int(port)
+        # The identity route's forward (tailgres only).
+        forwards = self.client.ready["forwards"]
+        self.identity_port = int(forwards[1]["listen"].rsplit(":", 1)[1]) if len(forwards) > 1 else None
         self.wait_answering()
 
     def wait_answering(self):
@@ -406,10 +440,12 @@ class TailnetSystem:
         die(f"{self.name} did not answer through the tailnet:\n{self.proc.tail()}")
 
     def env(self, role):
-        return libpq_env(self.host, self.port, role)
+        port = self.identity_port if role == IDENTITY else self.port
+        return libpq_env(self.host, port, role)
 
     def conninfo(self, role):
-        return conninfo(self.host, self.port, role)
+        port = self.identity_port if role == IDENTITY else self.port
+        return conninfo(self.host, port, role)
 
     def dial_timeouts(self):
         """Connections the client node gave up on (its --dial-timeout)."""

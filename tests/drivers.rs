@@ -11,20 +11,11 @@
 //! the connection usable after it, and a clean close; pgx also asking for
 //! protocol 3.2 over TLS. One lab for both.
 mod common;
+use common::clients::{built_checks, PGJDBC_VERSION, PGX_VERSION};
 use common::lab::{LabOptions, LabUp};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
-
-const PGX_VERSION: &str = "v5.13.0";
-const PGJDBC_VERSION: &str = "42.7.14";
-
-/// Where scripts/build-clients put the checks (`TAILGRES_CLIENTS` overrides).
-fn clients_dir() -> PathBuf {
-    std::env::var_os("TAILGRES_CLIENTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/clients")))
-}
 
 /// One run: `PROGRAM [PREFIX...] HOST PORT SSLMODE [EXTRA...]`.
 struct Case {
@@ -52,23 +43,12 @@ impl Case {
 /// Every case, after checking that its program was built: a missing check
 /// fails the test (never a silent skip).
 fn cases() -> Vec<Case> {
-    let dir = clients_dir();
-    let pgx = dir.join("pgx-check");
-    let jar = dir.join(format!("lib/postgresql-{PGJDBC_VERSION}.jar"));
-    let classes = dir.join("jdbc");
-    for need in [&pgx, &jar, &classes.join("JdbcCheck.class")] {
-        assert!(
-            need.is_file(),
-            "{} is missing: build the driver checks with `scripts/build --tests` (scripts/build-clients; \
-             it needs go, java, javac and mvn: `scripts/prereqs --tests` installs them)",
-            need.display()
-        );
-    }
+    let (pgx, classpath) = built_checks();
     let java = |sslmode: &'static str, factory: Option<&str>| Case {
         driver: "pgjdbc",
         sslmode,
         program: PathBuf::from("java"),
-        prefix: vec!["-cp".into(), format!("{}:{}", classes.display(), jar.display()), "JdbcCheck".into()],
+        prefix: vec!["-cp".into(), classpath.clone(), "JdbcCheck".into()],
         extra: factory.map(str::to_string).into_iter().collect(),
     };
     let go = |sslmode: &'static str| Case {

@@ -66,8 +66,10 @@ public class JdbcCheck {
         String host = args[0], port = args[1], sslmode = args[2];
         String app = "pgjdbc-" + sslmode;
         Properties props = new Properties();
-        props.setProperty("user", "role_scram");
-        props.setProperty("password", "scram-pass");
+        // CHECK_USER / CHECK_PASSWORD (empty: no password, identity login).
+        props.setProperty("user", System.getenv().getOrDefault("CHECK_USER", "role_scram"));
+        String password = System.getenv().getOrDefault("CHECK_PASSWORD", "scram-pass");
+        if (!password.isEmpty()) props.setProperty("password", password);
         props.setProperty("sslmode", sslmode);
         if (args.length == 4) props.setProperty("sslfactory", args[3]);
         props.setProperty("ApplicationName", app);

@@ -7,6 +7,7 @@ usage: asyncpg_check.py HOST PORT SSL(require|disable)
 """
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -16,7 +17,9 @@ import asyncpg
 async def main(host, port, ssl):
     out = {}
     conn = await asyncio.wait_for(
-        asyncpg.connect(host=host, port=port, user="role_scram", password="scram-pass",
+        # CHECK_USER / CHECK_PASSWORD (empty: no password, identity login).
+        asyncpg.connect(host=host, port=port, user=os.environ.get("CHECK_USER", "role_scram"),
+                        password=os.environ.get("CHECK_PASSWORD", "scram-pass") or None,
                         database="app", ssl=ssl, server_settings={"application_name": "asyncpg-check"}),
         30)
     out["answer"] = await conn.fetchval("select $1::int + 1", 41)

@@ -10,6 +10,7 @@ usage: psycopg_check.py HOST PORT SSLMODE (or "direct": sslnegotiation=direct)
 """
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -21,7 +22,11 @@ from psycopg import errors
 def conninfo(host, port, sslmode, app):
     # "direct": TLS from the first byte (sslnegotiation=direct, libpq 17+).
     mode = "sslmode=require sslnegotiation=direct" if sslmode == "direct" else f"sslmode={sslmode}"
-    return (f"host={host} port={port} user=role_scram password=scram-pass dbname=app "
+    # CHECK_USER / CHECK_PASSWORD (empty: no password, identity login).
+    user = os.environ.get("CHECK_USER", "role_scram")
+    password = os.environ.get("CHECK_PASSWORD", "scram-pass")
+    login = f"user={user} password={password}" if password else f"user={user}"
+    return (f"host={host} port={port} {login} dbname=app "
             f"{mode} application_name={app} connect_timeout=30")
 
 

@@ -22,6 +22,8 @@ pub struct LabOptions<'a> {
     /// --upstream-cert for the lab's database (good, wrong-host, ...).
     pub upstream_cert: Option<&'a str>,
     pub log_connections: bool,
+    /// tailgres logs in by identity (the lab's identity CA).
+    pub identity_login: bool,
     pub audit_log: Option<PathBuf>,
     /// Extra tailgres arguments.
     pub tailgres_args: Vec<&'a str>,
@@ -46,6 +48,9 @@ impl LabUp {
         }
         if o.log_connections {
             cmd.arg("--log-connections");
+        }
+        if o.identity_login {
+            cmd.arg("--identity-login");
         }
         if let Some(a) = &o.audit_log {
             cmd.arg(format!("--audit-log={}", a.display()));

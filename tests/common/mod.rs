@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod audit;
+pub mod clients;
 pub mod headscale;
 pub mod lab;
 pub mod ops;

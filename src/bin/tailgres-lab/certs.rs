@@ -103,6 +103,12 @@ impl Ca {
         self.cert.pem()
     }
 
+    /// The CA's private key, PEM (PKCS#8): for the identity CA, which
+    /// tailgres signs with (`--identity-ca-key`).
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.key.serialize_pem())
+    }
+
     /// Issues a TLS server certificate. `names` are DNS names or IP
     /// addresses (each becomes a DNS or IP subjectAltName); the first is
     /// also the subject CN.

@@ -119,6 +119,8 @@ async fn serve_pg(
         "port": pg.port,
         "server_name": pg.server_name,
         "ca_file": pg.ca_file,
+        "identity_ca_file": pg.identity_ca_file,
+        "identity_key_file": pg.identity_key_file,
         "socket_dir": pg.socket_dir,
         "superuser": pg.superuser,
         "log_file": pg.log_file,

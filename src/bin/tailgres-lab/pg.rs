@@ -37,7 +37,16 @@ pub const ROLES: &[(&str, Option<&str>, &str)] = &[
     ("role_scram", Some("scram-pass"), "scram-sha-256"),
     ("role_md5", Some("md5-pass"), "md5"),
     ("role_trust", None, "trust"),
+    // Identity login: tailgres's certificate names the role in its CN; the
+    // log shows the whole subject (clientname=DN), mapped back to the CN.
+    ("role_identity", None, "cert clientname=DN map=tailgres"),
 ];
+/// pg_ident.conf: the `tailgres` map takes the role from the CN of the
+/// subject (RFC 2253, CN first, as tailgres's certificates print). Quoted:
+/// an unquoted comma separates a list.
+const PG_IDENT: &str = "# Written by tailgres-lab.\n\
+                        # MAPNAME  SYSTEM-USERNAME     PG-USERNAME\n\
+                        tailgres   \"/^CN=([^,]+),\"     \\1\n";
 /// Database owned by `role_scram`; every role may connect.
 pub const DATABASE: &str = "app";
 /// The name the good server certificate carries (plus IP 127.0.0.1).
@@ -138,6 +147,10 @@ pub struct Pg {
     pub server_name: String,
     /// The CA tailgres should trust (the lab CA, even for `Untrusted`).
     pub ca_file: PathBuf,
+    /// The identity CA (certificate, PKCS#8 key) the server trusts for
+    /// `cert` logins: what tailgres's --identity-ca-cert/-key take.
+    pub identity_ca_file: PathBuf,
+    pub identity_key_file: PathBuf,
     pub socket_dir: PathBuf,
     pub log_file: PathBuf,
     pub superuser: String,
@@ -256,6 +269,8 @@ impl Pg {
             host: HOST.to_owned(),
             server_name: o.server_name,
             ca_file: tls.ca_file.clone(),
+            identity_ca_file: tls.identity_ca_file.clone(),
+            identity_key_file: tls.identity_key_file.clone(),
             socket_dir,
             log_file,
             superuser: SUPERUSER.to_owned(),
@@ -513,6 +528,10 @@ struct Tls {
     ca_file: PathBuf,
     cert_file: PathBuf,
     key_file: PathBuf,
+    identity_ca_file: PathBuf,
+    identity_key_file: PathBuf,
+    /// The server's `ssl_ca_file`: the lab CA and the identity CA.
+    client_ca_file: PathBuf,
 }
 
 fn write_tls(tls_dir: &Path, kind: UpstreamCert, server_name: &str) -> anyhow::Result<Tls> {
@@ -528,15 +547,22 @@ fn write_tls(tls_dir: &Path, kind: UpstreamCert, server_name: &str) -> anyhow::R
             other.issue_server(&right_names, Validity::Current)?
         }
     };
+    let identity = Ca::new("tailgres-lab identity CA")?;
     let tls = Tls {
         ca_file: tls_dir.join("ca.crt"),
         cert_file: tls_dir.join("server.crt"),
         key_file: tls_dir.join("server.key"),
+        identity_ca_file: tls_dir.join("identity-ca.crt"),
+        identity_key_file: tls_dir.join("identity-ca.key"),
+        client_ca_file: tls_dir.join("client-ca.crt"),
         ca,
     };
     certs::write_cert(&tls.ca_file, &tls.ca.cert_pem())?;
     certs::write_cert(&tls.cert_file, &cert)?;
     certs::write_key(&tls.key_file, &key)?;
+    certs::write_cert(&tls.identity_ca_file, &identity.cert_pem())?;
+    certs::write_key(&tls.identity_key_file, &identity.key_pem())?;
+    certs::write_cert(&tls.client_ca_file, &(tls.ca.cert_pem() + &identity.cert_pem()))?;
     Ok(tls)
 }
 
@@ -599,7 +625,9 @@ fn write_hba(data_dir: &Path) -> anyhow::Result<()> {
     }
     writeln!(hba, "hostssl all all {HOST}/32 scram-sha-256")?;
     let path = data_dir.join("pg_hba.conf");
-    fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))
+    fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))?;
+    let path = data_dir.join("pg_ident.conf");
+    fs::write(&path, PG_IDENT).with_context(|| format!("writing {}", path.display()))
 }
 
 fn append(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -653,7 +681,7 @@ impl ServerConf<'_> {
                      ssl_min_protocol_version = 'TLSv1.2'\n",
                     t.cert_file.display(),
                     t.key_file.display(),
-                    t.ca_file.display(),
+                    t.client_ca_file.display(),
                 );
             }
             None => c.push_str("ssl = off\n"),

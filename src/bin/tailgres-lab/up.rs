@@ -47,6 +47,10 @@ pub struct UpArgs {
     /// Start the lab's database with log_connections = on.
     #[arg(long)]
     pub log_connections: bool,
+    /// Run tailgres with identity login (--login identity and the lab's
+    /// identity CA, which the lab's database trusts for role_identity).
+    #[arg(long, conflicts_with = "upstream")]
+    pub identity_login: bool,
     /// The proxy's audit log (default: DIR/audit.jsonl).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
@@ -220,6 +224,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     if let Some(n) = &up_name {
         cmd.arg(format!("--upstream-server-name={n}"));
     }
+    if let (true, Some(p)) = (a.identity_login, &pg) {
+        cmd.arg("--login=identity")
+            .arg(format!("--identity-ca-cert={}", p.identity_ca_file.display()))
+            .arg(format!("--identity-ca-key={}", p.identity_key_file.display()));
+    }
     cmd.args(&a.tailgres_args);
     let (proxy, _) = Proc::spawn("tailgres", cmd, &dir, false).await?;
 
@@ -320,6 +329,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             "port": port.parse::<u16>().ok(),
             "server_name": up_name,
             "ca_file": up_ca,
+            "identity_ca_file": pg.as_ref().map(|p| p.identity_ca_file.clone()),
+            "identity_key_file": pg.as_ref().map(|p| p.identity_key_file.clone()),
             "socket_dir": pg.as_ref().map(|p| p.socket_dir.clone()),
             "superuser": pg.as_ref().map(|p| p.superuser.clone()),
             "log_file": pg.as_ref().map(|p| p.log_file.clone()),

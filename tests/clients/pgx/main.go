@@ -47,6 +47,23 @@ func pgxVersion() string {
 	return "unknown"
 }
 
+// login is the user (CHECK_USER, default role_scram) and password
+// (CHECK_PASSWORD, default scram-pass; set empty for none: identity login).
+func login() string {
+	user, ok := os.LookupEnv("CHECK_USER")
+	if !ok {
+		user = "role_scram"
+	}
+	password, ok := os.LookupEnv("CHECK_PASSWORD")
+	if !ok {
+		password = "scram-pass"
+	}
+	if password == "" {
+		return "user=" + user
+	}
+	return "user=" + user + " password=" + password
+}
+
 func main() {
 	if len(os.Args) != 4 && len(os.Args) != 5 {
 		fail("usage: pgx-check HOST PORT SSLMODE [MAX_PROTOCOL_VERSION]")
@@ -64,8 +81,8 @@ func main() {
 	// sslmode=prefer and require do not verify the certificate (libpq's
 	// meaning, which pgx follows): the lab proxy's certificate is
 	// self-signed. The password is in the string as the python checks pass it.
-	connString := fmt.Sprintf("host=%s port=%d user=role_scram password=scram-pass dbname=app "+
-		"sslmode=%s application_name=%s connect_timeout=30%s", host, port, sslmode, app, extra)
+	connString := fmt.Sprintf("host=%s port=%d %s dbname=app "+
+		"sslmode=%s application_name=%s connect_timeout=30%s", host, port, login(), sslmode, app, extra)
 	cfg, err := pgx.ParseConfig(connString)
 	if err != nil {
 		fail("parse config: %v", err)
