@@ -39,6 +39,8 @@ pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(5 * 60);
 /// Bounds of `--identity-cert-validity`.
 pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
 pub const MAX_VALIDITY: Duration = Duration::from_secs(60 * 60);
+/// A CA that expires sooner than this is warned about when it is loaded.
+const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
 /// A certificate's validity starts this long before it is minted, so a
 /// database whose clock is a little behind the proxy's accepts it.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -72,6 +74,19 @@ pub enum CaError {
     Probe { cert: PathBuf, why: String },
 }
 
+/// Why a certificate could not be minted.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error(
+        "the identity CA {} expired at {}; replace it and reload tailgres (SIGHUP)",
+        cert.display(),
+        crate::audit::rfc3339(*at, false)
+    )]
+    CaExpired { cert: PathBuf, at: SystemTime },
+    #[error("signing the certificate: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
 /// The operator's CA, loaded and checked.
 pub struct IdentityCa {
     /// The CA as rcgen's issuer (its subject, as the CA certificate has it).
@@ -82,6 +97,9 @@ pub struct IdentityCa {
     chain: Vec<CertificateDer<'static>>,
     validity: Duration,
     cert_path: PathBuf,
+    /// The CA's own notAfter: no certificate outlives it, and none is
+    /// minted after it.
+    ca_not_after: SystemTime,
 }
 
 impl std::fmt::Debug for IdentityCa {
@@ -171,6 +189,15 @@ impl IdentityCa {
                 ca.validity().not_after
             )));
         }
+        let ca_not_after = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(ca.validity().not_after.timestamp()).unwrap_or(0));
+        if ca_not_after < SystemTime::now() + EXPIRY_WARNING {
+            tracing::warn!(
+                identity_ca = %cert_path.display(),
+                not_after = %crate::audit::rfc3339(ca_not_after, false),
+                "the identity CA expires within 30 days; identity login stops when it does"
+            );
+        }
         let distinguished_name = issuer_name(ca.subject()).map_err(cert_err)?;
 
         let key_err = |why: String| CaError::Key { path: key_path.to_path_buf(), why };
@@ -185,7 +212,8 @@ impl IdentityCa {
         params.distinguished_name = distinguished_name;
         params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let issuer = params.self_signed(&key).map_err(|e| cert_err(e.to_string()))?;
-        let ca = IdentityCa { issuer, key, chain, validity, cert_path: cert_path.to_path_buf() };
+        let ca =
+            IdentityCa { issuer, key, chain, validity, cert_path: cert_path.to_path_buf(), ca_not_after };
         ca.probe()?;
         Ok(Arc::new(ca))
     }
@@ -196,14 +224,17 @@ impl IdentityCa {
     }
 
     /// Mints a certificate for `holder`, valid from a minute ago for the
-    /// configured validity.
-    pub fn mint(&self, holder: &Holder<'_>) -> Result<Minted, rcgen::Error> {
+    /// configured validity (never past the CA's own notAfter).
+    pub fn mint(&self, holder: &Holder<'_>) -> Result<Minted, MintError> {
         let now = SystemTime::now();
-        self.mint_between(holder, now - BACKDATE, now + self.validity)
+        if now >= self.ca_not_after {
+            return Err(MintError::CaExpired { cert: self.cert_path.clone(), at: self.ca_not_after });
+        }
+        Ok(self.mint_between(holder, now - BACKDATE, (now + self.validity).min(self.ca_not_after))?)
     }
 
-    /// Mints a certificate valid from `not_before` to `not_after` (tests use
-    /// it for an expired one).
+    /// Mints a certificate valid from `not_before` to `not_after`, as given
+    /// (tests use it for an expired one).
     pub fn mint_between(
         &self,
         holder: &Holder<'_>,

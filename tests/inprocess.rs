@@ -260,6 +260,78 @@ async fn unreachable_and_silent_databases() {
     w.denied("upstream_timeout").await;
 }
 
+// ---- identity login ----
+
+/// A route that logs in by identity. A grant that says `"login":
+/// "identity"` gets in with no password, and the database verified a
+/// certificate for the role, whose serial is the session id; a grant that
+/// does not say so is refused before the database; a database that asks
+/// for a password anyway ends the session, and the client is never asked.
+#[tokio::test]
+async fn identity_login_by_grant_and_never_a_password() {
+    let w =
+        World::start(Options { identity_login: Some(Duration::from_secs(3600)), ..Default::default() }).await;
+    let by_identity = json!({"users": ["app", "password"], "databases": ["*"], "login": "identity"});
+    let alice = w.join(person(1, "alice@example.com", vec![by_identity])).await;
+    let bob = w.join(person(2, "bob@example.com", vec![grant(&["app"], &["*"])])).await;
+
+    let (client, _conn) = w.connect(alice, "app").await.expect("identity login");
+    client.simple_query("select 1").await.unwrap();
+    let ok = w.record("auth_ok", |r| r["event"] == "auth_ok").await;
+    assert_eq!(ok["auth_method"], "identity_certificate", "{ok}");
+    assert_eq!(ok["client_certificate"]["serial"], ok["session_id"], "{ok}");
+    let subject = ok["client_certificate"]["subject"].as_str().unwrap();
+    assert!(subject.starts_with("CN=app,") && subject.ends_with(",OU=alice@example.com"), "{subject}");
+    assert_eq!(
+        *w.db.client_cns.lock().unwrap(),
+        ["app"],
+        "the database verified one certificate, for the role"
+    );
+
+    // bob's grant allows the role, not identity login: refused before the
+    // database, told what the admin can add.
+    let e = w.connect(bob, "app").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28000"), "{e}");
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("\"login\": \"identity\""), "{msg}");
+    let r = w
+        .record("bob denied", |r| {
+            r["event"] == "session_denied" && r["peer"]["user_login"] == "bob@example.com"
+        })
+        .await;
+    assert_eq!(r["reason"], "not_authorized", "{r}");
+    assert!(r["upstream"].is_null(), "{r}");
+    assert_eq!(w.db.client_cns.lock().unwrap().len(), 1, "bob never reached the database");
+
+    // The database asks for a password (its pg_hba.conf is not `cert` for
+    // the role): the session ends; the client (which has one) is not asked.
+    let e = w.connect(alice, "password").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28000"), "{e}");
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("pg_hba.conf") && msg.contains("cert"), "{msg}");
+    let failed = w.record("auth_failed", |r| r["event"] == "auth_failed").await;
+    assert_eq!(failed["auth_method"], "identity_certificate", "{failed}");
+    let end = w.ended("auth_failed").await;
+    assert!(end["detail"].as_str().unwrap().contains("cleartext password"), "{end}");
+}
+
+/// An identity CA that has expired signs nothing: the session is refused
+/// (the proxy's fault, 57P03), and the operator's detail says why.
+#[tokio::test]
+async fn an_expired_identity_ca_signs_nothing() {
+    let w =
+        World::start(Options { identity_login: Some(Duration::from_secs(2)), ..Default::default() }).await;
+    let by_identity = json!({"users": ["app"], "databases": ["*"], "login": "identity"});
+    let alice = w.join(person(1, "alice@example.com", vec![by_identity])).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let e = w.connect(alice, "app").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+    let r = w.denied("identity_certificate_failed").await;
+    assert_eq!(r["side"], "proxy", "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("expired"), "{r}");
+    assert!(w.db.client_cns.lock().unwrap().is_empty());
+}
+
 // ---- sessions that end ----
 
 #[tokio::test]

@@ -16,6 +16,7 @@ use tailgres::audit::{AuditDest, AuditLog};
 use tailgres::authenticate::AuthMode;
 use tailgres::authorize::{Policy, DEFAULT_CAPABILITY};
 use tailgres::context::Shared;
+use tailgres::identity_login::{IdentityCa, DEFAULT_VALIDITY};
 use tailgres::metrics::{Metrics, TailnetGauge};
 use tailgres::pgwire;
 use tailgres::server::{self, ServeOptions};
@@ -48,12 +49,35 @@ pub struct Ca {
 
 impl Ca {
     pub fn new(name: &str) -> Ca {
+        Ca::with_params(name, |_| {})
+    }
+
+    /// A CA whose own validity ends `left` from now.
+    pub fn expiring(name: &str, left: Duration) -> Ca {
+        Ca::with_params(name, |p| {
+            let now = time::OffsetDateTime::now_utc();
+            p.not_before = now - time::Duration::days(1);
+            p.not_after = now + left;
+        })
+    }
+
+    fn with_params(name: &str, f: impl FnOnce(&mut CertificateParams)) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![]).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        f(&mut params);
         let cert = params.clone().self_signed(&key).unwrap();
         Ca { pem: cert.pem(), params, key }
+    }
+
+    /// Writes the CA's certificate and key (PKCS#8) into `dir`: what
+    /// --identity-ca-cert and --identity-ca-key take.
+    pub fn write(&self, dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        let (c, k) = (dir.join("identity-ca.pem"), dir.join("identity-ca.key"));
+        std::fs::write(&c, &self.pem).unwrap();
+        std::fs::write(&k, self.key.serialize_pem()).unwrap();
+        (c, k)
     }
 
     /// A server certificate for `name`, valid `from`..`to` (days from now).
@@ -74,9 +98,26 @@ impl Ca {
     }
 }
 
-fn server_tls(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> TlsAcceptor {
+/// The database's TLS: it asks for a client certificate, as PostgreSQL
+/// with an `ssl_ca_file` does, and verifies one from `identity` if given
+/// (clients without one still get in: the script decides by user name).
+fn server_tls(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    identity: &Ca,
+) -> TlsAcceptor {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(identity.pem.as_bytes()).unwrap();
+    roots.add(der).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+    let cfg = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
     TlsAcceptor::from(Arc::new(cfg))
 }
 
@@ -107,13 +148,19 @@ pub enum Db {
 
 /// The database, by user name: "reject" asks for a password and refuses
 /// it (28P01); "password" asks for one and accepts any; "crash" closes in
-/// the middle of authentication; anyone else is trusted. After login, a
+/// the middle of authentication; anyone else is trusted. A verified client
+/// certificate's subject CN is kept in `client_cns`. After login, a
 /// simple query "close" makes it close the session, "die" makes it vanish
 /// mid-query, "stream" makes it send rows until the connection breaks,
 /// anything else gets CommandComplete.
 pub struct FakeDb {
     pub addr: SocketAddr,
     pub ca: Ca,
+    /// The CA the database trusts for client certificates (tailgres's
+    /// identity CA in the tests that use identity login).
+    pub identity: Ca,
+    /// The subject CN of every client certificate the database verified.
+    pub client_cns: Arc<Mutex<Vec<String>>>,
     pub mode: Arc<Mutex<Db>>,
     /// (pid, key) of every CancelRequest received.
     pub cancels: Cancels,
@@ -122,14 +169,15 @@ pub struct FakeDb {
 }
 
 impl FakeDb {
-    pub async fn start() -> FakeDb {
+    /// `identity`: the CA it trusts for client certificates.
+    pub async fn start(identity: Ca) -> FakeDb {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ca = Ca::new("tailgres test CA");
         let other = Ca::new("someone else's CA");
         let mk = |ca: &Ca, name: &str, from, to| {
             let (c, k) = ca.leaf(name, from, to);
-            server_tls(c, k)
+            server_tls(c, k, &identity)
         };
         let good = mk(&ca, DB_NAME, -1, 30);
         let variants = Arc::new([
@@ -141,7 +189,8 @@ impl FakeDb {
         let mode = Arc::new(Mutex::new(Db::Normal));
         let cancels = Arc::new(Mutex::new(Vec::new()));
         let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (m, c, l) = (mode.clone(), cancels.clone(), live.clone());
+        let client_cns = Arc::new(Mutex::new(Vec::new()));
+        let (m, c, l, cns) = (mode.clone(), cancels.clone(), live.clone(), client_cns.clone());
         tokio::spawn(async move {
             let mut pid = 1000u32;
             loop {
@@ -150,13 +199,13 @@ impl FakeDb {
                 let mode = *m.lock().unwrap();
                 let acceptor = variants.iter().find(|(d, _)| *d == mode).map(|(_, a)| a.clone());
                 let acceptor = acceptor.unwrap_or_else(|| good.clone());
-                let (cancels, live) = (c.clone(), l.clone());
+                let (cancels, live, cns) = (c.clone(), l.clone(), cns.clone());
                 tokio::spawn(async move {
-                    let _ = serve_db(tcp, mode, acceptor, pid, cancels, live).await;
+                    let _ = serve_db(tcp, mode, acceptor, pid, cancels, live, cns).await;
                 });
             }
         });
-        FakeDb { addr, ca, mode, cancels, live }
+        FakeDb { addr, ca, identity, client_cns, mode, cancels, live }
     }
 
     pub fn set(&self, mode: Db) {
@@ -178,6 +227,7 @@ async fn serve_db(
     pid: u32,
     cancels: Cancels,
     live: Arc<std::sync::atomic::AtomicUsize>,
+    client_cns: Arc<Mutex<Vec<String>>>,
 ) -> std::io::Result<()> {
     let mut req = [0u8; 8];
     tcp.read_exact(&mut req).await?;
@@ -191,6 +241,11 @@ async fn serve_db(
         _ => tcp.write_all(b"S").await?,
     }
     let mut s = acceptor.accept(tcp).await?;
+    if let Some(leaf) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).unwrap();
+        let cn = cert.subject().iter_common_name().next().and_then(|a| a.as_str().ok()).unwrap_or("");
+        client_cns.lock().unwrap().push(cn.to_string());
+    }
     let len = s.read_u32().await? as usize;
     let mut body = vec![0u8; len.saturating_sub(4)];
     s.read_exact(&mut body).await?;
@@ -284,8 +339,9 @@ pub struct Options {
     pub databases: Vec<String>,
     pub upstream_addr: Option<String>,
     pub connect_timeout: Duration,
-    /// How the route logs in (identity: with this CA).
-    pub login: Login,
+    /// The route logs in by identity, with a CA whose own validity ends
+    /// this long from now (the database trusts it).
+    pub identity_login: Option<Duration>,
 }
 
 impl Default for Options {
@@ -301,7 +357,7 @@ impl Default for Options {
             databases: vec!["*".into()],
             upstream_addr: None,
             connect_timeout: Duration::from_secs(2),
-            login: Login::Password,
+            identity_login: None,
         }
     }
 }
@@ -344,7 +400,16 @@ impl World {
     pub async fn start(o: Options) -> World {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
-        let db = FakeDb::start().await;
+        let identity =
+            Ca::expiring("tailgres identity test CA", o.identity_login.unwrap_or(Duration::from_secs(86400)));
+        let login = match o.identity_login {
+            None => Login::Password,
+            Some(_) => {
+                let (cert, key) = identity.write(dir.path());
+                Login::Identity(IdentityCa::load(&cert, &key, DEFAULT_VALIDITY).unwrap())
+            }
+        };
+        let db = FakeDb::start(identity).await;
         db.set(o.db);
         let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, &db.ca.pem).unwrap();
@@ -364,7 +429,7 @@ impl World {
                 databases: o.databases.clone(),
                 port: PORT,
                 upstream: Arc::new(upstream),
-                login: o.login.clone(),
+                login,
             }],
             policy: Policy {
                 capability: DEFAULT_CAPABILITY.into(),
