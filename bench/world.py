@@ -265,7 +265,7 @@ class Lab:
         direct = DirectSystem(self)
         log(f"pgbench -i -s {a.scale}")
         run_pgbench(self.world, direct.env(SCRAM), ["-i", "-q", "-s", str(a.scale)], check=True)
-        self.admin_sql("grant select on all tables in schema public to role_trust")
+        self.admin_sql("grant select on all tables in schema public to role_trust, role_identity")
         if not bulk:
             return
         # ~105 bytes of COPY text per row.
