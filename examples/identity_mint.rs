@@ -35,7 +35,11 @@ fn main() {
         std::hint::black_box(ca.mint(&holder).expect("mint"));
     }
     let each = started.elapsed() / n;
-    println!("identity certificate: {n} minted, {:.1} µs each ({:.0}/s on one core)", micros(each), 1e6 / micros(each));
+    println!(
+        "identity certificate: {n} minted, {:.1} µs each ({:.0}/s on one core)",
+        micros(each),
+        1e6 / micros(each)
+    );
 }
 
 fn micros(d: Duration) -> f64 {

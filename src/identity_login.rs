@@ -200,6 +200,20 @@ impl IdentityCa {
         }
         let distinguished_name = issuer_name(ca.subject()).map_err(cert_err)?;
 
+        // The key signs database logins: say so when others can read it (a
+        // warning, not a refusal: secret mounts are often 0440 or 0444).
+        if let Ok(meta) = std::fs::metadata(key_path) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    identity_ca_key = %key_path.display(),
+                    mode = format_args!("{:o}", mode & 0o777),
+                    "the identity CA's key is readable by group or others; whoever reads it can log in \
+                     to the database as any role that trusts this CA"
+                );
+            }
+        }
         let key_err = |why: String| CaError::Key { path: key_path.to_path_buf(), why };
         let key_der = PrivatePkcs8KeyDer::from_pem_file(key_path).map_err(|e| key_err(e.to_string()))?;
         let key = KeyPair::try_from(&PrivateKeyDer::Pkcs8(key_der)).map_err(|e| key_err(e.to_string()))?;
