@@ -28,8 +28,10 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let dest =
         if cfg.audit_log == "-" { AuditDest::Stdout } else { AuditDest::File(cfg.audit_log.clone().into()) };
     let (audit, audit_task) = AuditLog::open(dest).await.context("--audit-log")?;
-    let settings = SettingsCell::new(Settings::from_config(&cfg)?);
+    let settings = Settings::from_config(&cfg)?;
     let metrics = Arc::new(Metrics::default());
+    metrics.identity_cas(settings.identity_cas());
+    let settings = SettingsCell::new(settings);
     let local_health = match cfg.health_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -222,6 +224,7 @@ fn reload(reread: &Reread, cur: &Config, shared: &Shared, client_tls: &ClientTls
     if !restart.is_empty() {
         tracing::warn!(settings = ?restart, "changed, but these take effect only at a restart");
     }
+    shared.metrics.identity_cas(settings.identity_cas());
     shared.settings.replace(settings);
     if let Some(k) = cert {
         client_tls.replace(k);

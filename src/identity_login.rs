@@ -237,6 +237,11 @@ impl IdentityCa {
         self.validity
     }
 
+    /// When the CA itself expires (identity login stops then).
+    pub fn not_after(&self) -> SystemTime {
+        self.ca_not_after
+    }
+
     /// Mints a certificate for `holder`, valid from a minute ago for the
     /// configured validity (never past the CA's own notAfter).
     pub fn mint(&self, holder: &Holder<'_>) -> Result<Minted, MintError> {

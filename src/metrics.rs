@@ -93,6 +93,9 @@ pub struct Metrics {
     errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Route name → the certificate its database last presented expires at.
     upstream_cert: Mutex<BTreeMap<String, SystemTime>>,
+    /// Per identity-login route, its CA's notAfter (replaced whole when
+    /// the settings are).
+    identity_ca: Mutex<BTreeMap<String, SystemTime>>,
     client_cert: Mutex<Option<SystemTime>>,
     reloads: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -152,6 +155,11 @@ impl Metrics {
         if let Some(t) = not_after {
             self.upstream_cert.lock().unwrap_or_else(|e| e.into_inner()).insert(route.to_string(), t);
         }
+    }
+
+    /// The identity CAs of the settings in force: (route, CA notAfter).
+    pub fn identity_cas(&self, cas: impl IntoIterator<Item = (String, SystemTime)>) {
+        *self.identity_ca.lock().unwrap_or_else(|e| e.into_inner()) = cas.into_iter().collect();
     }
 
     pub fn client_cert(&self, not_after: Option<SystemTime>) {
@@ -241,6 +249,16 @@ impl Metrics {
         }
         header(
             &mut o,
+            "tailgres_identity_ca_expiry_seconds",
+            "gauge",
+            "Seconds until each identity-login route's CA expires (identity login stops then).",
+        );
+        for (route, t) in self.identity_ca.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ =
+                writeln!(o, "tailgres_identity_ca_expiry_seconds{{route=\"{}\"}} {}", escape(route), left(t));
+        }
+        header(
+            &mut o,
             "tailgres_client_cert_expiry_seconds",
             "gauge",
             "Seconds until the certificate tailgres offers TLS clients expires.",
@@ -315,6 +333,7 @@ mod tests {
         m.ended(EndReason::ClientTerminated, 10, 20);
         m.ended(EndReason::ClientTerminated, 1, 2);
         m.upstream_cert("a\"b", Some(SystemTime::now() + Duration::from_secs(3600)));
+        m.identity_cas([("people".to_string(), SystemTime::now() + Duration::from_secs(7200))]);
         let t = m.render(&TailnetGauge { backend_state: "Running" });
         assert_eq!(value(&t, "tailgres_sessions_active"), Some(1.0));
         drop(active);
@@ -340,6 +359,8 @@ mod tests {
         );
         assert_eq!(value(&t, "tailgres_stage_duration_seconds_count{stage=\"whois\"}"), Some(2.0));
         let left = value(&t, "tailgres_upstream_cert_expiry_seconds{route=\"a\\\"b\"}").unwrap();
+        let ca = value(&t, "tailgres_identity_ca_expiry_seconds{route=\"people\"}").unwrap();
+        assert!((7100.0..=7200.0).contains(&ca), "{ca}");
         assert!((3500.0..=3600.0).contains(&left), "{left}");
         assert_eq!(value(&t, "tailgres_tailnet_backend_state{state=\"Running\"}"), Some(1.0));
         // Every sample line is NAME{labels} VALUE or NAME VALUE.

@@ -85,6 +85,17 @@ impl Settings {
         })
     }
 
+    /// (route, CA notAfter) of every route that logs in by identity.
+    pub fn identity_cas(&self) -> Vec<(String, std::time::SystemTime)> {
+        self.routes
+            .iter()
+            .filter_map(|r| match &r.login {
+                Login::Identity(ca) => Some((r.name.clone(), ca.not_after())),
+                Login::Password => None,
+            })
+            .collect()
+    }
+
     /// The route for a session accepted on tailnet `port` that asked for
     /// `database`.
     pub fn route(&self, port: u16, database: &str) -> Option<&Route> {
