@@ -267,6 +267,18 @@ impl UpstreamError {
     }
 }
 
+/// A client config builder with verify-full: TLS 1.3 and 1.2 only, the
+/// route's verifier. Every upstream config starts here (the route's shared
+/// one, and each identity-login session's).
+fn verifying_builder(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    verifier: &Arc<WebPkiServerVerifier>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, rustls::Error> {
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_webpki_verifier(verifier.clone()))
+}
+
 impl UpstreamTls {
     pub fn new(o: &UpstreamOptions) -> Result<Self, ConfigError> {
         let host = host_of(&o.addr).ok_or_else(|| ConfigError::Address { addr: o.addr.clone() })?;
@@ -285,10 +297,7 @@ impl UpstreamTls {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(ConfigError::Verifier)?;
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(ConfigError::Tls)?
-            .with_webpki_verifier(verifier.clone());
+        let builder = verifying_builder(&provider, &verifier).map_err(ConfigError::Tls)?;
         let mut config = match (&o.client_cert, &o.client_key) {
             (None, None) => builder.with_no_client_auth(),
             (Some(_), None) => Err(ConfigError::ClientPairIncomplete { missing: "--upstream-client-key" })?,
@@ -335,10 +344,8 @@ impl UpstreamTls {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<UpstreamTls, rustls::Error> {
-        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_webpki_verifier(self.verifier.clone())
-            .with_client_auth_cert(chain, key)?;
+        let mut config =
+            verifying_builder(&self.provider, &self.verifier)?.with_client_auth_cert(chain, key)?;
         config.resumption = rustls::client::Resumption::disabled();
         config.alpn_protocols = self.config.alpn_protocols.clone();
         Ok(UpstreamTls { config: Arc::new(config), ..self.clone() })
