@@ -23,6 +23,7 @@
 //! of these stops tailgres at start (or a reload) with the reason.
 #![forbid(unsafe_code)]
 
+use crate::audit::ClientCertificate;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, PrintableString, SerialNumber,
@@ -130,21 +131,14 @@ pub struct Minted {
     /// The certificate, then the CA's chain.
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
-    /// The serial number, hex (the session id).
-    pub serial: String,
-    /// The subject, RFC 4514 (as the database prints it: CN first).
-    pub subject: String,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
+    /// Serial (hex: the session id), subject (RFC 4514, CN first, as the
+    /// database prints it) and validity, as the `auth_ok` record has them.
+    pub facts: ClientCertificate,
 }
 
 impl std::fmt::Debug for Minted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Minted")
-            .field("serial", &self.serial)
-            .field("subject", &self.subject)
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
+        f.debug_struct("Minted").field("facts", &self.facts).finish_non_exhaustive()
     }
 }
 
@@ -294,10 +288,12 @@ impl IdentityCa {
         Ok(Minted {
             chain,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
-            subject,
-            not_before,
-            not_after,
+            facts: ClientCertificate {
+                serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+                subject,
+                not_before,
+                not_after,
+            },
         })
     }
 

@@ -535,14 +535,8 @@ impl Session<'_> {
             Err(join) => return Err(fail(join.to_string())),
         };
         let tls = route_tls.with_client_cert(m.chain, m.key).map_err(|e| fail(e.to_string()))?;
-        tracing::debug!(serial = %m.serial, subject = %m.subject, "identity-login certificate signed");
-        let cert = audit::ClientCertificate {
-            serial: m.serial,
-            subject: m.subject,
-            not_before: m.not_before,
-            not_after: m.not_after,
-        };
-        Ok((cert, tls))
+        tracing::debug!(serial = %m.facts.serial, subject = %m.facts.subject, "identity-login certificate signed");
+        Ok((m.facts, tls))
     }
 
     /// [`Session::refuse`] for a client that has not negotiated yet: it is

@@ -67,13 +67,13 @@ fn a_minted_certificate_names_the_role_the_person_and_the_session() {
     let ou: Vec<_> = leaf.subject().iter_organizational_unit().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(ou, ["alice@example.com"]);
     assert_eq!(
-        m.subject,
+        m.facts.subject,
         "CN=app_rw,O=tailgres,serialNumber=8f3a0c1d2e4b5a69,L=alice-laptop.tail-lab.ts.net,OU=alice@example.com"
     );
     // The serial number is the session id.
     let serial = leaf.raw_serial().iter().skip_while(|b| **b == 0).fold(0u64, |n, b| n << 8 | u64::from(*b));
     assert_eq!(serial, 0x8f3a0c1d2e4b5a69);
-    assert_eq!(m.serial, "8f3a0c1d2e4b5a69");
+    assert_eq!(m.facts.serial, "8f3a0c1d2e4b5a69");
     // Issued by the CA, byte for byte its subject.
     assert_eq!(leaf.issuer().as_raw(), ca_cert.subject().as_raw());
     // A client certificate, not a CA, valid for the configured minutes.
@@ -85,7 +85,7 @@ fn a_minted_certificate_names_the_role_the_person_and_the_session() {
     let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!(nb <= secs(before) - 59 && nb >= secs(before) - 61, "backdated a minute: {nb}");
     assert_eq!(na - nb, (DEFAULT_VALIDITY + BACKDATE).as_secs() as i64);
-    assert_eq!(secs(m.not_after), na);
+    assert_eq!(secs(m.facts.not_after), na);
 }
 
 #[test]
