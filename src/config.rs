@@ -612,13 +612,21 @@ fn upstream_options(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let mut v = vec!["tailgres"];
         v.extend_from_slice(args);
         Args::try_parse_from(v).unwrap().merge_file()?.validate(None)
+    }
+
+    /// The configuration a `--config` file with `text` (and no flags) gives.
+    pub(crate) fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(&f, text).unwrap();
+        parse(&[&format!("--config={}", f.display())])
     }
 
     #[test]
@@ -704,10 +712,7 @@ mod tests {
 
     #[test]
     fn a_route_can_log_in_by_identity_beside_password_routes() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("t.toml");
-        std::fs::write(
-            &f,
+        let c = from_toml(
             r#"
 audit-log = "-"
 upstream = "db:5432"
@@ -728,7 +733,6 @@ identity-ca-key = "/other.key"
 "#,
         )
         .unwrap();
-        let c = parse(&[&format!("--config={}", f.display())]).unwrap();
         let logins: Vec<(&str, &RouteLogin)> = c.routes.iter().map(|r| (r.name.as_str(), &r.login)).collect();
         let id = |cert: &str, key: &str| RouteLogin::Identity {
             ca_cert: cert.into(),
@@ -744,12 +748,10 @@ identity-ca-key = "/other.key"
             ]
         );
         // A route's own CA on a password route is a mistake.
-        std::fs::write(
-            &f,
+        let e = from_toml(
             "audit-log = \"-\"\n[[route]]\nupstream = \"db:5432\"\nidentity-ca-cert = \"/a\"\nidentity-ca-key = \"/b\"\n",
         )
-        .unwrap();
-        let e = parse(&[&format!("--config={}", f.display())]).unwrap_err();
+        .unwrap_err();
         assert!(e.problem.contains("logs in by password"), "{e}");
     }
 

@@ -132,14 +132,11 @@ impl SettingsCell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use crate::config::tests::from_toml;
 
     #[test]
     fn first_matching_route_on_the_port_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("t.toml");
-        std::fs::write(
-            &f,
+        let cfg = from_toml(
             r#"
 audit-log = "-"
 upstream = "fallback.internal:5432"
@@ -155,9 +152,6 @@ upstream-server-name = "warehouse.example"
 "#,
         )
         .unwrap();
-        let args =
-            crate::config::Args::try_parse_from(["tailgres", "--config", f.to_str().unwrap()]).unwrap();
-        let cfg = args.merge_file().unwrap().validate(None).unwrap();
         assert_eq!(cfg.ports(), vec![5432, 6543]);
         let s = Settings::from_config(&cfg).unwrap();
         let on = |port, db| s.route(port, db).map(|r| r.name.as_str());
@@ -172,8 +166,6 @@ upstream-server-name = "warehouse.example"
 
     #[test]
     fn route_mistakes_name_the_route() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("t.toml");
         let cases = [
             ("[[route]]\nname = \"a\"\n", "\"a\": upstream: required"),
             ("[[route]]\nname = \"a\"\nupstream = \"db\"\n", "is not HOST:PORT"),
@@ -183,10 +175,7 @@ upstream-server-name = "warehouse.example"
             ("[[route]]\nupstream = \"db:1\"\ndatabase = [\"x\"]\n", "unknown field"),
         ];
         for (text, want) in cases {
-            std::fs::write(&f, format!("audit-log = \"-\"\n{text}")).unwrap();
-            let args =
-                crate::config::Args::try_parse_from(["tailgres", "--config", f.to_str().unwrap()]).unwrap();
-            let e = args.merge_file().and_then(|a| a.validate(None)).expect_err(text);
+            let e = from_toml(&format!("audit-log = \"-\"\n{text}")).expect_err(text);
             assert_eq!(e.flag, "--config", "{text}");
             assert!(e.problem.contains(want), "{text}: {e}");
         }
