@@ -52,3 +52,4 @@ pub mod stream;
 pub mod sys;
 pub mod tailnet;
 pub mod upstream;
+pub mod verifier;

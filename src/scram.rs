@@ -55,6 +55,10 @@ pub enum ScramError {
         "the database asks for {0} SCRAM iterations; tailgres derives keys with at most {MAX_ITERATIONS}"
     )]
     TooManyIterations(u64),
+    /// Verifier mode: the database's salt or iteration count is not the
+    /// verifier's that was looked up (the password changed since).
+    #[error("the database's SCRAM salt or iteration count differs from the role's verifier tailgres looked up (the password changed since); the next login looks it up again")]
+    VerifierChanged,
 }
 
 impl ScramError {
@@ -71,6 +75,7 @@ impl ScramError {
             ScramError::MalformedMechanisms
             | ScramError::ServerFirst(_)
             | ScramError::TooManyIterations(_) => "upstream_scram_protocol",
+            ScramError::VerifierChanged => "upstream_scram_verifier_changed",
             ScramError::ServerFinal(_) => "upstream_scram_server_signature",
             ScramError::OutOfOrder(_) => "proxy_scram_state",
         }
@@ -115,8 +120,82 @@ pub struct ScramClient {
     mechanism: &'static str,
     /// Kept apart: `ScramSha256::message()` panics once the exchange is done.
     client_first: Vec<u8>,
-    inner: ScramSha256,
+    inner: Inner,
     step: Step,
+}
+
+enum Inner {
+    /// From the password (the password relay).
+    Password(ScramSha256),
+    /// From the client key and the verifier (verifier mode).
+    Keys(KeysExchange),
+}
+
+/// The client side of SCRAM computed from ClientKey and the role's
+/// verifier instead of the password (RFC 5802, section 3): no PBKDF2.
+struct KeysExchange {
+    client_key: zeroize::Zeroizing<[u8; 32]>,
+    keys: std::sync::Arc<crate::verifier::Verifier>,
+    gs2_header: Vec<u8>,
+    binding: Vec<u8>,
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Vec<u8>,
+}
+
+impl KeysExchange {
+    fn keys(&self) -> &crate::verifier::ScramKeys {
+        match &*self.keys {
+            crate::verifier::Verifier::Scram(k) => k,
+            crate::verifier::Verifier::Md5(_) => unreachable!("with_keys takes SCRAM verifiers only"),
+        }
+    }
+
+    fn server_first(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
+        use base64::{engine::general_purpose::STANDARD as B64, Engine};
+        let bad = |m: &str| ScramError::ServerFirst(io::Error::new(io::ErrorKind::InvalidInput, m.to_string()));
+        let text = std::str::from_utf8(server_first).map_err(|_| bad("not UTF-8"))?;
+        let mut attrs = text.split(',');
+        let nonce = attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or_else(|| bad("no nonce"))?;
+        let salt = attrs.next().and_then(|a| a.strip_prefix("s=")).ok_or_else(|| bad("no salt"))?;
+        let iterations = attrs.next().and_then(|a| a.strip_prefix("i=")).ok_or_else(|| bad("no iteration count"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(bad("the server nonce does not extend ours"));
+        }
+        let salt = B64.decode(salt).map_err(|_| bad("salt is not base64"))?;
+        let keys = self.keys();
+        if salt != keys.salt || iterations.parse::<u32>().ok() != Some(keys.iterations) {
+            return Err(ScramError::VerifierChanged);
+        }
+        let mut cbind = self.gs2_header.clone();
+        cbind.extend_from_slice(&self.binding);
+        let without_proof = format!("c={},r={nonce}", B64.encode(&cbind));
+        let mut auth = self.client_first_bare.as_bytes().to_vec();
+        auth.push(b',');
+        auth.extend_from_slice(server_first);
+        auth.push(b',');
+        auth.extend_from_slice(without_proof.as_bytes());
+        let signature = crate::verifier::client_signature(&keys.stored_key, &auth);
+        let proof = crate::verifier::proof(&self.client_key, &signature);
+        self.auth_message = auth;
+        Ok(format!("{without_proof},p={}", B64.encode(proof.as_slice())).into_bytes())
+    }
+
+    fn server_final(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        use base64::{engine::general_purpose::STANDARD as B64, Engine};
+        use subtle::ConstantTimeEq;
+        let fail = |m: String| ScramError::ServerFinal(io::Error::new(io::ErrorKind::InvalidInput, m));
+        let text = std::str::from_utf8(server_final).map_err(|_| fail("not UTF-8".into()))?;
+        if let Some(e) = text.strip_prefix("e=") {
+            return Err(fail(format!("the database says {e}")));
+        }
+        let v = text.strip_prefix("v=").and_then(|v| B64.decode(v.split(',').next()?).ok());
+        let want = crate::verifier::server_signature(&self.keys().server_key, &self.auth_message);
+        match v {
+            Some(v) if v.ct_eq(&want).unwrap_u8() == 1 => Ok(()),
+            _ => Err(fail("invalid server signature".into())),
+        }
+    }
 }
 
 impl std::fmt::Debug for ScramClient {
@@ -133,7 +212,38 @@ impl ScramClient {
             ScramError::NoCommonMechanism { offered: offered.iter().map(|s| s.to_string()).collect() }
         })?;
         let inner = ScramSha256::new(password, cb);
-        Ok(ScramClient { mechanism, client_first: inner.message().to_vec(), inner, step: Step::First })
+        Ok(ScramClient { mechanism, client_first: inner.message().to_vec(), inner: Inner::Password(inner), step: Step::First })
+    }
+
+    /// Starts an exchange from a client key recovered from the client's
+    /// proof and the role's SCRAM verifier (verifier mode): the same
+    /// mechanism and binding choice as [`ScramClient::new`].
+    pub fn with_keys(
+        client_key: &[u8; 32],
+        verifier: std::sync::Arc<crate::verifier::Verifier>,
+        offered: &[&str],
+        binding: Option<&[u8]>,
+    ) -> Result<ScramClient, ScramError> {
+        use base64::{engine::general_purpose::STANDARD as B64, Engine};
+        assert!(matches!(*verifier, crate::verifier::Verifier::Scram(_)), "a SCRAM verifier");
+        let (mechanism, _) = choose_mechanism(offered, binding).ok_or_else(|| {
+            ScramError::NoCommonMechanism { offered: offered.iter().map(|s| s.to_string()).collect() }
+        })?;
+        let plus = mechanism == SCRAM_SHA_256_PLUS;
+        let gs2_header = if plus { b"p=tls-server-end-point,,".to_vec() } else { b"n,,".to_vec() };
+        let nonce = B64.encode(rand::random::<[u8; 18]>());
+        let client_first_bare = format!("n=,r={nonce}");
+        let client_first = [&gs2_header[..], client_first_bare.as_bytes()].concat();
+        let inner = Inner::Keys(KeysExchange {
+            client_key: zeroize::Zeroizing::new(*client_key),
+            keys: verifier,
+            gs2_header,
+            binding: if plus { binding.unwrap_or_default().to_vec() } else { Vec::new() },
+            client_first_bare,
+            nonce,
+            auth_message: Vec::new(),
+        });
+        Ok(ScramClient { mechanism, client_first, inner, step: Step::First })
     }
 
     /// "SCRAM-SHA-256-PLUS" or "SCRAM-SHA-256".
@@ -165,11 +275,17 @@ impl ScramClient {
         if let Some(i) = iterations(server_first).filter(|i| *i > u64::from(MAX_ITERATIONS)) {
             return Err(ScramError::TooManyIterations(i));
         }
-        // The key derivation (PBKDF2, `i` rounds): callers run this off the
-        // async workers (see authenticate::password_relay).
-        self.inner.update(server_first).map_err(ScramError::ServerFirst)?;
+        let reply = match &mut self.inner {
+            // The key derivation (PBKDF2, `i` rounds): callers run this off
+            // the async workers (see authenticate::password_relay).
+            Inner::Password(p) => {
+                p.update(server_first).map_err(ScramError::ServerFirst)?;
+                p.message().to_vec()
+            }
+            Inner::Keys(k) => k.server_first(server_first)?,
+        };
         self.step = Step::Final;
-        Ok(self.inner.message().to_vec())
+        Ok(reply)
     }
 
     /// Checks AuthenticationSASLFinal's data: only Ok means the upstream
@@ -179,7 +295,16 @@ impl ScramClient {
             return Err(ScramError::OutOfOrder("server-final message before server-first"));
         }
         self.step = Step::Done;
-        self.inner.finish(server_final).map_err(ScramError::ServerFinal)
+        match &mut self.inner {
+            Inner::Password(p) => p.finish(server_final).map_err(ScramError::ServerFinal),
+            Inner::Keys(k) => k.server_final(server_final),
+        }
+    }
+
+    /// Whether the database's key derivation runs here (PBKDF2: keep it
+    /// off the async workers) or not at all (verifier mode).
+    pub fn derives_keys(&self) -> bool {
+        matches!(self.inner, Inner::Password(_))
     }
 }
 
