@@ -120,13 +120,16 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     tracing::info!(name = %status.dns_name, ports = ?cfg.ports(), "tailgres ready");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let shared = Arc::new(Shared::new(
-        settings.clone(),
-        Some(tokio_rustls::TlsAcceptor::from(client_tls.config.clone())),
-        audit.clone(),
-        metrics.clone(),
-        stop_rx,
-    ));
+    let shared = Arc::new(Shared {
+        client_cert: Some(client_tls.slot()),
+        ..Shared::new(
+            settings.clone(),
+            Some(tokio_rustls::TlsAcceptor::from(client_tls.config.clone())),
+            audit.clone(),
+            metrics.clone(),
+            stop_rx,
+        )
+    });
     // Signals: the first SIGTERM/SIGINT starts the drain, a second one cuts
     // it short; SIGHUP reloads.
     let opts = ServeOptions { max_sessions: cfg.max_sessions, grace: cfg.shutdown_grace };

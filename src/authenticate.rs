@@ -17,6 +17,8 @@ use crate::audit::{AuthMethod, SqlState};
 use crate::negotiate::Startup;
 use crate::pgwire::{self, auth, sqlstate, Message};
 use crate::scram;
+use crate::verifier::{md5_answer, Verifier};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
@@ -37,6 +39,38 @@ pub enum AuthMode {
     PasswordRelay,
     /// Never see passwords; TLS clients must set channel_binding=disable.
     Passthrough,
+    /// Authenticate clients with the role's stored SCRAM verifier (looked
+    /// up as --verifier-user), SCRAM-SHA-256-PLUS bound to tailgres's own
+    /// certificate, and log in to the database with the client key the
+    /// proof yields: channel_binding=require works, no password is seen.
+    ScramVerifier,
+}
+
+/// How a session answers the database's authentication requests.
+pub enum Credentials {
+    /// With the client's own answers (password relay or passthrough).
+    Client(AuthMode),
+    /// tailgres's client certificate (identity login): nothing more.
+    Certificate,
+    /// The client proved its password to tailgres (`--auth scram-verifier`).
+    Verified(VerifiedClient),
+}
+
+/// What the client's proof left tailgres with.
+pub enum VerifiedClient {
+    /// The client key recovered from a SCRAM proof, and the verifier.
+    Scram { client_key: Zeroizing<[u8; 32]>, verifier: Arc<Verifier> },
+    /// The role's MD5 hash (`Verifier::Md5`), which answers MD5 itself.
+    Md5(Arc<Verifier>),
+}
+
+impl VerifiedClient {
+    pub fn method(&self) -> AuthMethod {
+        match self {
+            VerifiedClient::Scram { .. } => AuthMethod::ScramVerifier,
+            VerifiedClient::Md5(_) => AuthMethod::Md5Verifier,
+        }
+    }
 }
 
 /// What authentication established.
@@ -70,6 +104,16 @@ pub enum AuthError {
     /// been told.
     #[error("the database asked for {asked} although tailgres logged in with a client certificate; its pg_hba.conf must use `cert` for role {role:?}")]
     CertificateNotEnough { asked: &'static str, role: String },
+    /// Verifier mode: tailgres refused the client's own authentication (a
+    /// wrong password, a channel binding that does not match, a malformed
+    /// SCRAM message). The client has not been told yet.
+    #[error("{0}")]
+    ClientRefused(#[source] crate::verifier::ScramServerError),
+    /// Verifier mode: the database asked for something the verifier
+    /// cannot answer (a cleartext password, GSSAPI; SCRAM for an MD5 role).
+    /// The client has been told.
+    #[error("the database asked for {asked}, which tailgres cannot answer from role {role:?}'s stored verifier; its pg_hba.conf must use scram-sha-256 (or md5 for an MD5 password) for the role")]
+    VerifierNotEnough { asked: &'static str, role: String },
 }
 
 impl AuthError {
@@ -77,6 +121,7 @@ impl AuthError {
         match self {
             AuthError::Rejected { method, .. } => *method,
             AuthError::CertificateNotEnough { .. } => AuthMethod::IdentityCertificate,
+            AuthError::VerifierNotEnough { .. } | AuthError::ClientRefused(_) => AuthMethod::ScramVerifier,
             _ => AuthMethod::Other,
         }
     }
@@ -162,6 +207,24 @@ where
             }
         }
     }
+    /// [`scram_with_upstream`], its bytes counted and a refusal forwarded.
+    async fn scram(
+        &mut self,
+        client: scram::ScramClient,
+        method: AuthMethod,
+    ) -> Result<AuthMethod, AuthError> {
+        match scram_with_upstream(self.upstream, client).await {
+            Ok(sent) => {
+                self.c2u += sent;
+                Ok(method)
+            }
+            Err(UpstreamScramError::Rejected(m)) => Err(self.rejected(&m, method).await),
+            Err(UpstreamScramError::Io(e)) => Err(AuthError::Upstream(e)),
+            Err(UpstreamScramError::Protocol(e)) => Err(AuthError::UpstreamProtocol(e)),
+            Err(UpstreamScramError::Scram(e)) => Err(AuthError::Scram(e.to_string())),
+            Err(e @ UpstreamScramError::Task(_)) => Err(AuthError::Scram(e.to_string())),
+        }
+    }
     /// Forwards an upstream ErrorResponse and turns it into the error.
     async fn rejected(&mut self, m: &Message, method: AuthMethod) -> AuthError {
         let _ = self.send_client(&m.to_bytes()).await;
@@ -219,17 +282,17 @@ fn asked_for(code: u32) -> &'static str {
 
 /// Runs the whole exchange. `client_tls` says whether the client's leg is
 /// TLS; `binding` is the upstream's tls-server-end-point data. With
-/// `certificate` (identity login) the upstream has seen tailgres's client
-/// certificate and must answer AuthenticationOk: a request for anything
-/// more is refused (the client is never asked for a password it does not
-/// have).
+/// [`Credentials::Certificate`] (identity login) the upstream has seen
+/// tailgres's client certificate and must answer AuthenticationOk; with
+/// [`Credentials::Verified`] tailgres answers from the verifier. Either
+/// way a request for anything more is refused: the client is never asked
+/// for a password.
 pub async fn authenticate<C, U>(
     client: &mut C,
     upstream: &mut U,
     startup: &Startup,
     client_tls: bool,
-    mode: AuthMode,
-    certificate: bool,
+    credentials: &Credentials,
     binding: Option<&[u8]>,
 ) -> Result<AuthOutcome, AuthError>
 where
@@ -256,12 +319,49 @@ where
                 match code {
                     auth::OK => {
                         x.hold_client(&m.to_bytes()).await?;
-                        let by =
-                            if certificate { AuthMethod::IdentityCertificate } else { AuthMethod::Trust };
+                        let by = match credentials {
+                            Credentials::Certificate => AuthMethod::IdentityCertificate,
+                            Credentials::Verified(v) => v.method(),
+                            Credentials::Client(_) => AuthMethod::Trust,
+                        };
                         method.get_or_insert(by);
                         break;
                     }
-                    other if certificate => {
+                    auth::SASL
+                        if matches!(credentials, Credentials::Verified(VerifiedClient::Scram { .. })) =>
+                    {
+                        let Credentials::Verified(VerifiedClient::Scram { client_key, verifier }) =
+                            credentials
+                        else {
+                            unreachable!()
+                        };
+                        method = Some(verified_scram(&mut x, &m, binding, client_key, verifier).await?);
+                    }
+                    auth::MD5 if matches!(credentials, Credentials::Verified(VerifiedClient::Md5(_))) => {
+                        let Credentials::Verified(VerifiedClient::Md5(v)) = credentials else {
+                            unreachable!()
+                        };
+                        let (Verifier::Md5(hash), Some(salt)) = (&**v, m.body.get(4..8)) else {
+                            return Err(AuthError::UpstreamProtocol("malformed MD5 request".into()));
+                        };
+                        method = Some(AuthMethod::Md5Verifier);
+                        let answer = md5_answer(hash, salt.try_into().unwrap());
+                        let message =
+                            Zeroizing::new(pgwire::message_bytes(b'p', &[&answer[..], b"\0"].concat()));
+                        x.send_upstream(&message).await?;
+                    }
+                    other if matches!(credentials, Credentials::Verified(_)) => {
+                        let asked = asked_for(other);
+                        let role = startup.user().to_string();
+                        let msg = format!(
+                            "tailgres authenticated you with role \"{role}\"'s stored password verifier, but the \
+                             database asked for {asked}; its operator must use scram-sha-256 for this role in \
+                             pg_hba.conf"
+                        );
+                        let _ = x.send_client(&pgwire::fatal(sqlstate::INVALID_AUTHORIZATION, &msg)).await;
+                        return Err(AuthError::VerifierNotEnough { asked, role });
+                    }
+                    other if matches!(credentials, Credentials::Certificate) => {
                         let asked = asked_for(other);
                         let role = startup.user().to_string();
                         let msg = format!(
@@ -272,7 +372,10 @@ where
                         let _ = x.send_client(&pgwire::fatal(sqlstate::INVALID_AUTHORIZATION, &msg)).await;
                         return Err(AuthError::CertificateNotEnough { asked, role });
                     }
-                    auth::SASL if client_tls && mode == AuthMode::PasswordRelay => {
+                    auth::SASL
+                        if client_tls
+                            && matches!(credentials, Credentials::Client(AuthMode::PasswordRelay)) =>
+                    {
                         method = Some(password_relay(&mut x, &m, binding).await?);
                     }
                     auth::SASL => {
@@ -390,7 +493,7 @@ where
 
     // Picks SCRAM-SHA-256-PLUS bound to the upstream's certificate when both
     // are available, else plain SCRAM with gs2 flag 'n' (never 'y').
-    let mut client = scram::ScramClient::new(&password, &offered, binding)
+    let client = scram::ScramClient::new(&password, &offered, binding)
         .map_err(|e| AuthError::UpstreamProtocol(format!("{e} (offered {offered:?})")))?;
     drop(password);
     let method = if client.channel_bound() {
@@ -398,33 +501,145 @@ where
     } else {
         AuthMethod::PasswordRelayScramSha256
     };
-    x.send_upstream(&client.initial_response()).await?;
+    x.scram(client, method).await
+}
+
+/// Verifier mode, before the database is dialled: authenticates the client
+/// with the role's `verifier`. SCRAM: SCRAM-SHA-256-PLUS bound to
+/// `binding` (tailgres's certificate, for a TLS client) or SCRAM-SHA-256;
+/// the client key comes back. MD5 (a role with an MD5 password): checked
+/// against the stored hash. The client's answer is its proof, never its
+/// password.
+pub async fn verify_client<C>(
+    client: &mut C,
+    verifier: &Arc<Verifier>,
+    binding: Option<&[u8]>,
+) -> Result<VerifiedClient, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn send<C: AsyncWrite + Unpin>(c: &mut C, bytes: &[u8]) -> Result<(), AuthError> {
+        c.write_all(bytes).await.map_err(AuthError::ClientClosed)?;
+        c.flush().await.map_err(AuthError::ClientClosed)
+    }
+    let recv = async |c: &mut C| client_message(pgwire::read_message(c, MAX_AUTH_MESSAGE).await);
+    match &**verifier {
+        Verifier::Scram(keys) => {
+            let mut server = crate::verifier::ScramServer::new(keys, binding);
+            send(client, &pgwire::auth_request(auth::SASL, &server.mechanisms())).await?;
+            let first = recv(client).await?;
+            let server_first = server.client_first(&first.body).map_err(AuthError::ClientRefused)?;
+            send(client, &pgwire::auth_request(auth::SASL_CONTINUE, &server_first)).await?;
+            let last = recv(client).await?;
+            let done = server.client_final(&last.body).map_err(AuthError::ClientRefused)?;
+            send(client, &pgwire::auth_request(auth::SASL_FINAL, &done.server_final)).await?;
+            Ok(VerifiedClient::Scram { client_key: done.client_key, verifier: verifier.clone() })
+        }
+        Verifier::Md5(hash) => {
+            let salt: [u8; 4] = rand::random();
+            send(client, &pgwire::auth_request(auth::MD5, &salt)).await?;
+            let answer = recv(client).await?;
+            if !crate::verifier::md5_check(hash, &salt, &answer.body) {
+                return Err(AuthError::ClientRefused(crate::verifier::ScramServerError::WrongPassword));
+            }
+            Ok(VerifiedClient::Md5(verifier.clone()))
+        }
+    }
+}
+
+/// Verifier mode: logs in with the client key the client's proof yielded
+/// (SCRAM-SHA-256-PLUS bound to the upstream's certificate when offered).
+async fn verified_scram<C, U>(
+    x: &mut Exchange<'_, C, U>,
+    sasl: &Message,
+    binding: Option<&[u8]>,
+    client_key: &[u8; 32],
+    verifier: &Arc<Verifier>,
+) -> Result<AuthMethod, AuthError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let offered = scram::parse_mechanisms(&sasl.body[4..])
+        .map_err(|_| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
+    let client = scram::ScramClient::with_keys(client_key, verifier.clone(), &offered, binding)
+        .map_err(|e| AuthError::UpstreamProtocol(format!("{e} (offered {offered:?})")))?;
+    x.scram(client, AuthMethod::ScramVerifier).await
+}
+
+/// Why [`scram_with_upstream`] did not end in AuthenticationSASLFinal.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamScramError {
+    /// The database's ErrorResponse (not yet sent anywhere).
+    #[error("the database refused the login")]
+    Rejected(Message),
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Scram(#[from] scram::ScramError),
+    #[error("key derivation task failed: {0}")]
+    Task(String),
+}
+
+/// Runs `client`'s SCRAM exchange with the database after its
+/// AuthenticationSASL: SASLInitialResponse to AuthenticationSASLFinal,
+/// whose server signature is checked (a proxy that skipped this would
+/// accept an impostor database). Returns the bytes sent.
+pub async fn scram_with_upstream<U>(
+    upstream: &mut U,
+    mut client: scram::ScramClient,
+) -> Result<u64, UpstreamScramError>
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn send<U: AsyncWrite + Unpin>(
+        u: &mut U,
+        bytes: &[u8],
+        sent: &mut u64,
+    ) -> Result<(), UpstreamScramError> {
+        u.write_all(bytes).await.map_err(UpstreamScramError::Io)?;
+        u.flush().await.map_err(UpstreamScramError::Io)?;
+        *sent += bytes.len() as u64;
+        Ok(())
+    }
+    let mut sent = 0u64;
+    send(upstream, &client.initial_response(), &mut sent).await?;
     loop {
-        let m = x.recv_upstream().await?;
+        let m = pgwire::read_message(upstream, MAX_AUTH_MESSAGE).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                UpstreamScramError::Protocol(e.to_string())
+            } else {
+                UpstreamScramError::Io(e)
+            }
+        })?;
         match (m.tag, m.code()) {
             (b'R', Some(auth::SASL_CONTINUE)) => {
-                // PBKDF2 runs on the blocking pool: on an async worker, a
-                // stream of logins would stall every relay on that worker.
                 let server_first = m.body[4..].to_vec();
-                let (back, reply) = tokio::task::spawn_blocking(move || {
-                    let reply = client.handle_server_first(&server_first);
-                    (client, reply)
-                })
-                .await
-                .map_err(|e| AuthError::Scram(format!("key derivation task failed: {e}")))?;
-                client = back;
-                let reply = reply.map_err(|e| AuthError::Scram(e.to_string()))?;
-                x.send_upstream(&scram::sasl_response(&reply)).await?;
+                let reply = if client.derives_keys() {
+                    // PBKDF2 runs on the blocking pool: on an async worker, a
+                    // stream of logins would stall every relay on that worker.
+                    let (back, reply) = tokio::task::spawn_blocking(move || {
+                        let reply = client.handle_server_first(&server_first);
+                        (client, reply)
+                    })
+                    .await
+                    .map_err(|e| UpstreamScramError::Task(e.to_string()))?;
+                    client = back;
+                    reply?
+                } else {
+                    client.handle_server_first(&server_first)?
+                };
+                send(upstream, &scram::sasl_response(&reply), &mut sent).await?;
             }
             (b'R', Some(auth::SASL_FINAL)) => {
-                // Proves the upstream knew the verifier: a proxy that skipped
-                // this would accept an impostor database.
-                client.verify_server_final(&m.body[4..]).map_err(|e| AuthError::Scram(e.to_string()))?;
-                return Ok(method);
+                client.verify_server_final(&m.body[4..])?;
+                return Ok(sent);
             }
-            (b'E', _) => return Err(x.rejected(&m, method).await),
+            (b'E', _) => return Err(UpstreamScramError::Rejected(m)),
             _ => {
-                return Err(AuthError::UpstreamProtocol(format!(
+                return Err(UpstreamScramError::Protocol(format!(
                     "unexpected message '{}' during SCRAM",
                     m.tag as char
                 )))
@@ -496,10 +711,16 @@ mod tests {
         db.write_all(&from_db).await.unwrap();
         let mut client = Writes::default();
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let out =
-            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None)
-                .await
-                .unwrap();
+        let out = authenticate(
+            &mut client,
+            &mut upstream,
+            &startup,
+            true,
+            &Credentials::Client(AuthMode::PasswordRelay),
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(out.method, AuthMethod::Trust);
         assert_eq!(out.backend_key, Some((42, vec![1, 2, 3, 4])));
         assert_eq!(client.0, vec![from_db.clone()], "one write of exactly what the database sent");
@@ -522,8 +743,14 @@ mod tests {
         });
         let mut client = Writes::default();
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let auth =
-            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None);
+        let auth = authenticate(
+            &mut client,
+            &mut upstream,
+            &startup,
+            true,
+            &Credentials::Client(AuthMode::PasswordRelay),
+            None,
+        );
         let _db = feed.await.unwrap();
         assert!(tokio::time::timeout(std::time::Duration::from_millis(200), auth).await.is_err());
         let sent: usize = client.0.iter().map(Vec::len).sum();
@@ -587,7 +814,14 @@ mod tests {
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
         let out = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None),
+            authenticate(
+                &mut client,
+                &mut upstream,
+                &startup,
+                true,
+                &Credentials::Client(AuthMode::PasswordRelay),
+                None,
+            ),
         )
         .await
         .expect("authentication finished without waiting for the client")
@@ -644,9 +878,15 @@ mod tests {
             let _ = app.read_to_end(&mut rest).await;
         });
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let r =
-            authenticate(&mut client, &mut upstream, &startup, true, AuthMode::PasswordRelay, false, None)
-                .await;
+        let r = authenticate(
+            &mut client,
+            &mut upstream,
+            &startup,
+            true,
+            &Credentials::Client(AuthMode::PasswordRelay),
+            None,
+        )
+        .await;
         assert!(matches!(r, Err(AuthError::Rejected { .. })), "{r:?}");
         drop(client);
         let during = db_task.await.unwrap();

@@ -54,6 +54,17 @@ impl ResolvesServerCert for CertSlot {
 }
 
 impl CertSlot {
+    pub fn new(k: CertifiedKey) -> Arc<CertSlot> {
+        Arc::new(CertSlot(RwLock::new(Arc::new(k))))
+    }
+
+    /// tls-server-end-point channel binding data of the certificate offered
+    /// now (what a SCRAM-SHA-256-PLUS client binds to), None when its
+    /// signature algorithm has no single hash.
+    pub fn binding(&self) -> Option<Vec<u8>> {
+        crate::scram::tls_server_end_point(&self.leaf())
+    }
+
     fn set(&self, k: CertifiedKey) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(k);
     }
@@ -148,7 +159,7 @@ impl ClientTls {
             tracing::info!(name = %st.dns_name, "client TLS: self-signed (the tailnet offers no HTTPS certificate)");
             (self_signed(st)?, Source::SelfSigned)
         };
-        let slot = Arc::new(CertSlot(RwLock::new(Arc::new(key))));
+        let slot = CertSlot::new(key);
         let mut config =
             rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(slot.clone());
         // Direct TLS (PostgreSQL 17+) requires ALPN "postgresql".
@@ -156,6 +167,11 @@ impl ClientTls {
         // Resumption: the default in-memory session cache, plus tickets.
         config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(CertError::Unusable)?;
         Ok(ClientTls { config: Arc::new(config), source, slot })
+    }
+
+    /// The certificate offered now (for channel binding).
+    pub fn slot(&self) -> Arc<CertSlot> {
+        self.slot.clone()
     }
 
     /// When the certificate offered now expires.

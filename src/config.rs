@@ -96,6 +96,25 @@ pub struct Args {
     /// password but TLS clients must set channel_binding=disable.
     #[arg(long, env = "TAILGRES_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
+    /// --auth scram-verifier: the role tailgres looks up stored verifiers
+    /// as (default tailgres_auth; README gives its function and grants).
+    #[arg(long, env = "TAILGRES_VERIFIER_USER", value_name = "ROLE")]
+    pub verifier_user: Option<String>,
+    /// File holding the lookup role's password (else the
+    /// TAILGRES_VERIFIER_PASSWORD environment variable; never a flag).
+    #[arg(long, env = "TAILGRES_VERIFIER_PASSWORD_FILE", value_name = "FILE")]
+    pub verifier_password_file: Option<PathBuf>,
+    /// Database the lookup connects to (default postgres).
+    #[arg(long, env = "TAILGRES_VERIFIER_DATABASE", value_name = "NAME")]
+    pub verifier_database: Option<String>,
+    /// The lookup: one row, one column (the role's rolpassword), with the
+    /// role as $1 (default: SELECT tailgres_auth.verifier($1)).
+    #[arg(long, env = "TAILGRES_VERIFIER_QUERY", value_name = "SQL")]
+    pub verifier_query: Option<String>,
+    /// How long a looked-up verifier is reused (default 30s, at most 10m;
+    /// a failed login drops it at once).
+    #[arg(long, env = "TAILGRES_VERIFIER_CACHE", value_name = "DURATION")]
+    pub verifier_cache: Option<String>,
     /// How sessions log in to the database: password (the client's, as
     /// --auth says) or identity (no password: tailgres signs a short-lived
     /// client certificate for the role, from --identity-ca-cert, for
@@ -182,6 +201,14 @@ pub struct RouteFile {
     pub upstream_client_cert: Option<PathBuf>,
     pub upstream_client_key: Option<PathBuf>,
     pub upstream_direct_tls: bool,
+    /// Default: --auth.
+    pub auth: Option<AuthMode>,
+    /// Default: --verifier-user, --verifier-password-file,
+    /// --verifier-database, --verifier-query.
+    pub verifier_user: Option<String>,
+    pub verifier_password_file: Option<PathBuf>,
+    pub verifier_database: Option<String>,
+    pub verifier_query: Option<String>,
     /// Default: --login.
     pub login: Option<LoginMode>,
     /// Default: --identity-ca-cert / --identity-ca-key.
@@ -199,6 +226,10 @@ pub struct RouteConfig {
     pub port: u16,
     pub upstream: crate::upstream::UpstreamOptions,
     pub login: RouteLogin,
+    /// How the route's password logins are handled.
+    pub auth: AuthMode,
+    /// For `auth` scram-verifier: how verifiers are looked up.
+    pub verifier: Option<crate::verifier::lookup::LookupConfig>,
 }
 
 /// How a session logs in to the database (`--login`).
@@ -242,7 +273,6 @@ pub struct Config {
     pub tailscale_log_upload: bool,
     pub audit_log: String,
     pub client_tls: Option<(PathBuf, PathBuf)>,
-    pub auth: AuthMode,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_sessions: usize,
@@ -319,6 +349,11 @@ impl Args {
             client_tls_cert,
             client_tls_key,
             auth,
+            verifier_user,
+            verifier_password_file,
+            verifier_database,
+            verifier_query,
+            verifier_cache,
             login,
             identity_ca_cert,
             identity_ca_key,
@@ -369,6 +404,11 @@ impl Args {
             return Err(err("--identity-cert-validity", "must be between 1m and 1h"));
         }
         let global_ca = (&self.identity_ca_cert, &self.identity_ca_key);
+        let verifier_cache =
+            duration(&self.verifier_cache, "--verifier-cache", crate::verifier::lookup::DEFAULT_CACHE_TTL)?;
+        if verifier_cache > MAX_VERIFIER_CACHE {
+            return Err(err("--verifier-cache", "must be at most 10m (verifiers are cached briefly)"));
+        }
         let mut routes = Vec::new();
         for (i, r) in self.route.iter().enumerate() {
             let name = r.name.clone().unwrap_or_else(|| format!("route{}", i + 1));
@@ -397,7 +437,28 @@ impl Args {
             let own_ca = (&r.identity_ca_cert, &r.identity_ca_key);
             let mode = r.login.or(self.login).unwrap_or_default();
             let login = route_login(mode, own_ca, global_ca, &upstream, validity).map_err(within)?;
-            routes.push(RouteConfig { name, databases, port: r.port.unwrap_or(port), upstream, login });
+            let auth = r.auth.or(self.auth).unwrap_or(AuthMode::PasswordRelay);
+            let lookup = LookupFlags {
+                user: r.verifier_user.as_ref().or(self.verifier_user.as_ref()),
+                password_file: r.verifier_password_file.as_ref().or(self.verifier_password_file.as_ref()),
+                database: r.verifier_database.as_ref().or(self.verifier_database.as_ref()),
+                query: r.verifier_query.as_ref().or(self.verifier_query.as_ref()),
+                cache: verifier_cache,
+            };
+            let own_lookup = r.verifier_user.is_some()
+                || r.verifier_password_file.is_some()
+                || r.verifier_database.is_some()
+                || r.verifier_query.is_some();
+            let verifier = route_verifier(auth, &login, &upstream, &lookup, own_lookup).map_err(within)?;
+            routes.push(RouteConfig {
+                name,
+                databases,
+                port: r.port.unwrap_or(port),
+                upstream,
+                login,
+                auth,
+                verifier,
+            });
         }
         if self.upstream.is_some() || routes.is_empty() {
             let upstream = upstream_options(
@@ -410,6 +471,15 @@ impl Args {
             )?;
             let login =
                 route_login(self.login.unwrap_or_default(), (&None, &None), global_ca, &upstream, validity)?;
+            let auth = self.auth.unwrap_or(AuthMode::PasswordRelay);
+            let lookup = LookupFlags {
+                user: self.verifier_user.as_ref(),
+                password_file: self.verifier_password_file.as_ref(),
+                database: self.verifier_database.as_ref(),
+                query: self.verifier_query.as_ref(),
+                cache: verifier_cache,
+            };
+            let verifier = route_verifier(auth, &login, &upstream, &lookup, false)?;
             let name = if routes.is_empty() { "default" } else { "upstream" };
             routes.push(RouteConfig {
                 name: name.into(),
@@ -417,7 +487,25 @@ impl Args {
                 port,
                 upstream,
                 login,
+                auth,
+                verifier,
             });
+        }
+        // Lookup settings no route uses would do nothing.
+        let verifier_routes = routes.iter().any(|r| r.verifier.is_some());
+        let lookup_flags = [
+            (self.verifier_user.is_some(), "--verifier-user"),
+            (self.verifier_password_file.is_some(), "--verifier-password-file"),
+            (self.verifier_database.is_some(), "--verifier-database"),
+            (self.verifier_query.is_some(), "--verifier-query"),
+            (self.verifier_cache.is_some(), "--verifier-cache"),
+        ];
+        if let Some((_, flag)) = lookup_flags.iter().find(|(set, _)| *set).filter(|_| !verifier_routes) {
+            return Err(err(
+                flag,
+                "set, but no route authenticates with stored verifiers (add --auth scram-verifier, or \
+                 auth = \"scram-verifier\" to a [[route]])",
+            ));
         }
         // A CA given to no route that logs in by identity is a setting that
         // does nothing, which an operator would not expect.
@@ -501,7 +589,6 @@ impl Args {
             tailscale_log_upload: self.tailscale_log_upload.unwrap_or(false),
             audit_log,
             client_tls: self.client_tls_cert.zip(self.client_tls_key),
-            auth: self.auth.unwrap_or(AuthMode::PasswordRelay),
             handshake_timeout: duration(
                 &self.handshake_timeout,
                 "--handshake-timeout",
@@ -565,6 +652,86 @@ fn route_login(
             Ok(RouteLogin::Identity { ca_cert: ca_cert.clone(), ca_key: ca_key.clone(), validity })
         }
     }
+}
+
+/// The --verifier-* settings that apply to one route.
+struct LookupFlags<'a> {
+    user: Option<&'a String>,
+    password_file: Option<&'a PathBuf>,
+    database: Option<&'a String>,
+    query: Option<&'a String>,
+    cache: Duration,
+}
+
+/// The environment variable that can hold the lookup role's password.
+pub const VERIFIER_PASSWORD_ENV: &str = "TAILGRES_VERIFIER_PASSWORD";
+const MAX_VERIFIER_CACHE: Duration = Duration::from_secs(600);
+
+/// Checks a route's verifier lookup: only for `auth` scram-verifier, never
+/// with identity login (which uses no password); the lookup role's password
+/// from its file or the environment (a route that presents
+/// --upstream-client-cert may go without, if its database takes the
+/// certificate).
+fn route_verifier(
+    auth: AuthMode,
+    login: &RouteLogin,
+    upstream: &crate::upstream::UpstreamOptions,
+    flags: &LookupFlags,
+    own_flags: bool,
+) -> Result<Option<crate::verifier::lookup::LookupConfig>, ConfigError> {
+    use crate::verifier::lookup;
+    if auth != AuthMode::ScramVerifier {
+        if own_flags {
+            return Err(err("--verifier-user", "set, but this route does not use auth = \"scram-verifier\""));
+        }
+        return Ok(None);
+    }
+    if matches!(login, RouteLogin::Identity { .. }) {
+        return Err(err(
+            "--auth",
+            "scram-verifier authenticates passwords, and this route logs in by identity (no password): \
+             choose one",
+        ));
+    }
+    let password = match flags.password_file {
+        Some(f) => {
+            let text =
+                Zeroizing::new(std::fs::read_to_string(f).map_err(|e| {
+                    err("--verifier-password-file", format!("cannot read {}: {e}", f.display()))
+                })?);
+            let p = text.trim_end_matches(['\n', '\r']);
+            if p.is_empty() {
+                return Err(err("--verifier-password-file", format!("{} is empty", f.display())));
+            }
+            Some(Zeroizing::new(p.to_string()))
+        }
+        None => std::env::var(VERIFIER_PASSWORD_ENV).ok().filter(|p| !p.is_empty()).map(Zeroizing::new),
+    };
+    if password.is_none() && upstream.client_cert.is_none() {
+        return Err(err(
+            "--verifier-password-file",
+            format!(
+                "scram-verifier looks verifiers up as a role that needs a password: give it in a file \
+                 (--verifier-password-file) or in {VERIFIER_PASSWORD_ENV}, never on the command line"
+            ),
+        ));
+    }
+    let name = |v: Option<&String>, default: &str, flag: &'static str| match v {
+        Some(n) if n.is_empty() || n.contains('\0') => Err(err(flag, "must be a non-empty name")),
+        Some(n) => Ok(n.clone()),
+        None => Ok(default.to_string()),
+    };
+    let query = name(flags.query, lookup::DEFAULT_QUERY, "--verifier-query")?;
+    if !query.contains("$1") {
+        return Err(err("--verifier-query", "must take the role name as $1"));
+    }
+    Ok(Some(lookup::LookupConfig {
+        user: name(flags.user, lookup::DEFAULT_USER, "--verifier-user")?,
+        password,
+        database: name(flags.database, lookup::DEFAULT_DATABASE, "--verifier-database")?,
+        query,
+        cache_ttl: flags.cache,
+    }))
 }
 
 /// Checks one upstream's settings (flag names in errors are the
@@ -768,7 +935,7 @@ identity-ca-key = "/other.key"
         let c = parse(&["--upstream=db.internal:5432", "--audit-log=-"]).unwrap();
         assert_eq!(c.port, 5432);
         assert_eq!(c.hostname, "tailgres");
-        assert_eq!(c.auth, AuthMode::PasswordRelay);
+        assert_eq!(c.routes[0].auth, AuthMode::PasswordRelay);
         assert!(!c.tailscale_log_upload);
 
         let dir = tempfile::tempdir().unwrap();
@@ -778,7 +945,7 @@ identity-ca-key = "/other.key"
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].upstream.addr, "db:6432");
         assert_eq!(c.hostname, "flagwins");
-        assert_eq!(c.auth, AuthMode::Passthrough);
+        assert_eq!(c.routes[0].auth, AuthMode::Passthrough);
         std::fs::write(&f, "upstrem = \"typo:1\"\n").unwrap();
         let e = parse(&[&format!("--config={}", f.display())]).unwrap_err();
         assert_eq!(e.flag, "--config");

@@ -18,6 +18,9 @@ pub struct Shared {
     pub settings: SettingsCell,
     /// TLS for clients that ask for it; `None` answers 'N'.
     pub client_tls: Option<TlsAcceptor>,
+    /// The certificate `client_tls` offers, for SCRAM channel binding in
+    /// `--auth scram-verifier` (without it, PLUS is not offered).
+    pub client_cert: Option<Arc<crate::client_tls::CertSlot>>,
     pub audit: AuditLog,
     pub cancels: CancelRegistry,
     pub metrics: Arc<Metrics>,
@@ -59,6 +62,7 @@ impl Shared {
         Shared {
             settings,
             client_tls,
+            client_cert: None,
             audit,
             cancels: CancelRegistry::default(),
             metrics,

@@ -26,11 +26,19 @@ pub enum Stage {
     Auth,
     /// Signing an identity-login certificate (key generation, signature).
     IdentityCertificate,
+    /// Looking a role's verifier up (`--auth scram-verifier`, cache misses).
+    VerifierLookup,
 }
 
 impl Stage {
-    const ALL: [Stage; 5] =
-        [Stage::Whois, Stage::UpstreamConnect, Stage::UpstreamTls, Stage::Auth, Stage::IdentityCertificate];
+    const ALL: [Stage; 6] = [
+        Stage::Whois,
+        Stage::UpstreamConnect,
+        Stage::UpstreamTls,
+        Stage::Auth,
+        Stage::IdentityCertificate,
+        Stage::VerifierLookup,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -39,6 +47,7 @@ impl Stage {
             Stage::UpstreamTls => "upstream_tls",
             Stage::Auth => "auth",
             Stage::IdentityCertificate => "identity_certificate",
+            Stage::VerifierLookup => "verifier_lookup",
         }
     }
 }
@@ -289,7 +298,7 @@ impl Metrics {
 fn error_kind(r: DenyReason) -> Option<&'static str> {
     use DenyReason::*;
     Some(match r {
-        NotAuthorized | NoRoute | ClientClosed | ShuttingDown => return None,
+        NotAuthorized | NoRoute | ClientClosed | ShuttingDown | PasswordFailed => return None,
         // The failed writes behind it are counted where they fail.
         AuditUnavailable => return None,
         UnknownPeer | WhoisFailed => "whois",
@@ -302,6 +311,7 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
         UpstreamNoTls | UpstreamProtocolError => "upstream_protocol",
         UpstreamUnreachable | UpstreamTimeout => "upstream_connect",
         IdentityCertificateFailed => "identity_certificate",
+        VerifierLookupFailed => "verifier_lookup",
     })
 }
 

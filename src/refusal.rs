@@ -105,14 +105,62 @@ impl Refusal {
                 )),
                 ..Refusal::ended(EndReason::AuthFailed, e.to_string())
             },
+            AuthError::VerifierNotEnough { .. } => Refusal {
+                auth_failed: Some((
+                    AuthMethod::ScramVerifier,
+                    SqlState::parse(sqlstate::INVALID_AUTHORIZATION),
+                )),
+                ..Refusal::ended(EndReason::AuthFailed, e.to_string())
+            },
             AuthError::ClientClosed(_) => Refusal::ended(EndReason::ClientClosed, e.to_string()),
-            AuthError::ClientProtocol(_) => Refusal::ended(EndReason::ClientError, e.to_string()),
+            AuthError::ClientProtocol(_) | AuthError::ClientRefused(_) => {
+                Refusal::ended(EndReason::ClientError, e.to_string())
+            }
             AuthError::Upstream(_) | AuthError::UpstreamProtocol(_) | AuthError::Scram(_) => Refusal {
                 auth_failed: Some((e.method(), None)),
                 ..Refusal::ended(EndReason::UpstreamError, e.to_string())
                     .telling(sqlstate::CONNECTION_FAILURE, lost)
             },
         }
+    }
+}
+
+impl Refusal {
+    /// `--auth scram-verifier`: the client's own authentication with
+    /// tailgres failed, before any session started. A wrong password reads
+    /// as PostgreSQL's own message (and the same for a role that does not
+    /// exist); `auth_failed` comes first, with how the client tried.
+    pub fn verification(e: AuthError, method: AuthMethod, role: &str) -> Refusal {
+        use crate::verifier::ScramServerError;
+        let failed = |state: &str| Some((method, SqlState::parse(state)));
+        match e {
+            AuthError::ClientRefused(ScramServerError::WrongPassword) => Refusal {
+                auth_failed: failed(sqlstate::INVALID_PASSWORD),
+                ..Refusal::denied(DenyReason::PasswordFailed, e.to_string()).telling(
+                    sqlstate::INVALID_PASSWORD,
+                    format!("password authentication failed for user \"{role}\""),
+                )
+            },
+            AuthError::ClientRefused(ref r) => Refusal {
+                auth_failed: failed(sqlstate::PROTOCOL_VIOLATION),
+                ..Refusal::denied(DenyReason::ProtocolError, e.to_string())
+                    .telling(sqlstate::PROTOCOL_VIOLATION, r.to_string())
+            },
+            AuthError::ClientClosed(_) => Refusal::denied(DenyReason::ClientClosed, e.to_string()),
+            _ => Refusal::denied(DenyReason::ProtocolError, e.to_string())
+                .telling(sqlstate::PROTOCOL_VIOLATION, "tailgres: unexpected message during authentication"),
+        }
+    }
+
+    /// `--auth scram-verifier`: the role's verifier could not be looked up.
+    /// The proxy's failure: the client is told to try again, not that its
+    /// password is wrong.
+    pub fn verifier_lookup(e: &crate::verifier::lookup::LookupError, role: &str) -> Refusal {
+        Refusal::denied(DenyReason::VerifierLookupFailed, format!("looking up role {role:?}'s verifier: {e}"))
+            .telling(
+                sqlstate::CANNOT_CONNECT_NOW,
+                "tailgres could not look up this role's password verifier right now; the operator's log says why",
+            )
     }
 }
 

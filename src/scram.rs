@@ -153,12 +153,14 @@ impl KeysExchange {
 
     fn server_first(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
         use base64::{engine::general_purpose::STANDARD as B64, Engine};
-        let bad = |m: &str| ScramError::ServerFirst(io::Error::new(io::ErrorKind::InvalidInput, m.to_string()));
+        let bad =
+            |m: &str| ScramError::ServerFirst(io::Error::new(io::ErrorKind::InvalidInput, m.to_string()));
         let text = std::str::from_utf8(server_first).map_err(|_| bad("not UTF-8"))?;
         let mut attrs = text.split(',');
         let nonce = attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or_else(|| bad("no nonce"))?;
         let salt = attrs.next().and_then(|a| a.strip_prefix("s=")).ok_or_else(|| bad("no salt"))?;
-        let iterations = attrs.next().and_then(|a| a.strip_prefix("i=")).ok_or_else(|| bad("no iteration count"))?;
+        let iterations =
+            attrs.next().and_then(|a| a.strip_prefix("i=")).ok_or_else(|| bad("no iteration count"))?;
         if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
             return Err(bad("the server nonce does not extend ours"));
         }
@@ -212,7 +214,12 @@ impl ScramClient {
             ScramError::NoCommonMechanism { offered: offered.iter().map(|s| s.to_string()).collect() }
         })?;
         let inner = ScramSha256::new(password, cb);
-        Ok(ScramClient { mechanism, client_first: inner.message().to_vec(), inner: Inner::Password(inner), step: Step::First })
+        Ok(ScramClient {
+            mechanism,
+            client_first: inner.message().to_vec(),
+            inner: Inner::Password(inner),
+            step: Step::First,
+        })
     }
 
     /// Starts an exchange from a client key recovered from the client's

@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 use crate::audit::{self, DenyReason, EndReason, Event, Record, SessionEnd};
-use crate::authenticate::{self, AuthError};
+use crate::authenticate::{self, AuthError, Credentials, VerifiedClient};
 use crate::authorize::Decision;
 use crate::cancel::{CancelDecision, CancelOwner};
 use crate::context::Shared;
@@ -22,6 +22,8 @@ use crate::settings::{Login, Settings};
 use crate::stream::ClientStream;
 use crate::tailnet::{PeerIdentity, Tailnet};
 use crate::upstream::{UpstreamError, UpstreamTls};
+use crate::verifier::lookup::{Origin, VerifierSource};
+use crate::verifier::{ScramServerError, Verifier};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -410,6 +412,23 @@ impl Session<'_> {
                 (Arc::new(tls), Some(cert))
             }
         };
+        // Verifier mode: the client proves its password to tailgres before
+        // a session exists or the database is dialled for it.
+        let credentials = match (&certificate, &route.verifiers) {
+            (Some(_), _) => Credentials::Certificate,
+            (None, Some(source)) => Credentials::Verified(
+                self.verify_client(
+                    client,
+                    source,
+                    &route.upstream,
+                    &names.user,
+                    transport.is_tls(),
+                    settings.handshake_timeout,
+                )
+                .await?,
+            ),
+            (None, None) => Credentials::Client(route.auth),
+        };
 
         // Fail closed: no session whose session_start is not written. That
         // write is also the probe of an unhealthy log (skipping it while
@@ -455,13 +474,18 @@ impl Session<'_> {
                 &mut upstream.stream,
                 &startup,
                 transport.is_tls(),
-                settings.auth_mode,
-                certificate.is_some(),
+                &credentials,
                 upstream.channel_binding.as_deref(),
             ),
         )
         .await;
         self.shared.metrics.stage(Stage::Auth, began.elapsed());
+        if let (Credentials::Verified(_), Some(source), Ok(Err(_))) = (&credentials, &route.verifiers, &auth)
+        {
+            // The database did not take what the verifier gave: look it up
+            // again next time (the password may have changed).
+            source.forget(&names.user);
+        }
         let out = match auth {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {
@@ -497,6 +521,61 @@ impl Session<'_> {
             identity_login,
             _slot: slot,
         })
+    }
+
+    /// `--auth scram-verifier`: the role's verifier (cached or looked up),
+    /// then the client's SCRAM (or MD5) exchange with tailgres, bound to
+    /// tailgres's certificate for a TLS client. Bounded by the handshake
+    /// timeout; a wrong password drops the cached verifier.
+    async fn verify_client<S>(
+        &self,
+        client: &mut ClientStream<S>,
+        source: &VerifierSource,
+        upstream: &UpstreamTls,
+        role: &str,
+        tls: bool,
+        timeout: Duration,
+    ) -> Result<VerifiedClient, Refusal>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let work = async {
+            let began = Instant::now();
+            let (verifier, origin) = source.get(upstream, role).await.map_err(|e| {
+                tracing::warn!(error = %e, role, "verifier lookup failed");
+                Refusal::verifier_lookup(&e, role)
+            })?;
+            if origin != Origin::Cache {
+                self.shared.metrics.stage(Stage::VerifierLookup, began.elapsed());
+            }
+            let binding = tls.then(|| self.shared.client_cert.as_ref().and_then(|c| c.binding())).flatten();
+            let method = match &*verifier {
+                Verifier::Scram(_) => crate::audit::AuthMethod::ScramVerifier,
+                Verifier::Md5(_) => crate::audit::AuthMethod::Md5Verifier,
+            };
+            authenticate::verify_client(client, &verifier, binding.as_deref()).await.map_err(|e| {
+                let wrong = matches!(e, AuthError::ClientRefused(ScramServerError::WrongPassword));
+                if wrong {
+                    source.forget(role);
+                }
+                let mut r = Refusal::verification(e, method, role);
+                if wrong && origin == Origin::Missing {
+                    r.detail = format!(
+                        "role {role:?} has no usable stored verifier (no such role, no password, or a format \
+                         scram-verifier cannot use); the client was told its password failed"
+                    );
+                }
+                r
+            })
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Refusal::denied(
+                DenyReason::HandshakeTimeout,
+                format!("authentication with tailgres not finished within {timeout:?}"),
+            )
+            .telling(sqlstate::PROTOCOL_VIOLATION, "authentication took too long")),
+        }
     }
 
     /// Signs this session's identity-login certificate (on the blocking

@@ -12,6 +12,7 @@ use crate::authorize::{glob, Policy};
 use crate::config::{Config, RouteLogin};
 use crate::identity_login::IdentityCa;
 use crate::upstream::UpstreamTls;
+use crate::verifier::lookup::VerifierSource;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ pub struct Route {
     pub port: u16,
     pub upstream: Arc<UpstreamTls>,
     pub login: Login,
+    /// How password logins are handled (`--auth`, or the route's).
+    pub auth: AuthMode,
+    /// `auth` scram-verifier: the route's verifier lookup and cache.
+    pub verifiers: Option<Arc<VerifierSource>>,
 }
 
 /// How a route's sessions log in to the database.
@@ -40,7 +45,6 @@ pub struct Settings {
     /// In order; the first match wins.
     pub routes: Vec<Route>,
     pub policy: Policy,
-    pub auth_mode: AuthMode,
     pub identity_settings: bool,
     pub handshake_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -72,13 +76,14 @@ impl Settings {
                     port: r.port,
                     upstream: Arc::new(upstream),
                     login,
+                    auth: r.auth,
+                    verifiers: r.verifier.clone().map(|c| Arc::new(VerifierSource::new(c))),
                 })
             })
             .collect::<Result<_, RouteError>>()?;
         Ok(Settings {
             routes,
             policy: cfg.policy.clone(),
-            auth_mode: cfg.auth,
             identity_settings: cfg.identity_settings,
             handshake_timeout: cfg.handshake_timeout,
             idle_timeout: cfg.idle_timeout,

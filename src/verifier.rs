@@ -106,7 +106,8 @@ impl Verifier {
                 return Err(VerifierError::Malformed("empty salt"));
             }
             let key = |s: &str| -> Result<[u8; 32], VerifierError> {
-                let v = Zeroizing::new(B64.decode(s).map_err(|_| VerifierError::Malformed("key is not base64"))?);
+                let v =
+                    Zeroizing::new(B64.decode(s).map_err(|_| VerifierError::Malformed("key is not base64"))?);
                 v.as_slice().try_into().map_err(|_| VerifierError::Malformed("key is not 32 bytes"))
             };
             return Ok(Verifier::Scram(ScramKeys {
@@ -348,7 +349,10 @@ impl<'a> ScramServer<'a> {
         let (without_proof, proof_b64) =
             text.rsplit_once(",p=").ok_or_else(|| bad("client-final-message without proof"))?;
         let mut attrs = without_proof.split(',');
-        let cbind = attrs.next().and_then(|a| a.strip_prefix("c=")).ok_or_else(|| bad("no channel binding attribute"))?;
+        let cbind = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("c="))
+            .ok_or_else(|| bad("no channel binding attribute"))?;
         let nonce = attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or_else(|| bad("no nonce"))?;
 
         let cbind = B64.decode(cbind).map_err(|_| bad("channel binding attribute is not base64"))?;

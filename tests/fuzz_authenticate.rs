@@ -32,9 +32,10 @@ use fuzz::*;
 use hmac::{Hmac, Mac};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 use tailgres::audit::AuthMethod;
-use tailgres::authenticate::{authenticate, AuthError, AuthMode, AuthOutcome};
+use tailgres::authenticate::{authenticate, AuthError, AuthMode, AuthOutcome, Credentials, VerifiedClient};
 use tailgres::negotiate::Startup;
 use tailgres::pgwire::{self, auth};
 use tailgres::scram::{self, ScramClient, ScramError};
@@ -442,11 +443,46 @@ struct Case {
     client_splits: Vec<usize>,
     client_tls: bool,
     mode: AuthMode,
-    /// Identity login: tailgres presented a client certificate.
-    certificate: bool,
+    /// Identity login (tailgres presented a client certificate) or
+    /// verifier mode (the client proved its password to tailgres).
+    login: Login,
     binding: Option<Vec<u8>>,
     startup: Vec<(String, String)>,
     capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Login {
+    Client,
+    Certificate,
+    VerifiedScram,
+    VerifiedMd5,
+}
+
+/// What `authenticate` is given for the case's login: in verifier mode, the
+/// verifier of PASSWORD and the client key a real client's proof yields.
+fn credentials(c: &Case) -> Credentials {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    use tailgres::verifier::{ScramServer, Verifier};
+    match c.login {
+        Login::Client => Credentials::Client(c.mode),
+        Login::Certificate => Credentials::Certificate,
+        Login::VerifiedMd5 => {
+            let hash = postgres_protocol::password::md5(PASSWORD.as_bytes(), "alice");
+            Credentials::Verified(VerifiedClient::Md5(Arc::new(Verifier::parse(&hash).unwrap())))
+        }
+        Login::VerifiedScram => {
+            let text = postgres_protocol::password::scram_sha_256(PASSWORD.as_bytes());
+            let verifier = Arc::new(Verifier::parse(&text).unwrap());
+            let Verifier::Scram(keys) = &*verifier else { unreachable!() };
+            let mut server = ScramServer::new(keys, None);
+            let mut client = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
+            let first = tailgres::scram::sasl_initial_response("SCRAM-SHA-256", client.message());
+            client.update(&server.client_first(&first[5..]).unwrap()).unwrap();
+            let client_key = server.client_final(client.message()).unwrap().client_key;
+            Credentials::Verified(VerifiedClient::Scram { client_key, verifier })
+        }
+    }
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -456,7 +492,7 @@ fn case() -> impl Strategy<Value = Case> {
         proptest::collection::vec(any::<usize>(), 0..4),
         any::<bool>(),
         prop_oneof![3 => Just(AuthMode::PasswordRelay), 1 => Just(AuthMode::Passthrough)],
-        prop_oneof![3 => Just(false), 1 => Just(true)],
+        prop_oneof![4 => Just(Login::Client), 1 => Just(Login::Certificate), 1 => Just(Login::VerifiedScram), 1 => Just(Login::VerifiedMd5)],
         prop_oneof![Just(None), Just(Some(vec![7u8; 32])), bytes(64).prop_map(Some)],
         prop_oneof![
             Just(vec![("user".to_string(), "alice".to_string())]),
@@ -465,13 +501,13 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![1 => 1usize..64, 3 => Just(1usize << 16)],
     )
         .prop_map(
-            |(db, client, client_splits, client_tls, mode, certificate, binding, startup, capacity)| Case {
+            |(db, client, client_splits, client_tls, mode, login, binding, startup, capacity)| Case {
                 db,
                 client,
                 client_splits,
                 client_tls,
                 mode,
-                certificate,
+                login,
                 binding,
                 startup,
                 capacity,
@@ -515,8 +551,7 @@ async fn exchange(c: Case) -> Ran {
         &mut proxy_upstream,
         &startup,
         c.client_tls,
-        c.mode,
-        c.certificate,
+        &credentials(&c),
         c.binding.as_deref(),
     )
     .await;
@@ -560,20 +595,33 @@ fn check(c: &Case, ran: &Ran) -> Result<(), String> {
             .is_some_and(|(t, body, _)| t == b'R' && body.get(..4) == Some(&auth::SASL.to_be_bytes()[..])),
         _ => false,
     };
-    // Identity login: the client is never asked for anything (it has no
-    // password to give), and nothing of the client's goes upstream.
-    if c.certificate {
+    // Identity login and verifier mode: the client is never asked for
+    // anything (it has no password to give, or has proved it already), and
+    // nothing of the client's goes upstream.
+    if c.login != Login::Client {
         let asked =
             to_client.iter().any(|(t, b)| *t == b'R' && b.get(..4) != Some(&auth::OK.to_be_bytes()[..]));
         if asked {
             return Err("identity login: the client was asked to authenticate".into());
         }
-        if !upstream.is_empty() {
-            return Err("identity login: a client message went upstream".into());
+        // In verifier mode tailgres answers the database itself: none of
+        // the client's messages, and never the password, go upstream.
+        let clients: Vec<Vec<u8>> = c.client.iter().map(ClientMsg::encode).collect();
+        let forwarded = upstream.iter().any(|(t, b)| clients.contains(&pgwire::message_bytes(*t, b)));
+        if (c.login == Login::Certificate && !upstream.is_empty())
+            || forwarded
+            || contains(&ran.db.received, pw)
+        {
+            return Err(format!("{:?}: a client message went upstream", c.login));
         }
+        let want = match c.login {
+            Login::Certificate => AuthMethod::IdentityCertificate,
+            Login::VerifiedScram => AuthMethod::ScramVerifier,
+            _ => AuthMethod::Md5Verifier,
+        };
         if let Ok(out) = &ran.result {
-            if out.method != AuthMethod::IdentityCertificate {
-                return Err(format!("identity login reported as {:?}", out.method));
+            if out.method != want {
+                return Err(format!("{:?} reported as {:?}", c.login, out.method));
             }
         }
     }
@@ -670,7 +718,7 @@ fn scripted_scram_session_succeeds() {
             client_splits: vec![],
             client_tls: true,
             mode: AuthMode::PasswordRelay,
-            certificate: false,
+            login: Login::Client,
             binding: Some(vec![1; 32]),
             startup: vec![("user".into(), "alice".into())],
             capacity: 1 << 16,

@@ -227,12 +227,19 @@ pub enum DenyReason {
     /// tailgres could not sign the identity-login certificate (or build
     /// the TLS client that presents it).
     IdentityCertificateFailed,
+    /// `--auth scram-verifier`: the client's password (its SCRAM proof or
+    /// MD5 answer) did not verify against the role's stored verifier.
+    PasswordFailed,
+    /// `--auth scram-verifier`: the role's verifier could not be looked up
+    /// (the database unreachable, the lookup role refused, the query
+    /// failed).
+    VerifierLookupFailed,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 21] = [
+    pub const ALL: [DenyReason; 23] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -254,6 +261,8 @@ impl DenyReason {
         DenyReason::ClientTlsFailed,
         DenyReason::ShuttingDown,
         DenyReason::IdentityCertificateFailed,
+        DenyReason::PasswordFailed,
+        DenyReason::VerifierLookupFailed,
     ];
 
     /// The name it is serialized as (the audit record's and the metrics'
@@ -281,6 +290,8 @@ impl DenyReason {
             DenyReason::ClientTlsFailed => "client_tls_failed",
             DenyReason::ShuttingDown => "shutting_down",
             DenyReason::IdentityCertificateFailed => "identity_certificate_failed",
+            DenyReason::PasswordFailed => "password_failed",
+            DenyReason::VerifierLookupFailed => "verifier_lookup_failed",
         }
     }
 
@@ -289,7 +300,7 @@ impl DenyReason {
         use DenyReason::*;
         match self {
             UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized | NoRoute | ClientClosed
-            | ClientTlsFailed | TooManyHandshakes => Side::Client,
+            | ClientTlsFailed | TooManyHandshakes | PasswordFailed => Side::Client,
             UpstreamUntrustedCertificate
             | UpstreamNameMismatch
             | UpstreamCertificateExpired
@@ -298,9 +309,12 @@ impl DenyReason {
             | UpstreamTimeout
             | UpstreamTls
             | UpstreamProtocolError => Side::Upstream,
-            WhoisFailed | AuditUnavailable | TooManySessions | ShuttingDown | IdentityCertificateFailed => {
-                Side::Proxy
-            }
+            WhoisFailed
+            | AuditUnavailable
+            | TooManySessions
+            | ShuttingDown
+            | IdentityCertificateFailed
+            | VerifierLookupFailed => Side::Proxy,
         }
     }
 }
@@ -326,11 +340,18 @@ pub enum AuthMethod {
     /// Identity login: tailgres presented a client certificate it signed
     /// for the session, and the database accepted it (`cert`).
     IdentityCertificate,
+    /// `--auth scram-verifier`: tailgres checked the client's SCRAM proof
+    /// against the role's stored verifier and logged in with the client
+    /// key it yielded (the password never reached the proxy).
+    ScramVerifier,
+    /// As above for a role with an MD5 password: the stored hash checked
+    /// the client's MD5 answer and answered the database's.
+    Md5Verifier,
     Other,
 }
 
 impl AuthMethod {
-    pub const ALL: [AuthMethod; 8] = [
+    pub const ALL: [AuthMethod; 10] = [
         AuthMethod::PasswordRelayScramSha256Plus,
         AuthMethod::PasswordRelayScramSha256,
         AuthMethod::ScramSha256,
@@ -338,6 +359,8 @@ impl AuthMethod {
         AuthMethod::Cleartext,
         AuthMethod::Trust,
         AuthMethod::IdentityCertificate,
+        AuthMethod::ScramVerifier,
+        AuthMethod::Md5Verifier,
         AuthMethod::Other,
     ];
 }

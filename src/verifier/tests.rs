@@ -87,8 +87,14 @@ fn a_real_client_logs_in_with_and_without_binding() {
     // TLS client: PLUS first; bound to our certificate's data.
     let tls = ScramServer::new(scram_keys(&v), Some(&cb));
     assert_eq!(tls.mechanisms(), b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
-    let out = exchange(&v, PASSWORD, Some(&cb), SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(cb.to_vec()))
-        .unwrap();
+    let out = exchange(
+        &v,
+        PASSWORD,
+        Some(&cb),
+        SCRAM_SHA_256_PLUS,
+        ChannelBinding::tls_server_end_point(cb.to_vec()),
+    )
+    .unwrap();
     assert!(out.channel_bound);
     // A TLS client that does not bind at all (channel_binding=disable).
     assert!(exchange(&v, PASSWORD, Some(&cb), SCRAM_SHA_256, ChannelBinding::unsupported()).is_ok());
@@ -101,13 +107,20 @@ fn wrong_passwords_bindings_and_downgrades_are_refused() {
     let r = exchange(&v, "wrong", None, SCRAM_SHA_256, ChannelBinding::unsupported());
     assert_eq!(r.err(), Some(ScramServerError::WrongPassword));
     // Bound to another certificate (a man in the middle's).
-    let r = exchange(&v, PASSWORD, Some(&cb), SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(vec![1; 32]));
+    let r = exchange(
+        &v,
+        PASSWORD,
+        Some(&cb),
+        SCRAM_SHA_256_PLUS,
+        ChannelBinding::tls_server_end_point(vec![1; 32]),
+    );
     assert!(matches!(r, Err(ScramServerError::Binding(_))), "{:?}", r.err());
     // 'y' (the client could bind but saw no PLUS) while we offer PLUS.
     let r = exchange(&v, PASSWORD, Some(&cb), SCRAM_SHA_256, ChannelBinding::unrequested());
     assert!(matches!(r, Err(ScramServerError::Binding(_))), "{:?}", r.err());
     // PLUS where it was not offered (plaintext), and PLUS with flag 'n'.
-    let r = exchange(&v, PASSWORD, None, SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(cb.to_vec()));
+    let r =
+        exchange(&v, PASSWORD, None, SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(cb.to_vec()));
     assert!(matches!(r, Err(ScramServerError::Protocol(_))), "{:?}", r.err());
     let mut s = ScramServer::new(scram_keys(&v), Some(&cb));
     let r = s.client_first(&initial(SCRAM_SHA_256_PLUS, b"n,,n=,r=abc"));
@@ -193,7 +206,8 @@ fn the_recovered_key_logs_in_like_the_password() {
 
 #[test]
 fn md5_answers_match_postgres() {
-    let Verifier::Md5(h) = Verifier::parse(&postgres_protocol::password::md5(PASSWORD.as_bytes(), "alice")).unwrap()
+    let Verifier::Md5(h) =
+        Verifier::parse(&postgres_protocol::password::md5(PASSWORD.as_bytes(), "alice")).unwrap()
     else {
         panic!()
     };
