@@ -796,6 +796,95 @@ pub(crate) mod tests {
         parse(&[&format!("--config={}", f.display())])
     }
 
+    /// scram-verifier: the lookup role's password from a file (never a
+    /// flag), a route of its own beside password-relay routes; settings
+    /// that would do nothing, or that contradict each other, are refused.
+    #[test]
+    fn verifier_mode_needs_a_lookup_password_and_nothing_contradictory() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "lookup-secret\n").unwrap();
+        let pw_flag = format!("--verifier-password-file={}", pw.display());
+        let base = ["--upstream=db:5432", "--audit-log=-"];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+
+        let c = with(&["--auth=scram-verifier", &pw_flag, "--verifier-cache=5s"]).unwrap();
+        let v = c.routes[0].verifier.as_ref().expect("a lookup");
+        assert_eq!(c.routes[0].auth, AuthMode::ScramVerifier);
+        assert_eq!(
+            v.password.as_deref().map(String::as_str),
+            Some("lookup-secret"),
+            "the newline is not part of it"
+        );
+        assert_eq!(
+            (v.user.as_str(), v.database.as_str(), v.query.as_str(), v.cache_ttl),
+            ("tailgres_auth", "postgres", "SELECT tailgres_auth.verifier($1)", Duration::from_secs(5))
+        );
+        assert!(!format!("{c:?}").contains("lookup-secret"), "the password is never printed");
+
+        let refusals: [(&[&str], &str, &str); 7] = [
+            (&["--auth=scram-verifier"], "--verifier-password-file", "never on the command line"),
+            (&[&pw_flag], "--verifier-password-file", "no route authenticates"),
+            (&["--verifier-user=x"], "--verifier-user", "no route authenticates"),
+            (&["--auth=scram-verifier", &pw_flag, "--verifier-query=SELECT 1"], "--verifier-query", "$1"),
+            (&["--auth=scram-verifier", &pw_flag, "--verifier-cache=1h"], "--verifier-cache", "10m"),
+            (
+                &["--auth=scram-verifier", "--verifier-password-file=/nonexistent"],
+                "--verifier-password-file",
+                "cannot read",
+            ),
+            (
+                &[
+                    "--auth=scram-verifier",
+                    &pw_flag,
+                    "--login=identity",
+                    "--identity-ca-cert=/a",
+                    "--identity-ca-key=/b",
+                ],
+                "--auth",
+                "choose one",
+            ),
+        ];
+        for (args, flag, want) in refusals {
+            let e = with(args).expect_err(&format!("{args:?}"));
+            assert_eq!(e.flag, flag, "{args:?}: {e}");
+            assert!(e.problem.contains(want), "{args:?}: {e}");
+        }
+
+        // Per route: one route by verifier (its own lookup role), the
+        // catch-all by password relay.
+        let c = from_toml(&format!(
+            r#"
+audit-log = "-"
+upstream = "db:5432"
+verifier-password-file = "{}"
+[[route]]
+name = "strict"
+databases = ["billing"]
+upstream = "billing:5432"
+auth = "scram-verifier"
+verifier-user = "billing_lookup"
+"#,
+            pw.display()
+        ))
+        .unwrap();
+        let auths: Vec<(&str, AuthMode, Option<&str>)> = c
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.auth, r.verifier.as_ref().map(|v| v.user.as_str())))
+            .collect();
+        assert_eq!(
+            auths,
+            [
+                ("strict", AuthMode::ScramVerifier, Some("billing_lookup")),
+                ("upstream", AuthMode::PasswordRelay, None)
+            ]
+        );
+        let e = from_toml("audit-log = \"-\"\n[[route]]\nupstream = \"db:1\"\nverifier-user = \"x\"\n")
+            .unwrap_err();
+        assert!(e.problem.contains("does not use auth = \"scram-verifier\""), "{e}");
+    }
+
     #[test]
     fn refusals_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[

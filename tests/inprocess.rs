@@ -315,6 +315,74 @@ async fn identity_login_by_grant_and_never_a_password() {
     assert!(end["detail"].as_str().unwrap().contains("cleartext password"), "{end}");
 }
 
+/// `--auth scram-verifier`: tailgres checks the client's SCRAM proof
+/// against the role's looked-up verifier and logs in to the database with
+/// the recovered key. Cached: a second login looks nothing up; a wrong
+/// password is refused by tailgres (the database sees no login), and drops
+/// the cached verifier, so a changed password works at the next login; a
+/// role without a verifier reads as a wrong password to the client.
+#[tokio::test]
+async fn verifier_mode_checks_the_proof_itself() {
+    let w = World::start(Options { verifier: true, ..Default::default() }).await;
+    let verifier = |pw: &str| postgres_protocol::password::scram_sha_256(pw.as_bytes());
+    w.db.roles.lock().unwrap().insert("carol".into(), verifier("first-password"));
+    let ip = w.join(person(1, "carol@example.com", vec![])).await;
+    let logins = |w: &World, user: &str| w.db.logins.lock().unwrap().iter().filter(|u| *u == user).count();
+
+    let (client, _conn) = w.connect_with(ip, "carol", "first-password").await.expect("verifier login");
+    client.simple_query("select 1").await.unwrap();
+    let ok = w.record("auth_ok", |r| r["event"] == "auth_ok").await;
+    assert_eq!(ok["auth_method"], "scram_verifier", "{ok}");
+    assert_eq!((logins(&w, "tailgres_auth"), logins(&w, "carol")), (1, 1), "one lookup, one login");
+    let (again, _conn2) = w.connect_with(ip, "carol", "first-password").await.expect("cached");
+    again.simple_query("select 1").await.unwrap();
+    assert_eq!(logins(&w, "tailgres_auth"), 1, "the second login used the cached verifier");
+
+    // A wrong password: refused by tailgres, not the database.
+    let e = w.connect_with(ip, "carol", "wrong").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert_eq!(msg, "password authentication failed for user \"carol\"");
+    let r = w.denied("password_failed").await;
+    assert_eq!(r["side"], "client", "{r}");
+    assert!(r["upstream"].is_null(), "{r}");
+    let failed = w.record("auth_failed", |r| r["event"] == "auth_failed").await;
+    assert_eq!(
+        (failed["auth_method"].as_str(), failed["sqlstate"].as_str()),
+        (Some("scram_verifier"), Some("28P01"))
+    );
+    assert_eq!((logins(&w, "tailgres_auth"), logins(&w, "carol")), (1, 2), "no database round trip");
+
+    // The password changes: the next login looks the verifier up again.
+    w.db.roles.lock().unwrap().insert("carol".into(), verifier("second-password"));
+    let (client, _conn3) = w.connect_with(ip, "carol", "second-password").await.expect("the new password");
+    client.simple_query("select 1").await.unwrap();
+    assert_eq!(logins(&w, "tailgres_auth"), 2, "looked up again after the failure");
+
+    // No such role: the same answer as a wrong password; the record says why.
+    let e = w.connect_with(ip, "ghost", "anything").await.err().expect("refused");
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert_eq!(msg, "password authentication failed for user \"ghost\"");
+    let r = w.record("ghost", |r| r["reason"] == "password_failed" && r["postgres"]["user"] == "ghost").await;
+    assert!(r["detail"].as_str().unwrap().contains("no usable stored verifier"), "{r}");
+    assert_eq!(logins(&w, "ghost"), 0);
+}
+
+/// The lookup itself failing is the proxy's problem (57P03, side proxy),
+/// never reported to the client as a wrong password.
+#[tokio::test]
+async fn a_failed_verifier_lookup_is_the_proxys() {
+    let w = World::start(Options { verifier: true, ..Default::default() }).await;
+    w.db.fail_lookups.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ip = w.join(person(1, "carol@example.com", vec![])).await;
+    let e = w.connect_with(ip, "carol", "pw").await.err().expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+    let r = w.denied("verifier_lookup_failed").await;
+    assert_eq!(r["side"], "proxy", "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("does not exist"), "{r}");
+    assert!(!w.records().iter().any(|r| r["event"] == "auth_failed"), "not the client's failure");
+}
+
 /// An identity CA that has expired signs nothing: the session is refused
 /// (the proxy's fault, 57P03), and the operator's detail says why.
 #[tokio::test]

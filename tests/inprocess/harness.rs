@@ -24,6 +24,7 @@ use tailgres::settings::{Login, Route, Settings, SettingsCell};
 use tailgres::tailnet::memory::MemoryTailnet;
 use tailgres::tailnet::{PeerIdentity, Tailnet};
 use tailgres::upstream::{UpstreamOptions, UpstreamTls};
+use tailgres::verifier::lookup::{LookupConfig, VerifierSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -166,6 +167,24 @@ pub struct FakeDb {
     pub cancels: Cancels,
     /// Sessions the database is serving right now.
     pub live: Arc<std::sync::atomic::AtomicUsize>,
+    /// Roles with a stored SCRAM verifier (rolpassword), by name: they log
+    /// in with SCRAM-SHA-256, and the verifier lookup returns it.
+    pub roles: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    /// The user of every StartupMessage, in order (lookups included).
+    pub logins: Arc<Mutex<Vec<String>>>,
+    /// Verifier lookups get an ErrorResponse.
+    pub fail_lookups: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What every connection of the scripted database shares.
+#[derive(Clone)]
+struct DbState {
+    cancels: Cancels,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+    client_cns: Arc<Mutex<Vec<String>>>,
+    roles: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    logins: Arc<Mutex<Vec<String>>>,
+    fail_lookups: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeDb {
@@ -187,10 +206,15 @@ impl FakeDb {
             (Db::NotYetValid, mk(&ca, DB_NAME, 10, 30)),
         ]);
         let mode = Arc::new(Mutex::new(Db::Normal));
-        let cancels = Arc::new(Mutex::new(Vec::new()));
-        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let client_cns = Arc::new(Mutex::new(Vec::new()));
-        let (m, c, l, cns) = (mode.clone(), cancels.clone(), live.clone(), client_cns.clone());
+        let st = DbState {
+            cancels: Default::default(),
+            live: Default::default(),
+            client_cns: Default::default(),
+            roles: Default::default(),
+            logins: Default::default(),
+            fail_lookups: Default::default(),
+        };
+        let (m, state) = (mode.clone(), st.clone());
         tokio::spawn(async move {
             let mut pid = 1000u32;
             loop {
@@ -199,13 +223,24 @@ impl FakeDb {
                 let mode = *m.lock().unwrap();
                 let acceptor = variants.iter().find(|(d, _)| *d == mode).map(|(_, a)| a.clone());
                 let acceptor = acceptor.unwrap_or_else(|| good.clone());
-                let (cancels, live, cns) = (c.clone(), l.clone(), cns.clone());
+                let state = state.clone();
                 tokio::spawn(async move {
-                    let _ = serve_db(tcp, mode, acceptor, pid, cancels, live, cns).await;
+                    let _ = serve_db(tcp, mode, acceptor, pid, state).await;
                 });
             }
         });
-        FakeDb { addr, ca, identity, client_cns, mode, cancels, live }
+        FakeDb {
+            addr,
+            ca,
+            identity,
+            client_cns: st.client_cns,
+            mode,
+            cancels: st.cancels,
+            live: st.live,
+            roles: st.roles,
+            logins: st.logins,
+            fail_lookups: st.fail_lookups,
+        }
     }
 
     pub fn set(&self, mode: Db) {
@@ -225,10 +260,9 @@ async fn serve_db(
     mode: Db,
     acceptor: TlsAcceptor,
     pid: u32,
-    cancels: Cancels,
-    live: Arc<std::sync::atomic::AtomicUsize>,
-    client_cns: Arc<Mutex<Vec<String>>>,
+    st: DbState,
 ) -> std::io::Result<()> {
+    let DbState { cancels, live, client_cns, roles, logins, fail_lookups } = st;
     let mut req = [0u8; 8];
     tcp.read_exact(&mut req).await?;
     match mode {
@@ -262,6 +296,29 @@ async fn serve_db(
         .and_then(|kv| kv.get(1))
         .map(|v| String::from_utf8_lossy(v).to_string())
         .unwrap_or_default();
+    logins.lock().unwrap().push(user.clone());
+    let stored = roles.lock().unwrap().get(&user).cloned();
+    if let Some(text) = stored {
+        // SCRAM-SHA-256 (no PLUS: this database does not bind).
+        use tailgres::verifier::{ScramServer, Verifier};
+        let Ok(Verifier::Scram(keys)) = Verifier::parse(&text) else { panic!("a SCRAM verifier") };
+        let mut server = ScramServer::new(&keys, None);
+        s.write_all(&pgwire::auth_request(pgwire::auth::SASL, &server.mechanisms())).await?;
+        let first = pgwire::read_message(&mut s, 1 << 16).await?;
+        let server_first = server.client_first(&first.body).expect("a valid client-first");
+        s.write_all(&pgwire::auth_request(pgwire::auth::SASL_CONTINUE, &server_first)).await?;
+        let last = pgwire::read_message(&mut s, 1 << 16).await?;
+        match server.client_final(&last.body) {
+            Ok(done) => {
+                s.write_all(&pgwire::auth_request(pgwire::auth::SASL_FINAL, &done.server_final)).await?
+            }
+            Err(_) => {
+                let msg = format!("password authentication failed for user \"{user}\"");
+                s.write_all(&pgwire::fatal("28P01", &msg)).await?;
+                return s.shutdown().await;
+            }
+        }
+    }
     match user.as_str() {
         "crash" => return Ok(()), // closed without a word (or a close_notify)
         "reject" | "password" => {
@@ -287,6 +344,8 @@ async fn serve_db(
     out.extend(pgwire::message_bytes(b'K', &key));
     out.extend(pgwire::message_bytes(b'Z', b"I"));
     s.write_all(&out).await?;
+    // The last Bind's first parameter (the verifier lookup's role).
+    let mut bound: Option<String> = None;
     loop {
         let m = match pgwire::read_message(&mut s, 1 << 20).await {
             Ok(m) => m,
@@ -296,6 +355,41 @@ async fn serve_db(
         match m.tag {
             // As PostgreSQL: the session ends with a TLS close_notify.
             b'X' => return s.shutdown().await,
+            // The verifier lookup: Parse, Bind (the role), Execute, Sync.
+            b'B' => {
+                let b = &m.body[2..]; // unnamed portal and statement
+                let formats = u16::from_be_bytes([b[0], b[1]]) as usize;
+                let p = &b[2 + 2 * formats..];
+                let len = i32::from_be_bytes(p[2..6].try_into().unwrap()) as usize;
+                bound = Some(String::from_utf8_lossy(&p[6..6 + len]).to_string());
+            }
+            b'S' => {
+                let mut out = Vec::new();
+                if fail_lookups.load(std::sync::atomic::Ordering::SeqCst) {
+                    out.extend(pgwire::error_response(
+                        "ERROR",
+                        "42883",
+                        "function tailgres_auth.verifier(unknown) does not exist",
+                        None,
+                    ));
+                } else {
+                    out.extend(pgwire::message_bytes(b'1', &[]));
+                    out.extend(pgwire::message_bytes(b'2', &[]));
+                    let role = bound.take().unwrap_or_default();
+                    let mut row = 1u16.to_be_bytes().to_vec();
+                    match roles.lock().unwrap().get(&role) {
+                        Some(v) => {
+                            row.extend((v.len() as i32).to_be_bytes());
+                            row.extend(v.as_bytes());
+                        }
+                        None => row.extend((-1i32).to_be_bytes()),
+                    }
+                    out.extend(pgwire::message_bytes(b'D', &row));
+                    out.extend(pgwire::message_bytes(b'C', b"SELECT 1\0"));
+                }
+                out.extend(pgwire::message_bytes(b'Z', b"I"));
+                s.write_all(&out).await?;
+            }
             b'Q' => {
                 let q = String::from_utf8_lossy(&m.body).trim_end_matches('\0').to_string();
                 match q.as_str() {
@@ -342,6 +436,9 @@ pub struct Options {
     /// The route logs in by identity, with a CA whose own validity ends
     /// this long from now (the database trusts it).
     pub identity_login: Option<Duration>,
+    /// The route uses `--auth scram-verifier` (lookups as tailgres_auth,
+    /// whom the database trusts).
+    pub verifier: bool,
 }
 
 impl Default for Options {
@@ -358,6 +455,7 @@ impl Default for Options {
             upstream_addr: None,
             connect_timeout: Duration::from_secs(2),
             identity_login: None,
+            verifier: false,
         }
     }
 }
@@ -430,8 +528,16 @@ impl World {
                 port: PORT,
                 upstream: Arc::new(upstream),
                 login,
-                auth: AuthMode::PasswordRelay,
-                verifiers: None,
+                auth: if o.verifier { AuthMode::ScramVerifier } else { AuthMode::PasswordRelay },
+                verifiers: o.verifier.then(|| {
+                    Arc::new(VerifierSource::new(LookupConfig {
+                        user: "tailgres_auth".into(),
+                        password: Some(zeroize::Zeroizing::new("lookup-secret".into())),
+                        database: "postgres".into(),
+                        query: tailgres::verifier::lookup::DEFAULT_QUERY.into(),
+                        cache_ttl: Duration::from_secs(60),
+                    }))
+                }),
             }],
             policy: Policy {
                 capability: DEFAULT_CAPABILITY.into(),
@@ -513,9 +619,19 @@ impl World {
         from: IpAddr,
         user: &str,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        self.connect_with(from, user, "pw").await
+    }
+
+    /// [`World::connect`] with `password`.
+    pub async fn connect_with(
+        &self,
+        from: IpAddr,
+        user: &str,
+        password: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
         let stream = self.dial(from).await;
         let mut cfg = tokio_postgres::Config::new();
-        cfg.user(user).dbname("app").password("pw").application_name("inprocess");
+        cfg.user(user).dbname("app").password(password).application_name("inprocess");
         let (client, conn) = cfg.connect_raw(stream, tokio_postgres::NoTls).await?;
         Ok((
             client,
