@@ -79,6 +79,12 @@ public class JdbcCheck {
         // the audit records show null.
         props.setProperty("assumeMinServerVersion", "9.0");
         props.setProperty("connectTimeout", "30");
+        // CHECK_OPTIONS: more properties, "name=value" separated by spaces
+        // (e.g. channelBinding=require).
+        for (String kv : System.getenv().getOrDefault("CHECK_OPTIONS", "").trim().split("\\s+")) {
+            int eq = kv.indexOf('=');
+            if (eq > 0) props.setProperty(kv.substring(0, eq), kv.substring(eq + 1));
+        }
         props.setProperty("socketTimeout", "60");
         String url = "jdbc:postgresql://" + host + ":" + port + "/app";
 

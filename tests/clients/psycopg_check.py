@@ -26,8 +26,10 @@ def conninfo(host, port, sslmode, app):
     user = os.environ.get("CHECK_USER", "role_scram")
     password = os.environ.get("CHECK_PASSWORD", "scram-pass")
     login = f"user={user} password={password}" if password else f"user={user}"
+    # CHECK_OPTIONS: more conninfo settings (e.g. channel_binding=require).
+    extra = os.environ.get("CHECK_OPTIONS", "")
     return (f"host={host} port={port} {login} dbname=app "
-            f"{mode} application_name={app} connect_timeout=30")
+            f"{mode} application_name={app} connect_timeout=30 {extra}")
 
 
 def blocking_cancel(host, port, sslmode):

@@ -24,6 +24,8 @@ pub struct LabOptions<'a> {
     pub log_connections: bool,
     /// tailgres logs in by identity (the lab's identity CA).
     pub identity_login: bool,
+    /// tailgres runs with --auth scram-verifier (the lab's lookup role).
+    pub scram_verifier: bool,
     pub audit_log: Option<PathBuf>,
     /// Extra tailgres arguments.
     pub tailgres_args: Vec<&'a str>,
@@ -51,6 +53,9 @@ impl LabUp {
         }
         if o.identity_login {
             cmd.arg("--identity-login");
+        }
+        if o.scram_verifier {
+            cmd.arg("--scram-verifier");
         }
         if let Some(a) = &o.audit_log {
             cmd.arg(format!("--audit-log={}", a.display()));

@@ -47,6 +47,11 @@ pub const ROLES: &[(&str, Option<&str>, &str)] = &[
 const PG_IDENT: &str = "# Written by tailgres-lab.\n\
                         # MAPNAME  SYSTEM-USERNAME     PG-USERNAME\n\
                         tailgres   \"/^CN=([^,]+),\"     \\1\n";
+/// The verifier lookup role (`--auth scram-verifier`), created from the
+/// README's SQL (docs/verifier-lookup.sql), and its password.
+pub const VERIFIER_USER: &str = "tailgres_auth";
+pub const VERIFIER_PASSWORD: &str = "lookup-pass";
+const VERIFIER_SQL: &str = include_str!("../../../docs/verifier-lookup.sql");
 /// Database owned by `role_scram`; every role may connect.
 pub const DATABASE: &str = "app";
 /// The name the good server certificate carries (plus IP 127.0.0.1).
@@ -383,6 +388,10 @@ impl Pg {
                 writeln!(sql, "ALTER ROLE {role} PASSWORD {};", sql_literal(pw))?;
             }
         }
+        // The lookup role of --auth scram-verifier, exactly as README says.
+        sql.push_str("SET password_encryption = 'scram-sha-256';\n");
+        sql.push_str(VERIFIER_SQL);
+        writeln!(sql, "ALTER ROLE {VERIFIER_USER} PASSWORD {};", sql_literal(VERIFIER_PASSWORD))?;
         writeln!(sql, "CREATE DATABASE {DATABASE} OWNER role_scram;")?;
         writeln!(sql, "GRANT CONNECT ON DATABASE {DATABASE} TO PUBLIC;")?;
         self.psql_admin(&sql).await.context("creating lab roles")?;

@@ -51,6 +51,10 @@ pub struct UpArgs {
     /// identity CA, which the lab's database trusts for role_identity).
     #[arg(long, conflicts_with = "upstream")]
     pub identity_login: bool,
+    /// Run tailgres with --auth scram-verifier, looking verifiers up as the
+    /// lab database's tailgres_auth role (its password in a file).
+    #[arg(long, conflicts_with_all = ["upstream", "identity_login"])]
+    pub scram_verifier: bool,
     /// The proxy's audit log (default: DIR/audit.jsonl).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
@@ -228,6 +232,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         cmd.arg("--login=identity")
             .arg(format!("--identity-ca-cert={}", p.identity_ca_file.display()))
             .arg(format!("--identity-ca-key={}", p.identity_key_file.display()));
+    }
+    if a.scram_verifier {
+        let file = dir.join("verifier-password");
+        std::fs::write(&file, crate::pg::VERIFIER_PASSWORD)?;
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        cmd.arg("--auth=scram-verifier").arg(format!("--verifier-password-file={}", file.display()));
     }
     cmd.args(&a.tailgres_args);
     let (proxy, _) = Proc::spawn("tailgres", cmd, &dir, false).await?;

@@ -81,6 +81,10 @@ func main() {
 	// sslmode=prefer and require do not verify the certificate (libpq's
 	// meaning, which pgx follows): the lab proxy's certificate is
 	// self-signed. The password is in the string as the python checks pass it.
+	// CHECK_OPTIONS: more settings (e.g. channel_binding=require).
+	if o := os.Getenv("CHECK_OPTIONS"); o != "" {
+		extra += " " + o
+	}
 	connString := fmt.Sprintf("host=%s port=%d %s dbname=app "+
 		"sslmode=%s application_name=%s connect_timeout=30%s", host, port, login(), sslmode, app, extra)
 	cfg, err := pgx.ParseConfig(connString)
