@@ -40,7 +40,7 @@ from pathlib import Path
 
 import perfsum
 from report import report, report_soak
-from world import (CAPABILITY, DB, IDENTITY, SCRAM, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab,
+from world import (CAPABILITY, DB, IDENTITY, SCRAM, VERIFIER, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab,
                    TailnetSystem, World,
                    context_switches, git_commit, log, machine, proc_stats, require_loopback_only, rss_breakdown,
                    run_pgbench)
@@ -391,6 +391,12 @@ def measure(world, lab, sys_, rnd):
                 sys_, lambda: connect_rate(world, sys_, role, a.duration, pids))
     if getattr(sys_, "identity_port", None):
         res["connect_identity"] = identity_connect_rate(world, lab, sys_, rnd, pids)
+    if getattr(sys_, "verifier_port", None):
+        log(f"{sys_.name} r{rnd}: new connection per transaction ({VERIFIER[0]}, scram-verifier, "
+            f"channel binding required), {a.duration}s")
+        with Perf(world, f"{sys_.name}-r{rnd}-connect_verifier", pids):
+            res["connect_verifier"] = again_on_failure(
+                sys_, lambda: connect_rate(world, sys_, VERIFIER, a.duration, pids))
     log(f"{sys_.name} r{rnd}: COPY out and in, {lab.bulk_bytes / 1e6:.0f} MB each way")
     with Perf(world, f"{sys_.name}-r{rnd}-copy", pids):
         res["copy"] = again_on_failure(sys_, lambda: copy_runs(world, lab, sys_, pids))

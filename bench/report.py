@@ -33,7 +33,7 @@ def figures(clients):
                   lambda r, c=c: ok(r.get(f"select_c{c}")).get("proxy_cpu_us_per_txn")))
         f.append((f"so_cs_c{c}", f"  proxy context switches per transaction, {c}", "cs", False,
                   lambda r, c=c: ok(r.get(f"select_c{c}")).get("proxy_ctxsw_per_txn")))
-    for label in ("scram", "trust", "identity"):
+    for label in ("scram", "trust", "identity", "verifier"):
         f.append((f"conn_rate_{label}", f"new conn/txn ({label}): conn/s", "conn/s", True,
                   lambda r, l=label: ok(r.get(f"connect_{l}")).get("conn_per_s")))
         f.append((f"conn_time_{label}", f"  connection time ({label})", "ms", False,
@@ -64,9 +64,10 @@ def figures(clients):
 # Figures the issue does not ask for, shown to explain the others; they
 # are left out of the "tailgres >= pgproxy on every figure" check.
 def diagnostic(key):
-    # Identity login is tailgres's alone: shown beside the password relay's
+    # Identity login and verifier mode are tailgres's alone: shown beside the password relay's
     # figures, compared with nothing.
-    return (key.startswith(("so_cpu_", "so_cs_", "conn_cpu_", "conn_cs_")) or key.endswith("_identity")
+    return (key.startswith(("so_cpu_", "so_cs_", "conn_cpu_", "conn_cs_"))
+            or key.endswith(("_identity", "_verifier"))
             or key in ("idle_fds", "idle_cpu", "idle_go_live"))
 
 

@@ -42,10 +42,16 @@ TRUST = ("role_trust", None)
 # Identity login (tailgres only): no password; tailgres signs a client
 # certificate the lab database accepts for this role.
 IDENTITY = ("role_identity", None)
+# --auth scram-verifier (tailgres only): a SCRAM role of its own, looked up
+# as the lab database's tailgres_auth role; clients require channel binding.
+VERIFIER = ("role_verifier", "verifier-pass")
+VERIFIER_LOOKUP_PASSWORD = "lookup-pass"  # tailgres-lab's lookup role
 SERVER_NAME = "db.lab.test"
 PG_PORT_ON_TAILNET = 5432
-# tailgres's identity-login route (login = "identity"), beside the main one.
+# tailgres's identity-login route (login = "identity"), beside the main one,
+# and its scram-verifier route.
 IDENTITY_PORT_ON_TAILNET = 5433
+VERIFIER_PORT_ON_TAILNET = 5434
 CAPABILITY = "tailgres.dev/cap/postgres"
 READY_TIMEOUT = 120.0
 # libpq must never read this machine's ~/.pgpass; /dev/null makes it warn
@@ -265,7 +271,10 @@ class Lab:
         direct = DirectSystem(self)
         log(f"pgbench -i -s {a.scale}")
         run_pgbench(self.world, direct.env(SCRAM), ["-i", "-q", "-s", str(a.scale)], check=True)
-        self.admin_sql("grant select on all tables in schema public to role_trust, role_identity")
+        self.admin_sql("drop role if exists role_verifier;"
+                       "set password_encryption = 'scram-sha-256';"
+                       f"create role {VERIFIER[0]} login password '{VERIFIER[1]}'")
+        self.admin_sql("grant select on all tables in schema public to role_trust, role_identity, role_verifier")
         if not bulk:
             return
         # ~105 bytes of COPY text per row.
@@ -385,12 +394,23 @@ class TailnetSystem:
                 f'upstream-ca = ["{lab.ca_file}"]\n'
                 'login = "identity"\n'
                 f'identity-ca-cert = "{lab.identity_ca[0]}"\n'
-                f'identity-ca-key = "{lab.identity_ca[1]}"\n')
+                f'identity-ca-key = "{lab.identity_ca[1]}"\n'
+                "[[route]]\n"
+                'name = "verifier"\n'
+                f"port = {VERIFIER_PORT_ON_TAILNET}\n"
+                f'upstream = "{up}"\n'
+                f'upstream-server-name = "{SERVER_NAME}"\n'
+                f'upstream-ca = ["{lab.ca_file}"]\n'
+                'auth = "scram-verifier"\n')
+            lookup_pw = w.dir / f"{self.hostname}.verifier-password"
+            lookup_pw.write_text(VERIFIER_LOOKUP_PASSWORD)
+            lookup_pw.chmod(0o600)
             argv = [str(b["tailgres"]), f"--config={config}", f"--upstream={up}",
                     f"--upstream-server-name={SERVER_NAME}",
                     f"--upstream-ca={lab.ca_file}", f"--hostname={self.hostname}", f"--state-dir={state}",
                     f"--control-url={lab.control_url}", f"--audit-log={w.dir / (self.hostname + '.audit.jsonl')}",
-                    f"--port={PG_PORT_ON_TAILNET}", f"--max-sessions={w.args.idle + 1000}"]
+                    f"--port={PG_PORT_ON_TAILNET}", f"--max-sessions={w.args.idle + 1000}",
+                    f"--verifier-password-file={lookup_pw}"]
             self.proc = Proc(self.hostname, argv, w, env=dict(TS_ENV, RUST_LOG="warn", **(extra_env or {})))
         elif name == "pgproxy":
             # tsnet reads TS_CONTROL_URL from the environment; the lab
@@ -410,6 +430,7 @@ class TailnetSystem:
                  f"--forward=127.0.0.1:0={self.ip}:{PG_PORT_ON_TAILNET}", "--dial-timeout=20s"]
         if name == "tailgres":
             cargv.append(f"--forward=127.0.0.1:0={self.ip}:{IDENTITY_PORT_ON_TAILNET}")
+            cargv.append(f"--forward=127.0.0.1:0={self.ip}:{VERIFIER_PORT_ON_TAILNET}")
         if not w.args.derp:
             cargv.append("--direct")
         self.client = Proc(self.client_name, cargv, w, env=TS_ENV, ready_line=True)
@@ -418,6 +439,7 @@ class TailnetSystem:
         # The identity route's forward (tailgres only).
         forwards = self.client.ready["forwards"]
         self.identity_port = int(forwards[1]["listen"].rsplit(":", 1)[1]) if len(forwards) > 1 else None
+        self.verifier_port = int(forwards[2]["listen"].rsplit(":", 1)[1]) if len(forwards) > 2 else None
         self.wait_answering()
 
     def wait_answering(self):
@@ -439,13 +461,16 @@ class TailnetSystem:
             time.sleep(0.2)
         die(f"{self.name} did not answer through the tailnet:\n{self.proc.tail()}")
 
+    def route_port(self, role):
+        return {IDENTITY: self.identity_port, VERIFIER: self.verifier_port}.get(role, self.port)
+
     def env(self, role):
-        port = self.identity_port if role == IDENTITY else self.port
-        return libpq_env(self.host, port, role)
+        # Verifier mode is for strict clients: channel binding required.
+        extra = {"PGCHANNELBINDING": "require"} if role == VERIFIER else None
+        return libpq_env(self.host, self.route_port(role), role, extra)
 
     def conninfo(self, role):
-        port = self.identity_port if role == IDENTITY else self.port
-        return conninfo(self.host, port, role)
+        return conninfo(self.host, self.route_port(role), role)
 
     def dial_timeouts(self):
         """Connections the client node gave up on (its --dial-timeout)."""
