@@ -8,8 +8,10 @@
 //! 3. negotiate    — [`negotiate`]: SSL/GSSENC requests, direct TLS, cancel, startup
 //! 4. authorize    — [`authorize`]: capability grants; then the route ([`settings`])
 //! 5. upstream     — [`upstream`]: SSLRequest, one byte, rustls verify-full (with
-//!                    a certificate [`identity_login`] signed, for identity login)
-//! 6. authenticate — [`authenticate`]: the adaptive password relay ([`scram`])
+//!    a certificate [`identity_login`] signed, for identity login)
+//! 6. authenticate — [`authenticate`]: the adaptive password relay ([`scram`]), or
+//!    SCRAM from the role's stored verifier on both legs ([`verifier`],
+//!    `--auth scram-verifier`, whose client half runs before stage 5)
 //! 7. relay        — [`relay`]: both ways, close propagated, bytes counted
 //! 8. audit        — [`audit`]: one writer thread, JSON lines, fail closed
 //!
