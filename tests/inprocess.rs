@@ -328,15 +328,16 @@ async fn verifier_mode_checks_the_proof_itself() {
     w.db.roles.lock().unwrap().insert("carol".into(), verifier("first-password"));
     let ip = w.join(person(1, "carol@example.com", vec![])).await;
     let logins = |w: &World, user: &str| w.db.logins.lock().unwrap().iter().filter(|u| *u == user).count();
+    let lookups = |w: &World| w.db.lookups.load(std::sync::atomic::Ordering::SeqCst);
 
     let (client, _conn) = w.connect_with(ip, "carol", "first-password").await.expect("verifier login");
     client.simple_query("select 1").await.unwrap();
     let ok = w.record("auth_ok", |r| r["event"] == "auth_ok").await;
     assert_eq!(ok["auth_method"], "scram_verifier", "{ok}");
-    assert_eq!((logins(&w, "tailgres_auth"), logins(&w, "carol")), (1, 1), "one lookup, one login");
+    assert_eq!((lookups(&w), logins(&w, "carol")), (1, 1), "one lookup, one login");
     let (again, _conn2) = w.connect_with(ip, "carol", "first-password").await.expect("cached");
     again.simple_query("select 1").await.unwrap();
-    assert_eq!(logins(&w, "tailgres_auth"), 1, "the second login used the cached verifier");
+    assert_eq!(lookups(&w), 1, "the second login used the cached verifier");
 
     // A wrong password: refused by tailgres, not the database.
     let e = w.connect_with(ip, "carol", "wrong").await.err().expect("refused");
@@ -351,13 +352,14 @@ async fn verifier_mode_checks_the_proof_itself() {
         (failed["auth_method"].as_str(), failed["sqlstate"].as_str()),
         (Some("scram_verifier"), Some("28P01"))
     );
-    assert_eq!((logins(&w, "tailgres_auth"), logins(&w, "carol")), (1, 2), "no database round trip");
+    assert_eq!((lookups(&w), logins(&w, "carol")), (1, 2), "no database round trip");
 
     // The password changes: the next login looks the verifier up again.
     w.db.roles.lock().unwrap().insert("carol".into(), verifier("second-password"));
     let (client, _conn3) = w.connect_with(ip, "carol", "second-password").await.expect("the new password");
     client.simple_query("select 1").await.unwrap();
-    assert_eq!(logins(&w, "tailgres_auth"), 2, "looked up again after the failure");
+    assert_eq!(lookups(&w), 2, "looked up again after the failure");
+    assert_eq!(logins(&w, "tailgres_auth"), 1, "on the lookup connection kept open");
 
     // No such role: the same answer as a wrong password; the record says why.
     let e = w.connect_with(ip, "ghost", "anything").await.err().expect("refused");
@@ -366,6 +368,24 @@ async fn verifier_mode_checks_the_proof_itself() {
     let r = w.record("ghost", |r| r["reason"] == "password_failed" && r["postgres"]["user"] == "ghost").await;
     assert!(r["detail"].as_str().unwrap().contains("no usable stored verifier"), "{r}");
     assert_eq!(logins(&w, "ghost"), 0);
+}
+
+/// A burst of logins for a role not yet cached costs the database one
+/// lookup: they wait for the lookup connection, and find the verifier the
+/// first one cached.
+#[tokio::test]
+async fn a_burst_of_logins_costs_one_lookup() {
+    let w = World::start(Options { verifier: true, ..Default::default() }).await;
+    let verifier = postgres_protocol::password::scram_sha_256(b"burst-password");
+    w.db.roles.lock().unwrap().insert("dave".into(), verifier);
+    let ip = w.join(person(1, "dave@example.com", vec![])).await;
+    let logins = (0..8).map(|_| w.connect_with(ip, "dave", "burst-password"));
+    let clients = futures_util::future::join_all(logins).await;
+    for c in &clients {
+        let (client, _) = c.as_ref().expect("every login of the burst");
+        client.simple_query("select 1").await.unwrap();
+    }
+    assert_eq!(w.db.lookups.load(std::sync::atomic::Ordering::SeqCst), 1, "one lookup for the burst");
 }
 
 /// The lookup itself failing is the proxy's problem (57P03, side proxy),

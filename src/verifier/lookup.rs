@@ -8,6 +8,12 @@
 //! next login; a reload (SIGHUP) starts an empty cache. A role without a
 //! usable verifier gets a stand-in ([`Verifier::mock`]) so the client
 //! cannot tell it from a wrong password; the stand-in is not cached.
+//!
+//! Lookups share one connection per route, kept open between them (a miss
+//! costs the database one round trip, not a TLS handshake and a SCRAM
+//! login) and reopened when it has been idle for [`REUSE_IDLE`] or fails.
+//! They run one at a time, and a lookup waiting for the connection looks in
+//! the cache again first: a burst of logins for one role costs one lookup.
 #![forbid(unsafe_code)]
 
 use super::Verifier;
@@ -31,6 +37,15 @@ const MAX_CACHED: usize = 10_000;
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest message the lookup accepts (a verifier is about 140 bytes).
 const MAX_MESSAGE: usize = 64 * 1024;
+/// A lookup connection idle this long is closed and a new one opened (the
+/// database or something in between may have dropped it meanwhile).
+pub const REUSE_IDLE: Duration = Duration::from_secs(60);
+
+/// The kept lookup connection, logged in as the lookup role.
+struct Conn {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    last_used: Instant,
+}
 
 /// How verifiers are looked up (checked by [`crate::config`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +93,8 @@ pub struct VerifierSource {
     secret: [u8; 32],
     cache: Mutex<HashMap<String, (Instant, Arc<Verifier>)>>,
     lookups: std::sync::atomic::AtomicU64,
+    /// The lookup connection (None: none open); held for a whole lookup.
+    conn: tokio::sync::Mutex<Option<Conn>>,
 }
 
 impl std::fmt::Debug for VerifierSource {
@@ -96,7 +113,47 @@ impl VerifierSource {
             secret: rand::random(),
             cache: Mutex::new(HashMap::new()),
             lookups: Default::default(),
+            conn: tokio::sync::Mutex::new(None),
         }
+    }
+
+    fn cached(&self, role: &str, now: Instant) -> Option<Arc<Verifier>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(role) {
+            Some((at, v)) if now.duration_since(*at) < self.config.cache_ttl => Some(v.clone()),
+            Some(_) => {
+                cache.remove(role);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Runs the query for `role` on the kept connection (opened, or opened
+    /// again, as needed); a kept connection that fails is replaced once.
+    async fn fetch(
+        &self,
+        slot: &mut Option<Conn>,
+        upstream: &UpstreamTls,
+        role: &str,
+    ) -> Result<Option<Zeroizing<String>>, LookupError> {
+        // Taken out while in use: a lookup cut short (timeout) leaves none.
+        let kept = slot.take().filter(|c| c.last_used.elapsed() < REUSE_IDLE);
+        let reused = kept.is_some();
+        let mut conn = match kept {
+            Some(c) => c,
+            None => open(upstream, &self.config).await?,
+        };
+        let mut result = query(&mut conn.stream, &self.config.query, role).await;
+        if reused && matches!(result, Err(LookupError::Io(_) | LookupError::Protocol(_))) {
+            conn = open(upstream, &self.config).await?;
+            result = query(&mut conn.stream, &self.config.query, role).await;
+        }
+        if matches!(result, Ok(_) | Err(LookupError::Query(_))) {
+            conn.last_used = Instant::now();
+            *slot = Some(conn);
+        }
+        result
     }
 
     /// Lookups made so far (cache misses).
@@ -110,44 +167,43 @@ impl VerifierSource {
         upstream: &UpstreamTls,
         role: &str,
     ) -> Result<(Arc<Verifier>, Origin), LookupError> {
-        let now = Instant::now();
-        {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.get(role) {
-                Some((at, v)) if now.duration_since(*at) < self.config.cache_ttl => {
-                    return Ok((v.clone(), Origin::Cache))
+        if let Some(v) = self.cached(role, Instant::now()) {
+            return Ok((v, Origin::Cache));
+        }
+        tokio::time::timeout(LOOKUP_TIMEOUT, async {
+            let mut slot = self.conn.lock().await;
+            // While this waited for the connection, another lookup may have
+            // fetched this very role (and cached it before letting go).
+            if let Some(v) = self.cached(role, Instant::now()) {
+                return Ok((v, Origin::Cache));
+            }
+            self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let text = self.fetch(&mut slot, upstream, role).await?;
+            Ok(match text.as_deref().map(|t| Verifier::parse(t.as_str())) {
+                Some(Ok(v)) => (self.remember(role, v), Origin::Lookup),
+                Some(Err(e)) => {
+                    tracing::warn!(role, error = %e, "the role's stored password cannot be used by scram-verifier");
+                    (Arc::new(Verifier::mock(role, &self.secret)), Origin::Missing)
                 }
-                Some(_) => {
-                    cache.remove(role);
-                }
-                None => {}
+                None => (Arc::new(Verifier::mock(role, &self.secret)), Origin::Missing),
+            })
+        })
+        .await
+        .map_err(|_| LookupError::Timeout(LOOKUP_TIMEOUT))?
+    }
+
+    fn remember(&self, role: &str, v: Verifier) -> Arc<Verifier> {
+        let (v, now) = (Arc::new(v), Instant::now());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED {
+            let ttl = self.config.cache_ttl;
+            cache.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
             }
         }
-        self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let text = tokio::time::timeout(LOOKUP_TIMEOUT, fetch(upstream, &self.config, role))
-            .await
-            .map_err(|_| LookupError::Timeout(LOOKUP_TIMEOUT))??;
-        let parsed = text.as_deref().map(|t| Verifier::parse(t.as_str()));
-        match parsed {
-            Some(Ok(v)) => {
-                let v = Arc::new(v);
-                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= MAX_CACHED {
-                    let ttl = self.config.cache_ttl;
-                    cache.retain(|_, (at, _)| now.duration_since(*at) < ttl);
-                    if cache.len() >= MAX_CACHED {
-                        cache.clear();
-                    }
-                }
-                cache.insert(role.to_string(), (now, v.clone()));
-                Ok((v, Origin::Lookup))
-            }
-            Some(Err(e)) => {
-                tracing::warn!(role, error = %e, "the role's stored password cannot be used by scram-verifier");
-                Ok((Arc::new(Verifier::mock(role, &self.secret)), Origin::Missing))
-            }
-            None => Ok((Arc::new(Verifier::mock(role, &self.secret)), Origin::Missing)),
-        }
+        cache.insert(role.to_string(), (now, v.clone()));
+        v
     }
 
     /// Drops `role`'s cached verifier (a proof failed against it, or the
@@ -157,13 +213,8 @@ impl VerifierSource {
     }
 }
 
-/// Connects as the lookup role and runs the query for `role`: the first
-/// column of its only row, None for no row or NULL.
-pub async fn fetch(
-    upstream: &UpstreamTls,
-    cfg: &LookupConfig,
-    role: &str,
-) -> Result<Option<Zeroizing<String>>, LookupError> {
+/// Connects as the lookup role, through ReadyForQuery.
+async fn open(upstream: &UpstreamTls, cfg: &LookupConfig) -> Result<Conn, LookupError> {
     let mut up = upstream.connect().await.map_err(LookupError::Connect)?;
     let startup = Startup {
         version: pgwire::PROTOCOL_3_0,
@@ -173,12 +224,31 @@ pub async fn fetch(
             ("application_name".into(), "tailgres verifier lookup".into()),
         ],
     };
-    let s = &mut up.stream;
-    send(s, &startup.to_bytes()).await?;
-    log_in(s, cfg, up.channel_binding.as_deref()).await?;
-    send(s, &query_messages(&cfg.query, role)).await?;
-    let found = read_result(s).await;
-    let _ = send(s, &pgwire::message_bytes(b'X', &[])).await;
+    send(&mut up.stream, &startup.to_bytes()).await?;
+    log_in(&mut up.stream, cfg, up.channel_binding.as_deref()).await?;
+    Ok(Conn { stream: up.stream, last_used: Instant::now() })
+}
+
+/// Runs the lookup query for `role` on a logged-in connection: the first
+/// column of its only row, None for no row or NULL.
+async fn query<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    sql: &str,
+    role: &str,
+) -> Result<Option<Zeroizing<String>>, LookupError> {
+    send(s, &query_messages(sql, role)).await?;
+    read_result(s).await
+}
+
+/// One lookup on a connection of its own (`tailgres` tests and tools).
+pub async fn fetch(
+    upstream: &UpstreamTls,
+    cfg: &LookupConfig,
+    role: &str,
+) -> Result<Option<Zeroizing<String>>, LookupError> {
+    let mut conn = open(upstream, cfg).await?;
+    let found = query(&mut conn.stream, &cfg.query, role).await;
+    let _ = send(&mut conn.stream, &pgwire::message_bytes(b'X', &[])).await;
     found
 }
 

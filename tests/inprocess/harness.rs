@@ -174,6 +174,8 @@ pub struct FakeDb {
     pub logins: Arc<Mutex<Vec<String>>>,
     /// Verifier lookups get an ErrorResponse.
     pub fail_lookups: Arc<std::sync::atomic::AtomicBool>,
+    /// Verifier lookups (Bind messages) received.
+    pub lookups: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What every connection of the scripted database shares.
@@ -185,6 +187,7 @@ struct DbState {
     roles: Arc<Mutex<std::collections::HashMap<String, String>>>,
     logins: Arc<Mutex<Vec<String>>>,
     fail_lookups: Arc<std::sync::atomic::AtomicBool>,
+    lookups: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeDb {
@@ -213,6 +216,7 @@ impl FakeDb {
             roles: Default::default(),
             logins: Default::default(),
             fail_lookups: Default::default(),
+            lookups: Default::default(),
         };
         let (m, state) = (mode.clone(), st.clone());
         tokio::spawn(async move {
@@ -240,6 +244,7 @@ impl FakeDb {
             roles: st.roles,
             logins: st.logins,
             fail_lookups: st.fail_lookups,
+            lookups: st.lookups,
         }
     }
 
@@ -262,7 +267,7 @@ async fn serve_db(
     pid: u32,
     st: DbState,
 ) -> std::io::Result<()> {
-    let DbState { cancels, live, client_cns, roles, logins, fail_lookups } = st;
+    let DbState { cancels, live, client_cns, roles, logins, fail_lookups, lookups } = st;
     let mut req = [0u8; 8];
     tcp.read_exact(&mut req).await?;
     match mode {
@@ -357,6 +362,7 @@ async fn serve_db(
             b'X' => return s.shutdown().await,
             // The verifier lookup: Parse, Bind (the role), Execute, Sync.
             b'B' => {
+                lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let b = &m.body[2..]; // unnamed portal and statement
                 let formats = u16::from_be_bytes([b[0], b[1]]) as usize;
                 let p = &b[2 + 2 * formats..];
