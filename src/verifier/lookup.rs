@@ -92,7 +92,6 @@ pub struct VerifierSource {
     /// Salts the stand-in verifiers (per process).
     secret: [u8; 32],
     cache: Mutex<HashMap<String, (Instant, Arc<Verifier>)>>,
-    lookups: std::sync::atomic::AtomicU64,
     /// The lookup connection (None: none open); held for a whole lookup.
     conn: tokio::sync::Mutex<Option<Conn>>,
 }
@@ -112,7 +111,6 @@ impl VerifierSource {
             config,
             secret: rand::random(),
             cache: Mutex::new(HashMap::new()),
-            lookups: Default::default(),
             conn: tokio::sync::Mutex::new(None),
         }
     }
@@ -156,11 +154,6 @@ impl VerifierSource {
         result
     }
 
-    /// Lookups made so far (cache misses).
-    pub fn lookups(&self) -> u64 {
-        self.lookups.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// `role`'s verifier: cached, else looked up through `upstream`.
     pub async fn get(
         &self,
@@ -177,7 +170,6 @@ impl VerifierSource {
             if let Some(v) = self.cached(role, Instant::now()) {
                 return Ok((v, Origin::Cache));
             }
-            self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let text = self.fetch(&mut slot, upstream, role).await?;
             Ok(match text.as_deref().map(|t| Verifier::parse(t.as_str())) {
                 Some(Ok(v)) => (self.remember(role, v), Origin::Lookup),
@@ -238,18 +230,6 @@ async fn query<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<Zeroizing<String>>, LookupError> {
     send(s, &query_messages(sql, role)).await?;
     read_result(s).await
-}
-
-/// One lookup on a connection of its own (`tailgres` tests and tools).
-pub async fn fetch(
-    upstream: &UpstreamTls,
-    cfg: &LookupConfig,
-    role: &str,
-) -> Result<Option<Zeroizing<String>>, LookupError> {
-    let mut conn = open(upstream, cfg).await?;
-    let found = query(&mut conn.stream, &cfg.query, role).await;
-    let _ = send(&mut conn.stream, &pgwire::message_bytes(b'X', &[])).await;
-    found
 }
 
 async fn send<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> Result<(), LookupError> {
