@@ -479,8 +479,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let offered = scram::parse_mechanisms(&sasl.body[4..])
-        .map_err(|_| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
+    let offered = offered_mechanisms(sasl)?;
 
     x.send_client(&pgwire::auth_request(auth::CLEARTEXT, &[])).await?;
     let answer = x.recv_client(MAX_PASSWORD_MESSAGE).await?;
@@ -560,11 +559,16 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let offered = scram::parse_mechanisms(&sasl.body[4..])
-        .map_err(|_| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))?;
+    let offered = offered_mechanisms(sasl)?;
     let client = scram::ScramClient::with_keys(client_key, verifier.clone(), &offered, binding)
         .map_err(|e| AuthError::UpstreamProtocol(format!("{e} (offered {offered:?})")))?;
     x.scram(client, AuthMethod::ScramVerifier).await
+}
+
+/// The mechanisms an AuthenticationSASL offers.
+fn offered_mechanisms(sasl: &Message) -> Result<Vec<&str>, AuthError> {
+    scram::parse_mechanisms(&sasl.body[4..])
+        .map_err(|_| AuthError::UpstreamProtocol("malformed SASL mechanism list".into()))
 }
 
 /// Why [`scram_with_upstream`] did not end in AuthenticationSASLFinal.
@@ -671,6 +675,17 @@ mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
+    /// `authenticate` for a TLS client of user "u", password relay.
+    async fn relay<C, U>(client: &mut C, upstream: &mut U) -> Result<AuthOutcome, AuthError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
+        authenticate(client, upstream, &startup, true, &Credentials::Client(AuthMode::PasswordRelay), None)
+            .await
+    }
+
     /// The client's side: records each write, reads nothing.
     #[derive(Default)]
     struct Writes(Vec<Vec<u8>>);
@@ -710,17 +725,7 @@ mod tests {
         let (mut db, mut upstream) = tokio::io::duplex(1 << 16);
         db.write_all(&from_db).await.unwrap();
         let mut client = Writes::default();
-        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let out = authenticate(
-            &mut client,
-            &mut upstream,
-            &startup,
-            true,
-            &Credentials::Client(AuthMode::PasswordRelay),
-            None,
-        )
-        .await
-        .unwrap();
+        let out = relay(&mut client, &mut upstream).await.unwrap();
         assert_eq!(out.method, AuthMethod::Trust);
         assert_eq!(out.backend_key, Some((42, vec![1, 2, 3, 4])));
         assert_eq!(client.0, vec![from_db.clone()], "one write of exactly what the database sent");
@@ -742,15 +747,7 @@ mod tests {
             db // the stream stays open: no ReadyForQuery, no end
         });
         let mut client = Writes::default();
-        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let auth = authenticate(
-            &mut client,
-            &mut upstream,
-            &startup,
-            true,
-            &Credentials::Client(AuthMode::PasswordRelay),
-            None,
-        );
+        let auth = relay(&mut client, &mut upstream);
         let _db = feed.await.unwrap();
         assert!(tokio::time::timeout(std::time::Duration::from_millis(200), auth).await.is_err());
         let sent: usize = client.0.iter().map(Vec::len).sum();
@@ -811,21 +808,10 @@ mod tests {
             assert_eq!(pgwire::read_message(&mut app, 1 << 16).await.unwrap().tag, b'Z');
             app
         });
-        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let out = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            authenticate(
-                &mut client,
-                &mut upstream,
-                &startup,
-                true,
-                &Credentials::Client(AuthMode::PasswordRelay),
-                None,
-            ),
-        )
-        .await
-        .expect("authentication finished without waiting for the client")
-        .unwrap();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), relay(&mut client, &mut upstream))
+            .await
+            .expect("authentication finished without waiting for the client")
+            .unwrap();
         assert_eq!(out.method, AuthMethod::Other);
         let _app = app_task.await.unwrap();
         let _db = db_task.await.unwrap();
@@ -877,16 +863,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = app.read_to_end(&mut rest).await;
         });
-        let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        let r = authenticate(
-            &mut client,
-            &mut upstream,
-            &startup,
-            true,
-            &Credentials::Client(AuthMode::PasswordRelay),
-            None,
-        )
-        .await;
+        let r = relay(&mut client, &mut upstream).await;
         assert!(matches!(r, Err(AuthError::Rejected { .. })), "{r:?}");
         drop(client);
         let during = db_task.await.unwrap();

@@ -9,7 +9,7 @@
 //! certificate and one from a CA it does not trust.
 mod common;
 use base64::Engine as _;
-use common::clients::{built_checks, script};
+use common::clients::{built_checks, run_check, script};
 use common::http_json;
 use common::lab::{psql, LabOptions, LabUp};
 use serde_json::{json, Value};
@@ -158,27 +158,7 @@ async fn the_tailnet_identity_is_the_database_login() {
     ];
     for (argv, app) in &runs {
         let what = argv[1..].join(" ");
-        let out = tokio::time::timeout(
-            Duration::from_secs(180),
-            tokio::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .env("CHECK_USER", ROLE)
-                .env("CHECK_PASSWORD", "")
-                .env_remove("PGPASSWORD")
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{what}: hung"))
-        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-        assert!(
-            out.status.success(),
-            "{what} failed with no password: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            lab.log_tails(20)
-        );
-        let r: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{what}: no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        let r = run_check(argv, &[("CHECK_USER", ROLE), ("CHECK_PASSWORD", "")], || lab.log_tails(20)).await;
         eprintln!("{what}: {r}");
         if let Some(app) = app {
             assert_eq!(r["answer"], 42, "{what}: {r}");

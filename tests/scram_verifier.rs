@@ -15,7 +15,7 @@
 //! neither password (a scan of /proc/PID/mem that does find the lookup
 //! role's password, which it must hold).
 mod common;
-use common::clients::{built_checks, script};
+use common::clients::{built_checks, run_check, script};
 use common::lab::{psql, LabOptions, LabUp};
 use serde_json::Value;
 use std::sync::Arc;
@@ -123,27 +123,8 @@ async fn strict_clients_log_in_and_no_password_reaches_the_proxy() {
     ];
     for (argv, options, app) in &runs {
         let what = format!("{} {options}", argv[1..].join(" "));
-        let out = tokio::time::timeout(
-            Duration::from_secs(180),
-            tokio::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .env("CHECK_USER", ROLE)
-                .env("CHECK_PASSWORD", PASSWORD)
-                .env("CHECK_OPTIONS", options)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{what}: hung"))
-        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-        assert!(
-            out.status.success(),
-            "{what} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            lab.log_tails(20)
-        );
-        let r: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{what}: no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        let env = [("CHECK_USER", ROLE), ("CHECK_PASSWORD", PASSWORD), ("CHECK_OPTIONS", options)];
+        let r = run_check(argv, &env, || lab.log_tails(20)).await;
         // pgx and pgJDBC answer a query; psycopg reports its two cancels.
         assert!(r["answer"] == 42 || r["blocking"]["query"] == "canceled", "{what}: {r}");
         let auth = auth_record(&lab, "auth_ok", app).await;
@@ -289,8 +270,7 @@ async fn tokio_postgres_require(lab: &LabUp, mitm: bool) -> Result<(), tokio_pos
 /// reached tailgres.
 mod tls {
     use super::Arc;
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::pki_types::ServerName;
     use std::future::Future;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -307,41 +287,6 @@ mod tls {
         mitm: bool,
     }
 
-    #[derive(Debug)]
-    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-
     impl TlsConnect<TcpStream> for Rustls {
         type Stream = Stream;
         type Error = std::io::Error;
@@ -349,13 +294,7 @@ mod tls {
 
         fn connect(self, tcp: TcpStream) -> Self::Future {
             Box::pin(async move {
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .unwrap()
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-                    .with_no_client_auth();
+                let mut config = crate::common::wire::any_server_cert();
                 config.alpn_protocols = vec![b"postgresql".to_vec()];
                 let name = ServerName::try_from("tailgres.lab").unwrap();
                 let inner = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
