@@ -220,3 +220,64 @@ fn md5_answers_match_postgres() {
     assert!(!md5_check(&h, &salt, wrong.as_bytes()));
     assert!(!md5_check(&h, &salt, b""));
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn keys() -> &'static ScramKeys {
+        static V: std::sync::OnceLock<Verifier> = std::sync::OnceLock::new();
+        scram_keys(V.get_or_init(|| stored(PASSWORD)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Whatever a hostile client sends as its two SCRAM messages, the
+        /// server answers with a typed error or goes on, never panics, and
+        /// never accepts a proof it did not compute.
+        #[test]
+        fn hostile_messages_are_typed_errors(
+            first in proptest::collection::vec(any::<u8>(), 0..200),
+            last in proptest::collection::vec(any::<u8>(), 0..300),
+            tls in any::<bool>(),
+        ) {
+            let cb = [9u8; 32];
+            let mut s = ScramServer::new(keys(), tls.then_some(&cb[..]));
+            let _ = s.client_first(&first);
+            prop_assert!(!matches!(s.client_final(&last), Ok(_)), "a random proof verified");
+        }
+
+    }
+
+    proptest! {
+        // Each case runs the client's PBKDF2 (4096 rounds).
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// A real client's exchange with one byte of either message changed
+        /// is refused: every byte is in the AuthMessage the proof signs, or
+        /// is the binding, the nonce or the proof itself.
+        #[test]
+        fn one_changed_byte_is_refused(which in 0usize..2, at in any::<prop::sample::Index>(), to in any::<u8>()) {
+            use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+            let cb = [9u8; 32];
+            let mut server = ScramServer::new(keys(), Some(&cb));
+            let mut client = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::tls_server_end_point(cb.to_vec()));
+            let mut first = initial(SCRAM_SHA_256_PLUS, client.message());
+            if which == 0 {
+                let i = at.index(first.len());
+                prop_assume!(first[i] != to);
+                first[i] = to;
+            }
+            let Ok(sf) = server.client_first(&first) else { return Ok(()) };
+            prop_assume!(client.update(&sf).is_ok());
+            let mut last = client.message().to_vec();
+            if which == 1 {
+                let i = at.index(last.len());
+                prop_assume!(last[i] != to);
+                last[i] = to;
+            }
+            prop_assert!(server.client_final(&last).is_err(), "a changed exchange verified");
+        }
+    }
+}
