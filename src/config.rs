@@ -229,7 +229,7 @@ pub struct RouteConfig {
     /// How the route's password logins are handled.
     pub auth: AuthMode,
     /// For `auth` scram-verifier: how verifiers are looked up.
-    pub verifier: Option<crate::verifier::lookup::LookupConfig>,
+    pub verifier: Option<crate::lookup::LookupConfig>,
 }
 
 /// How a session logs in to the database (`--login`).
@@ -405,7 +405,7 @@ impl Args {
         }
         let global_ca = (&self.identity_ca_cert, &self.identity_ca_key);
         let verifier_cache =
-            duration(&self.verifier_cache, "--verifier-cache", crate::verifier::lookup::DEFAULT_CACHE_TTL)?;
+            duration(&self.verifier_cache, "--verifier-cache", crate::lookup::DEFAULT_CACHE_TTL)?;
         if verifier_cache > MAX_VERIFIER_CACHE {
             return Err(err("--verifier-cache", "must be at most 10m (verifiers are cached briefly)"));
         }
@@ -678,8 +678,8 @@ fn route_verifier(
     upstream: &crate::upstream::UpstreamOptions,
     flags: &LookupFlags,
     own_flags: bool,
-) -> Result<Option<crate::verifier::lookup::LookupConfig>, ConfigError> {
-    use crate::verifier::lookup;
+) -> Result<Option<crate::lookup::LookupConfig>, ConfigError> {
+    use crate::lookup;
     if auth != AuthMode::ScramVerifier {
         if own_flags {
             return Err(err("--verifier-user", "set, but this route does not use auth = \"scram-verifier\""));

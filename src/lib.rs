@@ -11,7 +11,8 @@
 //!    a certificate [`identity_login`] signed, for identity login)
 //! 6. authenticate — [`authenticate`]: the adaptive password relay ([`scram`]), or
 //!    SCRAM from the role's stored verifier on both legs ([`verifier`],
-//!    `--auth scram-verifier`, whose client half runs before stage 5)
+//!    fetched by [`lookup`]; `--auth scram-verifier`, whose client half runs
+//!    before stage 5)
 //! 7. relay        — [`relay`]: both ways, close propagated, bytes counted
 //! 8. audit        — [`audit`]: one writer thread, JSON lines, fail closed
 //!
@@ -40,6 +41,7 @@ pub mod explain;
 pub mod health;
 pub mod identity_login;
 pub mod live;
+pub mod lookup;
 pub mod metrics;
 pub mod negotiate;
 pub mod pgwire;

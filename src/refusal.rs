@@ -155,7 +155,7 @@ impl Refusal {
     /// `--auth scram-verifier`: the role's verifier could not be looked up.
     /// The proxy's failure: the client is told to try again, not that its
     /// password is wrong.
-    pub fn verifier_lookup(e: &crate::verifier::lookup::LookupError, role: &str) -> Refusal {
+    pub fn verifier_lookup(e: &crate::lookup::LookupError, role: &str) -> Refusal {
         Refusal::denied(DenyReason::VerifierLookupFailed, format!("looking up role {role:?}'s verifier: {e}"))
             .telling(
                 sqlstate::CANNOT_CONNECT_NOW,

@@ -11,8 +11,8 @@ use crate::authenticate::AuthMode;
 use crate::authorize::{glob, Policy};
 use crate::config::{Config, RouteLogin};
 use crate::identity_login::IdentityCa;
+use crate::lookup::VerifierSource;
 use crate::upstream::UpstreamTls;
-use crate::verifier::lookup::VerifierSource;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 

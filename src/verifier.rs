@@ -1,5 +1,5 @@
 //! `--auth scram-verifier`: tailgres authenticates the client itself, with
-//! the role's stored SCRAM verifier (fetched by [`lookup`]), and logs in to
+//! the role's stored SCRAM verifier (fetched by [`crate::lookup`]), and logs in to
 //! the database with the client key recovered from the client's proof. The
 //! password never exists in the proxy.
 //!
@@ -19,8 +19,6 @@
 //! Keys are wiped from memory when dropped ([`ScramKeys`], [`Md5Hash`] and
 //! the recovered client key).
 #![forbid(unsafe_code)]
-
-pub mod lookup;
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use hmac::{Hmac, Mac};

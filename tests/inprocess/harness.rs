@@ -17,6 +17,7 @@ use tailgres::authenticate::AuthMode;
 use tailgres::authorize::{Policy, DEFAULT_CAPABILITY};
 use tailgres::context::Shared;
 use tailgres::identity_login::{IdentityCa, DEFAULT_VALIDITY};
+use tailgres::lookup::{LookupConfig, VerifierSource};
 use tailgres::metrics::{Metrics, TailnetGauge};
 use tailgres::pgwire;
 use tailgres::server::{self, ServeOptions};
@@ -24,7 +25,6 @@ use tailgres::settings::{Login, Route, Settings, SettingsCell};
 use tailgres::tailnet::memory::MemoryTailnet;
 use tailgres::tailnet::{PeerIdentity, Tailnet};
 use tailgres::upstream::{UpstreamOptions, UpstreamTls};
-use tailgres::verifier::lookup::{LookupConfig, VerifierSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -540,7 +540,7 @@ impl World {
                         user: "tailgres_auth".into(),
                         password: Some(zeroize::Zeroizing::new("lookup-secret".into())),
                         database: "postgres".into(),
-                        query: tailgres::verifier::lookup::DEFAULT_QUERY.into(),
+                        query: tailgres::lookup::DEFAULT_QUERY.into(),
                         cache_ttl: Duration::from_secs(60),
                     }))
                 }),

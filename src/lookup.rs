@@ -16,10 +16,10 @@
 //! the cache again first: a burst of logins for one role costs one lookup.
 #![forbid(unsafe_code)]
 
-use super::Verifier;
 use crate::negotiate::Startup;
 use crate::pgwire::{self, auth, Message};
 use crate::upstream::UpstreamTls;
+use crate::verifier::Verifier;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
