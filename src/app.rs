@@ -2,7 +2,7 @@
 //! [`Config`], joins the tailnet, serves, and handles signals.
 #![forbid(unsafe_code)]
 
-use crate::audit::{AuditDest, AuditLog};
+use crate::audit::{AuditDest, AuditLog, AuditOptions};
 use crate::client_tls::{self, ClientTls};
 use crate::config::{Config, ConfigError};
 use crate::context::Shared;
@@ -27,7 +27,8 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     // Everything that can be checked without the network, first.
     let dest =
         if cfg.audit_log == "-" { AuditDest::Stdout } else { AuditDest::File(cfg.audit_log.clone().into()) };
-    let (audit, audit_task) = AuditLog::open(dest).await.context("--audit-log")?;
+    let options = AuditOptions { checkpoints: cfg.audit_checkpoints.clone(), ..AuditOptions::default() };
+    let (audit, audit_task) = AuditLog::open_with(dest, options).await.context("--audit-log")?;
     let settings = Settings::from_config(&cfg)?;
     let metrics = Arc::new(Metrics::default());
     metrics.identity_cas(settings.identity_cas());

@@ -82,6 +82,18 @@ pub struct Args {
     /// JSON-lines audit log: a file path, or - for standard output.
     #[arg(long, env = "TAILGRES_AUDIT_LOG", value_name = "PATH|-")]
     pub audit_log: Option<String>,
+    /// Ed25519 key (PEM PKCS#8, mode 0600; `tailgres audit keygen FILE`
+    /// makes one) that signs audit checkpoints: with it, `tailgres audit
+    /// verify` detects any edit, not only a careless one.
+    #[arg(long, env = "TAILGRES_AUDIT_SIGNING_KEY", value_name = "FILE")]
+    pub audit_signing_key: Option<PathBuf>,
+    /// A signed checkpoint after this many records (default 1000).
+    #[arg(long, env = "TAILGRES_AUDIT_CHECKPOINT_EVERY", value_name = "N")]
+    pub audit_checkpoint_every: Option<u64>,
+    /// ... or this long after the last one, if anything was written
+    /// since (default 60s, 1s to 1h).
+    #[arg(long, env = "TAILGRES_AUDIT_CHECKPOINT_INTERVAL", value_name = "DURATION")]
+    pub audit_checkpoint_interval: Option<String>,
 
     /// Certificate (PEM) offered to clients that ask for TLS. Default: the
     /// tailnet's HTTPS certificate for our MagicDNS name, else self-signed.
@@ -272,6 +284,8 @@ pub struct Config {
     pub tsnet_log: Option<String>,
     pub tailscale_log_upload: bool,
     pub audit_log: String,
+    /// Signed checkpoints (`--audit-signing-key`).
+    pub audit_checkpoints: Option<crate::audit::Checkpoints>,
     pub client_tls: Option<(PathBuf, PathBuf)>,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -346,6 +360,9 @@ impl Args {
             tsnet_log,
             tailscale_log_upload,
             audit_log,
+            audit_signing_key,
+            audit_checkpoint_every,
+            audit_checkpoint_interval,
             client_tls_cert,
             client_tls_key,
             auth,
@@ -558,6 +575,39 @@ impl Args {
         let audit_log = self.audit_log.ok_or_else(|| {
             err("--audit-log", "required: a file path for the JSON-lines audit log, or - for standard output")
         })?;
+        let checkpoint_interval = duration(
+            &self.audit_checkpoint_interval,
+            "--audit-checkpoint-interval",
+            crate::audit::DEFAULT_CHECKPOINT_INTERVAL,
+        )?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&checkpoint_interval) {
+            return Err(err("--audit-checkpoint-interval", "must be between 1s and 1h"));
+        }
+        if self.audit_checkpoint_every == Some(0) {
+            return Err(err("--audit-checkpoint-every", "must be at least 1"));
+        }
+        let audit_checkpoints = match &self.audit_signing_key {
+            Some(path) => Some(crate::audit::Checkpoints {
+                signer: std::sync::Arc::new(
+                    crate::audit::chain::Signer::load(path)
+                        .map_err(|e| err("--audit-signing-key", e.to_string()))?,
+                ),
+                every: self.audit_checkpoint_every.unwrap_or(crate::audit::DEFAULT_CHECKPOINT_EVERY),
+                interval: checkpoint_interval,
+            }),
+            None => {
+                // Settings that would do nothing are a mistake worth a word.
+                for (set, flag) in [
+                    (self.audit_checkpoint_every.is_some(), "--audit-checkpoint-every"),
+                    (self.audit_checkpoint_interval.is_some(), "--audit-checkpoint-interval"),
+                ] {
+                    if set {
+                        return Err(err(flag, "signs checkpoints, which needs --audit-signing-key"));
+                    }
+                }
+                None
+            }
+        };
         let max_sessions = self.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
         if max_sessions == 0 {
             return Err(err("--max-sessions", "must be at least 1"));
@@ -588,6 +638,7 @@ impl Args {
             tsnet_log: self.tsnet_log,
             tailscale_log_upload: self.tailscale_log_upload.unwrap_or(false),
             audit_log,
+            audit_checkpoints,
             client_tls: self.client_tls_cert.zip(self.client_tls_key),
             handshake_timeout: duration(
                 &self.handshake_timeout,
@@ -788,6 +839,31 @@ pub(crate) mod tests {
         Args::try_parse_from(v).unwrap().merge_file()?.validate(None)
     }
 
+    #[test]
+    fn audit_signing_key_and_checkpoint_cadence() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        crate::audit::chain::Signer::generate(&key).unwrap();
+        let flag = format!("--audit-signing-key={}", key.display());
+        let c = parse(&["--upstream=db:5432", "--audit-log=-", &flag, "--audit-checkpoint-every=5"]).unwrap();
+        let cp = c.audit_checkpoints.unwrap();
+        assert_eq!((cp.every, cp.interval), (5, crate::audit::DEFAULT_CHECKPOINT_INTERVAL));
+        assert!(cp.signer.public_key().starts_with("ed25519:"));
+        let c = from_toml(&format!(
+            "upstream = \"db:5432\"\naudit-log = \"-\"\naudit-signing-key = \"{}\"\naudit-checkpoint-interval = \"10s\"\n",
+            key.display()
+        ))
+        .unwrap();
+        assert_eq!(c.audit_checkpoints.unwrap().interval, Duration::from_secs(10));
+        assert!(parse(&["--upstream=db:5432", "--audit-log=-"]).unwrap().audit_checkpoints.is_none());
+        // A key others can read would let them sign a rewritten log.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = parse(&["--upstream=db:5432", "--audit-log=-", &flag]).unwrap_err();
+        assert_eq!(e.flag, "--audit-signing-key");
+        assert!(e.problem.contains("readable by group or others"), "{e}");
+    }
+
     /// The configuration a `--config` file with `text` (and no flags) gives.
     pub(crate) fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -904,6 +980,22 @@ verifier-user = "billing_lookup"
                 "--upstream-server-name",
             ),
             (&["--upstream=db:5432", "--audit-log=-", "--auth-key-file=/nonexistent"], "--auth-key-file"),
+            (
+                &["--upstream=db:5432", "--audit-log=-", "--audit-signing-key=/nonexistent"],
+                "--audit-signing-key",
+            ),
+            (
+                &["--upstream=db:5432", "--audit-log=-", "--audit-checkpoint-every=10"],
+                "--audit-checkpoint-every",
+            ),
+            (
+                &["--upstream=db:5432", "--audit-log=-", "--audit-checkpoint-interval=2h"],
+                "--audit-checkpoint-interval",
+            ),
+            (
+                &["--upstream=db:5432", "--audit-log=-", "--audit-checkpoint-interval=1m"],
+                "--audit-checkpoint-interval",
+            ),
             (&["--upstream=db:5432", "--audit-log=-", "--capability=postgres"], "--capability"),
         ];
         for (args, flag) in cases {

@@ -25,6 +25,15 @@ const MAX_BLOCKING_THREADS: usize = 16;
 
 fn main() -> Result<()> {
     if std::env::args_os().nth(1).is_some_and(|a| a == "audit") {
+        let sub = std::env::args_os().nth(2);
+        if sub.as_deref().is_some_and(|a| a == "verify") {
+            let args = tailgres::auditcli::verify::VerifyArgs::parse_from(std::env::args_os().skip(2));
+            std::process::exit(tailgres::auditcli::verify::main(args));
+        }
+        if sub.as_deref().is_some_and(|a| a == "keygen") {
+            let rest: Vec<_> = std::env::args_os().skip(3).collect();
+            std::process::exit(tailgres::auditcli::verify::keygen(&rest));
+        }
         let args = tailgres::auditcli::AuditArgs::parse_from(std::env::args_os().skip(1));
         std::process::exit(tailgres::auditcli::main(args));
     }

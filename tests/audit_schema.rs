@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tailgres::audit::{
-    new_session_id, AuditDest, AuditLog, AuthMethod, CancelOutcome, ClientTransport, DenyReason, EndReason,
-    Event, Peer, PostgresInfo, ProtocolVersion, Record, SessionEnd, SqlState, TlsVersion, UpstreamInfo,
+    chain, new_session_id, AuditDest, AuditLog, AuditOptions, AuthMethod, CancelOutcome, Checkpoints,
+    ClientTransport, DenyReason, EndReason, Event, LogEvent, LogRecord, OpenReason, Peer, PostgresInfo,
+    ProtocolVersion, Record, SessionEnd, SqlState, TlsVersion, UpstreamInfo,
 };
 
 /// Every event the types can express, each closed set walked in full.
@@ -97,34 +98,72 @@ fn all_records() -> Vec<Record> {
     records
 }
 
-/// The records, written by the real writer to a file, read back validated.
+/// The records, written by the real writer (signing a checkpoint every 7
+/// records) to a file, read back validated: every line, the writer's own
+/// `log_opened` and `checkpoint` records included.
 async fn written(records: &[Record]) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    let signer = std::sync::Arc::new(chain::Signer::generate(&dir.path().join("key.pem")).unwrap());
+    let checkpoints = Checkpoints { signer, every: 7, interval: Duration::from_secs(3600) };
+    let options = AuditOptions { checkpoints: Some(checkpoints), ..AuditOptions::default() };
+    let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
     for r in records {
         log.record(r).await.unwrap();
     }
     log.close().await;
     writer.await.unwrap();
-    audit_check::validate_lines(&path)
+    audit_check::validate_all_lines(&path)
+}
+
+/// `values` as a chained log's lines: `seq` and `prev` replaced by what the
+/// writer would stamp, in order.
+fn stamped(values: &[Value]) -> Vec<String> {
+    let mut head = None;
+    values
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            v.as_object_mut().unwrap().remove("seq");
+            v.as_object_mut().unwrap().remove("prev");
+            let (line, link) = chain::stamp(&serde_json::to_vec(&v).unwrap(), head);
+            head = Some(link);
+            String::from_utf8(line).unwrap().trim_end().to_owned()
+        })
+        .collect()
 }
 
 #[tokio::test]
 async fn every_record_kind_written_by_the_writer_validates() {
     let records = all_records();
-    let lines = written(&records).await;
+    let all = written(&records).await;
+    let lines: Vec<Value> = all.iter().filter(|v| !audit_check::is_log_record(v)).cloned().collect();
     assert_eq!(lines.len(), records.len());
     for (record, line) in records.iter().zip(&lines) {
-        // What reached the file is exactly what the record serializes to.
-        assert_eq!(line, &serde_json::to_value(record).unwrap());
+        // What reached the file is exactly what the record serializes to,
+        // then its place in the chain.
+        let mut line = line.clone();
+        let chain = line.as_object_mut().unwrap();
+        assert!(chain.remove("seq").unwrap().is_u64());
+        assert!(chain.remove("prev").unwrap().is_string());
+        assert_eq!(line, serde_json::to_value(record).unwrap());
     }
-    let kinds: std::collections::BTreeSet<&str> =
-        lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    let kinds: std::collections::BTreeSet<&str> = all.iter().map(|l| l["event"].as_str().unwrap()).collect();
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["auth_failed", "auth_ok", "cancel", "session_denied", "session_end", "session_start"]
+        [
+            "auth_failed",
+            "auth_ok",
+            "cancel",
+            "checkpoint",
+            "log_opened",
+            "session_denied",
+            "session_end",
+            "session_start"
+        ]
     );
+    assert_eq!(all[0]["event"], "log_opened");
+    assert_eq!(all.last().unwrap()["event"], "checkpoint", "close signs the tail");
     // Both the null and the filled shapes are covered.
     for part in ["peer", "postgres", "client_transport", "upstream"] {
         assert!(lines.iter().any(|l| l[part].is_null()), "{part} never null");
@@ -132,13 +171,36 @@ async fn every_record_kind_written_by_the_writer_validates() {
     }
 }
 
-/// One filled, valid record of each event kind, as JSON, to break.
+/// One filled, valid record of each event kind (the log's own included),
+/// as JSON, to break.
 fn samples() -> Vec<Value> {
     let mut seen = std::collections::HashSet::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signer = chain::Signer::generate(&dir.path().join("key.pem")).unwrap();
+    let prev = chain::line_hash(b"the line before");
+    let log = |event| serde_json::to_value(LogRecord { ts: SystemTime::now(), event }).unwrap();
     all_records()
         .into_iter()
         .filter(|r| r.peer.is_some() && seen.insert(r.event.name()))
         .map(|r| serde_json::to_value(r).unwrap())
+        .chain([
+            log(LogEvent::LogOpened {
+                reason: OpenReason::Reopen,
+                version: "0.1.0",
+                pid: 42,
+                signing_key: Some(signer.public_key().into()),
+            }),
+            log(LogEvent::Checkpoint {
+                records: 1000,
+                signing_key: signer.public_key().into(),
+                signature: signer.sign(7, &prev),
+            }),
+        ])
+        .map(|mut v| {
+            v["seq"] = json!(7);
+            v["prev"] = json!(chain::hex(&prev));
+            v
+        })
         .inspect(|v| audit_check::validate_value(v, "sample"))
         .collect()
 }
@@ -179,7 +241,7 @@ fn every_field_is_required() {
             assert_rejected(&v, &format!("no {key:?} on {event}"));
         }
         for part in ["peer", "postgres", "upstream"] {
-            for key in s[part].as_object().unwrap().keys() {
+            for key in s[part].as_object().into_iter().flat_map(|o| o.keys()) {
                 let mut v = s.clone();
                 v[part].as_object_mut().unwrap().remove(key);
                 assert_rejected(&v, &format!("no {part}.{key} on {event}"));
@@ -200,6 +262,9 @@ fn fields_of_one_event_are_refused_on_another() {
         ("session_denied", "auth_method", json!("md5")),
         ("cancel", "duration_ms", json!(1)),
         ("session_end", "forwarded", json!(false)),
+        ("log_opened", "session_id", json!("0123456789abcdef")),
+        ("checkpoint", "peer", json!(null)),
+        ("checkpoint", "reason", json!("start")),
     ];
     for (event, key, value) in foreign {
         let mut v = sample(event);
@@ -229,6 +294,17 @@ fn malformed_values_are_rejected() {
         ("session_end", "duration_ms", json!(1.5)),
         ("session_end", "bytes_client_to_upstream", json!("12")),
         ("session_end", "reason", json!("bored")),
+        ("session_start", "seq", json!(0)),
+        ("session_start", "seq", json!("7")),
+        ("session_start", "prev", json!("AB".repeat(32))),
+        ("session_start", "prev", json!("ab")),
+        ("log_opened", "reason", json!("crash")),
+        ("log_opened", "signing_key", json!("ed25519:short")),
+        ("log_opened", "pid", json!(0)),
+        ("checkpoint", "prev", json!(null)),
+        ("checkpoint", "signing_key", json!(null)),
+        ("checkpoint", "signature", json!("c2lnbmF0dXJl")),
+        ("checkpoint", "records", json!(0)),
     ];
     for (event, key, value) in cases {
         let mut v = sample(event);
@@ -296,6 +372,7 @@ fn validate_lines_names_the_offending_line() {
     let good = sample("session_start");
     let mut bad = good.clone();
     bad["password"] = json!("hunter2");
+    let [good, bad] = <[String; 2]>::try_from(stamped(&[good, bad])).unwrap();
     std::fs::write(&path, format!("{good}\n{bad}\n")).unwrap();
     audit_check::validate_lines(&path);
 }
@@ -320,7 +397,7 @@ fn validate_live_lines_waits_for_a_line_being_written() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let (a, b) = (sample("session_start").to_string(), sample("session_end").to_string());
+    let [a, b] = <[String; 2]>::try_from(stamped(&[sample("session_start"), sample("session_end")])).unwrap();
     std::fs::write(&path, format!("{a}\n{}", &b[..20])).unwrap();
     let rest = b[20..].to_string();
     let writer = {
@@ -335,6 +412,17 @@ fn validate_live_lines_waits_for_a_line_being_written() {
     writer.join().unwrap();
     let events: Vec<&str> = records.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["session_start", "session_end"]);
+}
+
+#[test]
+#[should_panic(expected = "audit.jsonl:2: prev is not the line before's SHA-256")]
+fn validate_lines_checks_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut lines = stamped(&[sample("session_start"), sample("session_end")]);
+    lines[0] = lines[0].replace("alice@example.com", "mallory@example.com");
+    std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+    audit_check::validate_lines(&path);
 }
 
 #[test]

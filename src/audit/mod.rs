@@ -16,8 +16,13 @@
 //!
 //! Rotation: rename the file and send SIGHUP ([`AuditLog::reopen`]), or use
 //! `copytruncate` (the file is opened with `O_APPEND`).
+//!
+//! Tamper evidence ([`chain`]): each line carries `seq` and the SHA-256 of
+//! the line before; with [`AuditOptions::checkpoints`] the writer signs
+//! checkpoints. `tailgres audit verify` checks both.
 #![forbid(unsafe_code)]
 
+pub mod chain;
 mod record;
 mod time;
 mod writer;
@@ -27,8 +32,8 @@ pub(crate) use time::rfc3339;
 
 pub use record::{
     AuthFailure, AuthMethod, CancelOutcome, ClientCertificate, ClientTransport, Denial, DenyReason,
-    EndReason, Event, Peer, PostgresInfo, ProtocolVersion, Record, SessionEnd, Side, SqlState, TlsVersion,
-    UpstreamInfo,
+    EndReason, Event, LogEvent, LogRecord, OpenReason, Peer, PostgresInfo, ProtocolVersion, Record,
+    SessionEnd, Side, SqlState, TlsVersion, UpstreamInfo,
 };
 
 use std::fmt;
@@ -38,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use writer::{Msg, Sink, Writer};
+use writer::{Msg, Signing, Sink, Writer};
 
 /// Records that may wait for the writer before [`AuditLog::record`] waits.
 pub const DEFAULT_CAPACITY: usize = 4096;
@@ -60,19 +65,35 @@ impl fmt::Display for AuditDest {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AuditOptions {
     /// fdatasync after every record (a record is acknowledged once on disk).
     pub sync: bool,
     /// Channel capacity, in records (at least 1).
     pub capacity: usize,
+    /// Signed checkpoints; `None`: the chain alone.
+    pub checkpoints: Option<Checkpoints>,
 }
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        AuditOptions { sync: false, capacity: DEFAULT_CAPACITY }
+        AuditOptions { sync: false, capacity: DEFAULT_CAPACITY, checkpoints: None }
     }
 }
+
+/// `--audit-signing-key`: a signed checkpoint after `every` records, or
+/// `interval` after the last one if anything was written since.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    pub signer: Arc<chain::Signer>,
+    pub every: u64,
+    pub interval: std::time::Duration,
+}
+
+/// Default for [`Checkpoints::every`].
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+/// Default for [`Checkpoints::interval`].
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Audit failures; all of them are the proxy's own (no client or upstream
 /// causes one).
@@ -134,21 +155,40 @@ impl AuditLog {
         options: AuditOptions,
     ) -> Result<(AuditLog, JoinHandle<()>), AuditError> {
         let label = dest.to_string();
-        let (sink, torn) = match dest {
+        let (sink, torn, head) = match dest {
             AuditDest::File(path) => {
                 let p = path.clone();
-                let (file, torn) = tokio::task::spawn_blocking(move || writer::open_append(&p))
-                    .await
-                    .unwrap_or_else(|join| Err(io::Error::other(join)))
-                    .map_err(|source| AuditError::Open { path: path.clone(), source })?;
-                (Sink::File { path, file: Some(file) }, torn)
+                // The chain goes on from the file's last line (a restart);
+                // an empty or new file starts a new one.
+                let (file, torn, head) = tokio::task::spawn_blocking(move || {
+                    let (file, torn) = writer::open_append(&p)?;
+                    Ok::<_, io::Error>((file, torn, chain::resume(&p)?))
+                })
+                .await
+                .unwrap_or_else(|join| Err(io::Error::other(join)))
+                .map_err(|source| AuditError::Open { path: path.clone(), source })?;
+                (Sink::File { path, file: Some(file) }, torn, head)
             }
-            AuditDest::Stdout => (Sink::Stdout, false),
+            AuditDest::Stdout => (Sink::Stdout, false, None),
         };
         let shared =
             Arc::new(Shared { dest: label, healthy: AtomicBool::new(true), reopen: AtomicBool::new(false) });
         let (tx, rx) = mpsc::channel(options.capacity.max(1));
-        let writer = Writer { sink, shared: shared.clone(), sync: options.sync, rx, torn };
+        let signing = options.checkpoints.as_ref().map(|c| Signing {
+            signer: c.signer.clone(),
+            every: c.every.max(1),
+            since: 0,
+        });
+        let writer = Writer {
+            sink,
+            shared: shared.clone(),
+            sync: options.sync,
+            rx,
+            torn,
+            head,
+            header_due: Some(OpenReason::Start),
+            signing,
+        };
         // The writer is a thread of its own (see `writer`); the handle the
         // caller awaits finishes when that thread does.
         let (finished, on_finish) = oneshot::channel::<()>();
@@ -162,6 +202,24 @@ impl AuditLog {
         let handle = tokio::spawn(async move {
             let _ = on_finish.await;
         });
+        if let Some(c) = &options.checkpoints {
+            // A weak sender: the ticker never keeps the writer alive.
+            let weak = tx.downgrade();
+            let interval = c.interval.max(std::time::Duration::from_millis(10));
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let Some(tx) = weak.upgrade() else { break };
+                    // A full channel is a busy writer, whose record count
+                    // brings the next checkpoint anyway.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Msg::Tick) {
+                        break;
+                    }
+                }
+            });
+        }
         Ok((AuditLog { tx, shared }, handle))
     }
 
@@ -171,8 +229,7 @@ impl AuditLog {
     /// If this future is dropped after the record was queued, the record is
     /// still written.
     pub async fn record(&self, r: &Record) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(r)?;
-        line.push(b'\n');
+        let line = serde_json::to_vec(r)?;
         let (ack, acked) = oneshot::channel();
         self.tx.send(Msg::Write { line, ack }).await.map_err(|_| AuditError::Closed)?;
         acked.await.map_err(|_| AuditError::Closed)?

@@ -154,6 +154,52 @@ impl Event {
     }
 }
 
+/// A record about the log itself rather than a session, written by the
+/// writer: where a file or a run begins, and signed checkpoints. It has no
+/// session context; `seq` and `prev` are appended like every record's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogRecord {
+    #[serde(serialize_with = "ser_ts_micros")]
+    pub ts: SystemTime,
+    #[serde(flatten)]
+    pub event: LogEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum LogEvent {
+    /// The writer opened the log: the first record of every run and of
+    /// every file it reopens (rotation).
+    LogOpened {
+        reason: OpenReason,
+        /// The tailgres version that writes from here on.
+        version: &'static str,
+        pid: u32,
+        /// The checkpoint key (`ed25519:<base64>`), null without signing.
+        signing_key: Option<String>,
+    },
+    /// A signature over this record's `seq` and `prev`, and so over every
+    /// line before it (`tailgres audit verify` checks it).
+    Checkpoint {
+        /// Records written since the previous checkpoint.
+        records: u64,
+        signing_key: String,
+        /// Base64 Ed25519 signature of the checkpoint message
+        /// (`chain::checkpoint_message`).
+        signature: String,
+    },
+}
+
+/// Why the writer (re)opened the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenReason {
+    /// tailgres started.
+    Start,
+    /// A reopen was asked for (SIGHUP, after rotation).
+    Reopen,
+}
+
 /// A refusal. Serialized as `reason`, `detail` and `side` (derived from
 /// the reason).
 #[derive(Debug, Clone, PartialEq)]

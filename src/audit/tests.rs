@@ -14,10 +14,22 @@ fn denied(detail: impl Into<String>) -> Record {
     Record::new(new_session_id(), addr(), Event::denied(DenyReason::UnknownPeer, detail))
 }
 
-fn lines(path: &Path) -> Vec<Value> {
+/// Every line of a log, the writer's own records included.
+fn all_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.is_empty() || text.ends_with('\n'), "last line unterminated: {text:?}");
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect()
+}
+
+/// The session records of a log (without `log_opened` and `checkpoint`).
+fn lines(path: &Path) -> Vec<Value> {
+    all_lines(path).into_iter().filter(|v| v.get("session_id").is_some()).collect()
+}
+
+/// `tailgres audit verify` on these files.
+fn verify(files: &[&Path], key: Option<&str>) -> crate::auditcli::verify::Report {
+    let files = files.iter().map(|p| (p.display().to_string(), std::fs::File::open(p).unwrap())).collect();
+    crate::auditcli::verify::verify(files, key, None).unwrap()
 }
 
 #[test]
@@ -38,7 +50,7 @@ async fn concurrent_records_are_whole_lines_in_per_task_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     // A tiny channel so that callers really wait for the writer.
-    let options = AuditOptions { sync: false, capacity: 4 };
+    let options = AuditOptions { sync: false, capacity: 4, ..AuditOptions::default() };
     let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
@@ -106,7 +118,6 @@ async fn new_file_is_private() {
 #[tokio::test]
 async fn write_failure_is_reported_and_makes_the_log_unhealthy() {
     let (log, writer) = AuditLog::open(AuditDest::File("/dev/full".into())).await.unwrap();
-    assert!(log.is_healthy());
     let err = log.record(&denied("disk full")).await.unwrap_err();
     assert!(matches!(err, AuditError::Write { .. }), "{err:?}");
     let msg = err.to_string();
@@ -266,13 +277,137 @@ async fn a_torn_tail_is_left_alone_on_its_line() {
     writer.await.unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let got: Vec<&str> = text.lines().collect();
-    assert_eq!(got.len(), 5, "{text}");
+    assert_eq!(got.len(), 7, "{text}");
+    let event = |l: &str| serde_json::from_str::<Value>(l).unwrap();
     assert_eq!(got[0], whole);
     assert_eq!(got[1], fragment);
-    assert_eq!(serde_json::from_str::<Value>(got[2]).unwrap()["detail"], "after start");
-    assert_eq!(got[3], fragment);
-    assert_eq!(serde_json::from_str::<Value>(got[4]).unwrap()["detail"], "after reopen");
+    assert_eq!(event(got[2])["reason"], "start");
+    assert_eq!(event(got[3])["detail"], "after start");
+    assert_eq!(got[4], fragment);
+    assert_eq!(event(got[5])["reason"], "reopen");
+    assert_eq!(event(got[6])["detail"], "after reopen");
     assert!(text.ends_with('\n'));
+    // The chain steps over each fragment; verify names them and is content.
+    let report = verify(&[&path], None);
+    assert!(report.whole(), "{}", report.render());
+    assert!(report.notes.iter().any(|n| n.contains(":5: not a record, skipped")), "{}", report.render());
+}
+
+/// The chain runs on across SIGHUP rotation and restarts: every record is
+/// one more than the last and names its line, each file and run starts
+/// with a `log_opened`, and verify puts the files back in order.
+#[tokio::test]
+async fn the_chain_survives_rotation_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    log.record(&denied("one")).await.unwrap();
+    log.record(&denied("two")).await.unwrap();
+    std::fs::rename(&path, &rotated).unwrap();
+    log.reopen();
+    log.record(&denied("three")).await.unwrap();
+    log.close().await;
+    writer.await.unwrap();
+    // A restart appends to the current file and goes on from its last line.
+    let (log, writer) = AuditLog::open(AuditDest::File(path.clone())).await.unwrap();
+    log.record(&denied("four")).await.unwrap();
+    log.close().await;
+    writer.await.unwrap();
+
+    let (old, new) = (all_lines(&rotated), all_lines(&path));
+    let events: Vec<String> = old
+        .iter()
+        .chain(&new)
+        .map(|v| format!("{}:{}", v["seq"], v["detail"].as_str().or(v["reason"].as_str()).unwrap()))
+        .collect();
+    assert_eq!(events, ["1:start", "2:one", "3:two", "4:reopen", "5:three", "6:start", "7:four"]);
+    assert_eq!(old[0]["prev"], Value::Null, "a new chain");
+    let old_text = std::fs::read_to_string(&rotated).unwrap();
+    let last_old = old_text.lines().last().unwrap();
+    assert_eq!(
+        new[0]["prev"],
+        chain::hex(&chain::line_hash(last_old.as_bytes())),
+        "rotation links the files"
+    );
+    // Given in any order.
+    let report = verify(&[&path, &rotated], None);
+    assert!(report.whole(), "{}", report.render());
+    assert_eq!(report.records, 7);
+    assert!(report.order[0].starts_with(&rotated.display().to_string()), "{:?}", report.order);
+}
+
+#[tokio::test]
+async fn checkpoints_are_signed_every_n_records_on_ticks_and_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let signer = Arc::new(chain::Signer::generate(&dir.path().join("key.pem")).unwrap());
+    let checkpoints =
+        Checkpoints { signer: signer.clone(), every: 3, interval: std::time::Duration::from_secs(1) };
+    let options = AuditOptions { checkpoints: Some(checkpoints), ..AuditOptions::default() };
+    let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
+    // The header and two records: the third line brings a checkpoint.
+    log.record(&denied("a")).await.unwrap();
+    log.record(&denied("b")).await.unwrap();
+    // One record, then quiet: the interval signs it.
+    log.record(&denied("c")).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while all_lines(&path).iter().filter(|v| v["event"] == "checkpoint").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint after a quiet interval");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    log.record(&denied("d")).await.unwrap();
+    log.close().await;
+    writer.await.unwrap();
+
+    let got = all_lines(&path);
+    let events: Vec<&str> = got.iter().map(|v| v["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        events,
+        [
+            "log_opened",
+            "session_denied",
+            "session_denied",
+            "checkpoint",
+            "session_denied",
+            "checkpoint",
+            "session_denied",
+            "checkpoint"
+        ],
+        "every 3, after a quiet interval, and at close"
+    );
+    assert_eq!(got[0]["signing_key"], signer.public_key());
+    assert_eq!(got[3]["records"], 3);
+    let report = verify(&[&path], Some(signer.public_key()));
+    assert!(report.whole(), "{}", report.render());
+    assert_eq!(report.checkpoints, 3);
+
+    // Someone who rewrites a record and recomputes every hash after it
+    // keeps the chain whole, but cannot sign: the next checkpoint breaks.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut forged = String::new();
+    let mut head: Option<chain::Link> = None;
+    for (i, line) in text.lines().enumerate() {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        if i == 1 {
+            v["detail"] = "nothing to see".into();
+        }
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("seq");
+        obj.remove("prev");
+        let (l, link) = chain::stamp(&serde_json::to_vec(&v).unwrap(), head);
+        head = Some(link);
+        forged.push_str(std::str::from_utf8(&l).unwrap());
+    }
+    let forged_path = dir.path().join("forged.jsonl");
+    std::fs::write(&forged_path, forged).unwrap();
+    let report = verify(&[&forged_path], Some(signer.public_key()));
+    assert!(!report.whole());
+    assert!(
+        report.problems[0].contains("forged.jsonl:4: checkpoint seq 4: the signature does not verify"),
+        "{}",
+        report.render()
+    );
 }
 
 #[tokio::test]

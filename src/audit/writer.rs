@@ -7,8 +7,15 @@
 //! the bounded channel instead of stalling a runtime worker, and a record
 //! costs one wake each way (caller to writer, acknowledgement back) rather
 //! than a hop through the blocking pool and back for every line.
+//!
+//! Being the only writer, it also keeps the chain ([`super::chain`]): it
+//! stamps each line with the next `seq` and the previous line's hash, heads
+//! every run and every reopened file with a `log_opened` record, and signs
+//! checkpoints when given a key.
 #![forbid(unsafe_code)]
 
+use super::chain::{self, Link, Signer};
+use super::record::{LogEvent, LogRecord, OpenReason};
 use super::{AuditError, Shared};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -16,19 +23,33 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot};
 
 /// Mode of a newly created log: the log names users and machines.
 const NEW_FILE_MODE: u32 = 0o600;
 
 pub(super) enum Msg {
-    /// One serialized record, newline included.
+    /// One serialized record: a JSON object, without `seq`, `prev` or a
+    /// newline (the writer adds them).
     Write { line: Vec<u8>, ack: oneshot::Sender<Result<(), AuditError>> },
     /// Write what is queued, then stop.
     Close { done: oneshot::Sender<()> },
     /// Look at the reopen flag now (sent by [`super::AuditLog::reopen`] so
     /// that an idle writer reopens without waiting for a record).
     Wake,
+    /// The checkpoint interval passed: sign what was written since the
+    /// last checkpoint, if anything.
+    Tick,
+}
+
+/// Signed checkpoints: the key and how often.
+pub(super) struct Signing {
+    pub(super) signer: Arc<Signer>,
+    /// A checkpoint after this many records (at least 1).
+    pub(super) every: u64,
+    /// Records (the writer's own included) not yet covered by one.
+    pub(super) since: u64,
 }
 
 /// Where lines go.
@@ -92,6 +113,12 @@ pub(super) struct Writer {
     /// A failed write left part of a line that could not be cut off: the
     /// next line starts with a newline so it stands on its own.
     pub(super) torn: bool,
+    /// The last record line written; `None` before the first of a new
+    /// chain.
+    pub(super) head: Option<Link>,
+    /// A `log_opened` record is owed before the next record.
+    pub(super) header_due: Option<OpenReason>,
+    pub(super) signing: Option<Signing>,
 }
 
 /// What a blocking write reports.
@@ -104,22 +131,31 @@ impl Writer {
     /// Runs on the writer's thread until the channel closes or a
     /// [`Msg::Close`].
     pub(super) fn run(mut self) {
+        // The run's first record, even if no session ever comes.
+        let _ = self.header();
         while let Some(msg) = self.rx.blocking_recv() {
             match msg {
-                Msg::Wake => self.reopen_if_requested(),
+                Msg::Wake => {
+                    self.reopen_if_requested();
+                    let _ = self.header();
+                }
+                Msg::Tick => self.checkpoint(),
                 Msg::Write { line, ack } => {
-                    let result = self.write(line);
+                    let result = self.record(&line);
                     // The caller may have given up waiting; the line is
                     // written all the same.
                     let _ = ack.send(result);
                 }
                 Msg::Close { done } => {
                     self.drain();
+                    self.checkpoint();
                     let _ = done.send(());
                     break;
                 }
             }
         }
+        // Every sender gone without a Close: sign the tail all the same.
+        self.checkpoint();
         // No writer, no audit: fail closed from here on.
         self.shared.healthy.store(false, Ordering::Release);
         tracing::debug!(audit_log = %self.shared.dest, "audit writer stopped");
@@ -131,13 +167,13 @@ impl Writer {
         while let Some(msg) = self.rx.blocking_recv() {
             match msg {
                 Msg::Write { line, ack } => {
-                    let result = self.write(line);
+                    let result = self.record(&line);
                     let _ = ack.send(result);
                 }
                 Msg::Close { done } => {
                     let _ = done.send(());
                 }
-                Msg::Wake => {}
+                Msg::Wake | Msg::Tick => {}
             }
         }
     }
@@ -157,6 +193,9 @@ impl Writer {
             Ok((f, torn)) => {
                 *file = Some(f);
                 self.torn = torn;
+                // The new file starts with a record naming the old one's
+                // last line (the chain's head, kept in memory).
+                self.header_due = Some(OpenReason::Reopen);
                 tracing::info!(audit_log = %path.display(), "audit log reopened");
             }
             Err(error) => {
@@ -169,10 +208,83 @@ impl Writer {
         }
     }
 
-    /// Writes one line: on failure reopens once and writes it again.
-    fn write(&mut self, line: Vec<u8>) -> Result<(), AuditError> {
+    /// Writes one record (after the `log_opened` record owed, if any), then
+    /// a checkpoint if one is due.
+    fn record(&mut self, body: &[u8]) -> Result<(), AuditError> {
         self.reopen_if_requested();
-        let first = match self.attempt(&line) {
+        self.header()?;
+        self.append(body)?;
+        if self.signing.as_ref().is_some_and(|s| s.since >= s.every) {
+            self.checkpoint();
+        }
+        Ok(())
+    }
+
+    /// Writes the `log_opened` record if one is owed.
+    fn header(&mut self) -> Result<(), AuditError> {
+        let Some(reason) = self.header_due else { return Ok(()) };
+        let event = LogEvent::LogOpened {
+            reason,
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            signing_key: self.signing.as_ref().map(|s| s.signer.public_key().to_owned()),
+        };
+        self.append(&serde_json::to_vec(&LogRecord { ts: SystemTime::now(), event })?)?;
+        self.header_due = None;
+        Ok(())
+    }
+
+    /// Signs everything written since the last checkpoint (nothing to do
+    /// without a key or without new records). A failure is logged and
+    /// tried again at the next record or tick; the records stay written.
+    fn checkpoint(&mut self) {
+        let (Some(signing), Some(head)) = (&self.signing, self.head) else { return };
+        if signing.since == 0 {
+            return;
+        }
+        let event = LogEvent::Checkpoint {
+            records: signing.since,
+            signing_key: signing.signer.public_key().to_owned(),
+            // `append` stamps it with exactly this seq and prev: one
+            // thread writes, so nothing comes between.
+            signature: signing.signer.sign(head.seq + 1, &head.hash),
+        };
+        let body = match serde_json::to_vec(&LogRecord { ts: SystemTime::now(), event }) {
+            Ok(b) => b,
+            Err(error) => return tracing::error!(%error, "cannot encode an audit checkpoint"),
+        };
+        match self.append(&body) {
+            Ok(line) => {
+                if let Some(s) = &mut self.signing {
+                    s.since = 0;
+                }
+                // A second copy, outside the log: shipped with the proxy's
+                // own logs, it shows a deleted tail (README: tamper evidence).
+                tracing::info!(
+                    target: "tailgres::audit::checkpoint",
+                    checkpoint = %String::from_utf8_lossy(&line).trim_end(),
+                    "audit checkpoint"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "audit checkpoint not written; retrying later"),
+        }
+    }
+
+    /// Stamps `body` with the chain and writes it; the chain advances only
+    /// once the line is written. Returns the line.
+    fn append(&mut self, body: &[u8]) -> Result<Vec<u8>, AuditError> {
+        let (line, link) = chain::stamp(body, self.head);
+        self.write(&line)?;
+        self.head = Some(link);
+        if let Some(s) = &mut self.signing {
+            s.since += 1;
+        }
+        Ok(line)
+    }
+
+    /// Writes one line: on failure reopens once and writes it again.
+    fn write(&mut self, line: &[u8]) -> Result<(), AuditError> {
+        let first = match self.attempt(line) {
             Ok(()) => return self.succeeded(),
             Err(e) => e,
         };
@@ -192,7 +304,7 @@ impl Writer {
                 Err(error) => return Err(self.failed(error)),
             }
         }
-        match self.attempt(&line) {
+        match self.attempt(line) {
             Ok(()) => self.succeeded(),
             Err(error) => Err(self.failed(error)),
         }

@@ -3,7 +3,7 @@
 //! Deliberately looser than [`crate::audit::Record`]: the reader must keep
 //! working on logs written by older and newer tailgres versions, so
 //! unknown fields and unknown event names pass, and only what every
-//! record has always had (`ts`, `event`, `session_id`) is required.
+//! record has always had (`ts`, `event`) is required.
 #![forbid(unsafe_code)]
 
 use super::when::parse_rfc3339;
@@ -20,6 +20,8 @@ pub enum LineError {
     Json(#[from] serde_json::Error),
     #[error("ts {0:?} is not an RFC 3339 time")]
     BadTime(String),
+    #[error("not an audit record: missing field `session_id`")]
+    NoSession,
     #[error("line longer than {0} bytes")]
     TooLong(usize),
 }
@@ -29,7 +31,12 @@ pub enum LineError {
 pub struct Entry {
     pub ts: String,
     pub event: String,
+    /// Empty for the log's own records (`log_opened`, `checkpoint`), which
+    /// have none; every other record must have one.
+    #[serde(skip)]
     pub session_id: String,
+    #[serde(rename = "session_id", default)]
+    read_session_id: Option<String>,
     /// `ts`, parsed.
     #[serde(skip, default = "epoch")]
     pub time: SystemTime,
@@ -78,6 +85,11 @@ impl Entry {
         // operator knows, rather than serde's "invalid unicode code point".
         let text = std::str::from_utf8(line).map_err(|e| LineError::NotUtf8(e.valid_up_to() + 1))?;
         let mut entry: Entry = serde_json::from_str(text)?;
+        entry.session_id = match entry.read_session_id.take() {
+            Some(id) => id,
+            None if super::filter::EventKind::is_log_record(&entry.event) => String::new(),
+            None => return Err(LineError::NoSession),
+        };
         entry.time = parse_rfc3339(&entry.ts).ok_or_else(|| LineError::BadTime(entry.ts.clone()))?;
         Ok(entry)
     }

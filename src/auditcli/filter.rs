@@ -19,6 +19,10 @@ pub enum EventKind {
     AuthFailed,
     Cancel,
     SessionEnd,
+    /// The log's own records (where a run or a file begins, signed
+    /// checkpoints): shown only when asked for by name.
+    LogOpened,
+    Checkpoint,
 }
 
 impl EventKind {
@@ -31,7 +35,14 @@ impl EventKind {
             EventKind::AuthFailed => "auth_failed",
             EventKind::Cancel => "cancel",
             EventKind::SessionEnd => "session_end",
+            EventKind::LogOpened => "log_opened",
+            EventKind::Checkpoint => "checkpoint",
         }
+    }
+
+    /// Whether this is one of the log's own records, not a session's.
+    pub fn is_log_record(event: &str) -> bool {
+        event == "log_opened" || event == "checkpoint"
     }
 }
 
@@ -145,7 +156,12 @@ impl Filter {
         }
         self.since.is_none_or(|t| e.time >= t)
             && self.until.is_none_or(|t| e.time < t)
-            && any(&self.events, |k| k.name() == e.event)
+            && if self.events.is_empty() {
+                // Who-did-what views leave out the log's own records.
+                !EventKind::is_log_record(&e.event)
+            } else {
+                self.events.iter().any(|k| k.name() == e.event)
+            }
             && any(&self.who, |w| w.matches(e))
             && any(&self.databases, |g| e.database().is_some_and(|d| g.matches(d)))
             && any(&self.users, |g| e.db_user().is_some_and(|u| g.matches(u)))
@@ -214,6 +230,33 @@ mod tests {
         ]
         .iter()
         .map(Event::name)
+        .chain(
+            [
+                crate::audit::LogEvent::LogOpened {
+                    reason: crate::audit::OpenReason::Start,
+                    version: "",
+                    pid: 0,
+                    signing_key: None,
+                },
+                crate::audit::LogEvent::Checkpoint {
+                    records: 0,
+                    signing_key: String::new(),
+                    signature: String::new(),
+                },
+            ]
+            .iter()
+            .map(|e| {
+                let v = serde_json::to_value(crate::audit::LogRecord {
+                    ts: std::time::SystemTime::now(),
+                    event: e.clone(),
+                });
+                match v.unwrap()["event"].as_str().unwrap() {
+                    "log_opened" => "log_opened",
+                    "checkpoint" => "checkpoint",
+                    other => panic!("unexpected log event {other}"),
+                }
+            }),
+        )
         .collect();
         let ours: Vec<&str> = EventKind::value_variants().iter().map(|k| k.name()).collect();
         assert_eq!(ours, writer);

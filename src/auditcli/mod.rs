@@ -13,6 +13,7 @@ mod filter;
 mod input;
 mod summary;
 mod table;
+pub mod verify;
 mod when;
 
 pub use entry::{Entry, LineError};
@@ -49,6 +50,10 @@ summarise who accessed what from which machine, or follow a live log.
 Files are read in the order given; with none, or `-`, standard input is read. Lines are \
 read one at a time, so logs of any size take little memory. A line that is not an audit \
 record is reported on stderr as FILE:LINE and skipped; blank lines are ignored.
+
+The log's own records (log_opened, checkpoint) are left out unless --event names them. \
+`tailgres audit verify FILE...` checks that logs are whole (their seq/prev chain and signed \
+checkpoints); `tailgres audit keygen FILE` makes a checkpoint signing key.
 
 Filters combine with AND. Repeating a filter flag means OR: `--who alice@example.com --who \
 tag:ci` is alice's records and CI's. Patterns may use `*` (any run of characters) and `?` \

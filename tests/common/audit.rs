@@ -76,11 +76,30 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading audit log {}: {e}", path.display()))
 }
 
+/// Whether `record` is one of the log's own records (`log_opened`,
+/// `checkpoint`) rather than a session's.
+pub fn is_log_record(record: &Value) -> bool {
+    matches!(record["event"].as_str(), Some("log_opened" | "checkpoint"))
+}
+
+/// The session records of `text`, after [`validate_all_text`].
 fn validate_text(text: &str, path: &Path) -> Vec<Value> {
+    validate_all_text(text, path).into_iter().filter(|v| !is_log_record(v)).collect()
+}
+
+/// Every record of a log, the log's own included, each validated against
+/// the schema and chained to the line before it in the file (`seq` one
+/// more, `prev` its SHA-256).
+pub fn validate_all_lines(path: &Path) -> Vec<Value> {
+    validate_all_text(&read(path), path)
+}
+
+fn validate_all_text(text: &str, path: &Path) -> Vec<Value> {
     if !text.is_empty() && !text.ends_with('\n') {
         let tail = text.rsplit('\n').next().unwrap_or_default();
         panic!("audit log {} ends with an unterminated line: {tail}", path.display());
     }
+    let mut before: Option<(&str, u64)> = None;
     text.lines()
         .enumerate()
         .map(|(i, line)| {
@@ -88,6 +107,18 @@ fn validate_text(text: &str, path: &Path) -> Vec<Value> {
             let value: Value =
                 serde_json::from_str(line).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {line}"));
             validate_value(&value, &what);
+            let seq = value["seq"].as_u64().unwrap_or_else(|| panic!("{what} has no seq: {line}"));
+            if let Some((prev_line, prev_seq)) = before {
+                let hash =
+                    tailgres::audit::chain::hex(&tailgres::audit::chain::line_hash(prev_line.as_bytes()));
+                assert_eq!(seq, prev_seq + 1, "{what}: seq does not follow the line before");
+                assert_eq!(
+                    value["prev"].as_str(),
+                    Some(hash.as_str()),
+                    "{what}: prev is not the line before's SHA-256"
+                );
+            }
+            before = Some((line, seq));
             value
         })
         .collect()

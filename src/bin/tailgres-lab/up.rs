@@ -212,6 +212,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 
     // 3. The proxy: the real binary, joined to the lab tailnet.
     let audit_log = a.audit_log.clone().unwrap_or_else(|| dir.join("audit.jsonl"));
+    // A log that exists already is a restart onto it: left as it is.
+    let new_log = !audit_log.exists();
     let tailgres = match &a.tailgres {
         Some(p) => p.clone(),
         None => sibling_binary("tailgres")?,
@@ -296,7 +298,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     // It is the lab's, not the user's: once it is written, rotate it away as
     // an operator would (rename, SIGHUP) into lab-probe.jsonl, so the audit
     // log that the demo and the tests read starts with their own sessions.
-    if a.audit_log.is_none() || audit_log.is_file() {
+    // A log that was there before (a restart onto it) keeps the record: its
+    // earlier lines are not the lab's to move.
+    if new_log {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read(&audit_log).map_or(true, |b| !b.contains(&b'\n')) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
