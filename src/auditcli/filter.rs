@@ -19,8 +19,9 @@ pub enum EventKind {
     AuthFailed,
     Cancel,
     SessionEnd,
-    /// The log's own records (where a run or a file begins, signed
-    /// checkpoints): shown only when asked for by name.
+    // The log's own records (where a run or a file begins, signed
+    // checkpoints): shown only when asked for by name. (No doc comment:
+    // clap would list every value on a line of its own.)
     LogOpened,
     Checkpoint,
 }
