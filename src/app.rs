@@ -123,6 +123,11 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         client_cert: Some(client_tls.slot()),
+        statements: crate::statements::Auditor::start(
+            audit.clone(),
+            cfg.audit_statement_text,
+            tokio::runtime::Handle::current(),
+        ),
         ..Shared::new(
             settings.clone(),
             Some(tokio_rustls::TlsAcceptor::from(client_tls.config.clone())),

@@ -235,6 +235,20 @@ pub struct Grant {
     /// certificate tailgres signs) on routes that log in that way.
     #[serde(default)]
     pub login: GrantLogin,
+    /// What the audit log records of its holder's sessions.
+    #[serde(default)]
+    pub audit: GrantAudit,
+}
+
+/// A grant's `audit`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantAudit {
+    /// Sessions: who connected as whom, when, for how long (always).
+    #[default]
+    Sessions,
+    /// Also every statement the session runs (`statement` records).
+    Statements,
 }
 
 /// A grant's `login`.
@@ -286,6 +300,8 @@ pub enum Decision {
         limit: Option<u32>,
         /// A grant that allows it also allows identity login.
         identity_login: bool,
+        /// A grant that allows it says `"audit": "statements"`.
+        audit_statements: bool,
     },
     Deny {
         detail: String,
@@ -360,7 +376,12 @@ impl Policy {
                     ),
                 );
             }
-            return Decision::Allow { via_grant: false, limit: None, identity_login: false };
+            return Decision::Allow {
+                via_grant: false,
+                limit: None,
+                identity_login: false,
+                audit_statements: false,
+            };
         }
         let mut grants = Vec::with_capacity(values.len());
         for v in values {
@@ -379,6 +400,7 @@ impl Policy {
         }
         let mut allowed = false;
         let mut identity_login = false;
+        let mut audit_statements = false;
         let mut limit: Option<u32> = Some(0);
         for g in &grants {
             let user_ok = g.users.iter().any(|p| user_matches(p, user, id));
@@ -386,6 +408,8 @@ impl Policy {
             if user_ok && db_ok && (g.replication || !names.replication) {
                 allowed = true;
                 identity_login |= g.login == GrantLogin::Identity;
+                // More audit is the safe side: any allowing grant asks.
+                audit_statements |= g.audit == GrantAudit::Statements;
                 limit = match (limit, g.max_connections) {
                     (_, None) | (None, _) => None,
                     (Some(a), Some(b)) => Some(a.max(b)),
@@ -393,7 +417,7 @@ impl Policy {
             }
         }
         if allowed {
-            return Decision::Allow { via_grant: true, limit, identity_login };
+            return Decision::Allow { via_grant: true, limit, identity_login, audit_statements };
         }
         let kind = if names.replication { "a replication connection" } else { "a session" };
         deny(
@@ -634,18 +658,46 @@ mod tests {
     }
 
     #[test]
+    fn statement_audit_is_asked_for_by_any_grant_that_allows_the_session() {
+        let audited = json!({"databases": ["app"], "users": ["*"], "audit": "statements"});
+        let plain = json!({"databases": ["*"], "users": ["*"]});
+        let audits = |values: Vec<serde_json::Value>, db: &str| match policy(false).decide_open(
+            &peer("alice@x.com", &[], values),
+            "alice",
+            db,
+        ) {
+            Decision::Allow { audit_statements, .. } => audit_statements,
+            d => panic!("{d:?}"),
+        };
+        assert!(audits(vec![plain.clone(), audited.clone()], "app"), "one of two allowing grants asks");
+        assert!(
+            !audits(vec![plain.clone(), audited], "other"),
+            "the grant that asks does not allow this one"
+        );
+        assert!(!audits(vec![plain], "app"));
+        let bad = json!({"databases": ["*"], "users": ["*"], "audit": "everything"});
+        let d = policy(false).decide_open(&peer("alice@x.com", &[], vec![bad]), "alice", "app");
+        assert!(matches!(d, Decision::Deny { .. }), "a malformed audit value refuses: {d:?}");
+    }
+
+    #[test]
     fn limits_and_messages() {
         let own = json!({"databases": ["*"], "users": ["{login}"], "max_connections": 2});
         let more = json!({"databases": ["*"], "users": ["*"], "max_connections": 5});
         let id = peer("alice@x.com", &[], vec![own.clone(), more]);
         assert_eq!(
             policy(false).decide_open(&id, "alice@x.com", "d"),
-            Decision::Allow { via_grant: true, limit: Some(5), identity_login: false }
+            Decision::Allow {
+                via_grant: true,
+                limit: Some(5),
+                identity_login: false,
+                audit_statements: false
+            }
         );
         let unlimited = peer("alice@x.com", &[], vec![own, json!({"databases": ["*"], "users": ["*"]})]);
         assert_eq!(
             policy(false).decide_open(&unlimited, "alice@x.com", "d"),
-            Decision::Allow { via_grant: true, limit: None, identity_login: false }
+            Decision::Allow { via_grant: true, limit: None, identity_login: false, audit_statements: false }
         );
 
         let id = peer("alice@x.com", &[], vec![json!({"databases": ["analytics"], "users": ["readonly"]})]);

@@ -94,6 +94,16 @@ pub struct Args {
     /// since (default 60s, 1s to 1h).
     #[arg(long, env = "TAILGRES_AUDIT_CHECKPOINT_INTERVAL", value_name = "DURATION")]
     pub audit_checkpoint_interval: Option<String>,
+    /// Record every statement of every session (a `statement` record
+    /// each); without it, only sessions whose grant says "audit":
+    /// "statements" are.
+    #[arg(long, env = "TAILGRES_AUDIT_STATEMENTS", num_args = 0..=1, default_missing_value = "true")]
+    pub audit_statements: Option<bool>,
+    /// What a statement record holds of its text: normalized (literals
+    /// replaced by $n; the default) or raw (as sent; statements that set or
+    /// mention a password are still never written raw).
+    #[arg(long, env = "TAILGRES_AUDIT_STATEMENT_TEXT", value_enum)]
+    pub audit_statement_text: Option<StatementText>,
 
     /// Certificate (PEM) offered to clients that ask for TLS. Default: the
     /// tailnet's HTTPS certificate for our MagicDNS name, else self-signed.
@@ -269,6 +279,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--audit-statement-text`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatementText {
+    Normalized,
+    Raw,
+}
+
 /// Validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -286,6 +304,10 @@ pub struct Config {
     pub audit_log: String,
     /// Signed checkpoints (`--audit-signing-key`).
     pub audit_checkpoints: Option<crate::audit::Checkpoints>,
+    /// `--audit-statements`: every session's statements (reloadable).
+    pub audit_statements: bool,
+    /// `--audit-statement-text` (restart only).
+    pub audit_statement_text: crate::statements::describe::TextMode,
     pub client_tls: Option<(PathBuf, PathBuf)>,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -363,6 +385,8 @@ impl Args {
             audit_signing_key,
             audit_checkpoint_every,
             audit_checkpoint_interval,
+            audit_statements,
+            audit_statement_text,
             client_tls_cert,
             client_tls_key,
             auth,
@@ -639,6 +663,11 @@ impl Args {
             tailscale_log_upload: self.tailscale_log_upload.unwrap_or(false),
             audit_log,
             audit_checkpoints,
+            audit_statements: self.audit_statements.unwrap_or(false),
+            audit_statement_text: match self.audit_statement_text {
+                Some(StatementText::Raw) => crate::statements::describe::TextMode::Raw,
+                _ => crate::statements::describe::TextMode::Normalized,
+            },
             client_tls: self.client_tls_cert.zip(self.client_tls_key),
             handshake_timeout: duration(
                 &self.handshake_timeout,

@@ -44,6 +44,8 @@ pub struct Shared {
     pub live: crate::live::LiveSessions,
     /// Becomes true when the proxy ends its sessions (after the grace).
     pub shutdown: watch::Receiver<bool>,
+    /// Writes the statement records of the sessions that have them.
+    pub statements: crate::statements::Auditor,
 }
 
 /// See [`Shared::refusers`].
@@ -63,7 +65,7 @@ impl Shared {
             settings,
             client_tls,
             client_cert: None,
-            audit,
+            audit: audit.clone(),
             cancels: CancelRegistry::default(),
             metrics,
             per_identity: Default::default(),
@@ -74,6 +76,11 @@ impl Shared {
             live: Default::default(),
             directory: Default::default(),
             shutdown,
+            statements: crate::statements::Auditor::start(
+                audit.clone(),
+                Default::default(),
+                tokio::runtime::Handle::current(),
+            ),
         }
     }
 

@@ -52,6 +52,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod signals;
+pub mod statements;
 pub mod stream;
 pub mod sys;
 pub mod tailnet;

@@ -105,6 +105,9 @@ struct Parts {
     replication: bool,
     /// Logged in by identity (re-checked as such).
     identity_login: bool,
+    /// Its statements are audited (`--audit-statements`, or a grant's
+    /// `"audit": "statements"`).
+    audit_statements: bool,
     /// The identity's session slot (its grant's limit), held to the end.
     _slot: crate::authorize::Slot,
 }
@@ -347,6 +350,8 @@ impl Session<'_> {
         drop(handshake);
         let via_grant = matches!(decision, Decision::Allow { via_grant: true, .. });
         let grant_allows_identity = matches!(decision, Decision::Allow { identity_login: true, .. });
+        let audit_statements =
+            settings.audit_statements || matches!(decision, Decision::Allow { audit_statements: true, .. });
         let slot = match decision {
             Decision::Deny { detail, client_message } => {
                 return Err(Refusal::denied(DenyReason::NotAuthorized, detail)
@@ -519,6 +524,7 @@ impl Session<'_> {
             via_grant,
             replication: names.replication,
             identity_login,
+            audit_statements,
             _slot: slot,
         })
     }
@@ -669,6 +675,7 @@ impl Session<'_> {
                     via_grant,
                     replication,
                     identity_login,
+                    audit_statements,
                     _slot,
                 },
         } = a;
@@ -719,8 +726,30 @@ impl Session<'_> {
                 }
             }
         };
-        let r = match Self::hand_off(*client, *upstream) {
-            Ok(relay) => relay::supervise(&relay, settings.idle_timeout, stop).await,
+        // Statement audit: records carry the session's context as it is now.
+        let statements = audit_statements.then(|| crate::statements::SessionAudit::new(self.base.clone()));
+        let sink = statements.as_ref().map(|s| self.shared.statements.sink(s.clone()));
+        let r = match Self::hand_off(*client, *upstream, sink) {
+            Ok(relay) => {
+                if let Some(s) = &statements {
+                    // A statement record that cannot be written ends the
+                    // session (fail closed).
+                    let weak = Arc::downgrade(&relay);
+                    s.on_failure(Box::new(move |why| {
+                        if let Some(relay) = weak.upgrade() {
+                            relay.stop(relay::Stop {
+                                reason: EndReason::AuditUnavailable,
+                                client_message:
+                                    "terminating connection: tailgres cannot write this session's \
+                                                 statements to its audit log"
+                                        .into(),
+                                detail: Some(why),
+                            });
+                        }
+                    }));
+                }
+                relay::supervise(&relay, settings.idle_timeout, stop).await
+            }
             Err(e) => relay::RelayOutcome {
                 client_to_upstream: 0,
                 upstream_to_client: 0,
@@ -740,6 +769,10 @@ impl Session<'_> {
                 }
             }
         }
+        if statements.is_some() {
+            // The session's statements come before its end.
+            self.shared.statements.flush().await;
+        }
         self.end(
             r.reason,
             out.client_to_upstream + r.client_to_upstream,
@@ -755,6 +788,7 @@ impl Session<'_> {
     fn hand_off<S: relay::HandOff>(
         client: ClientStream<S>,
         upstream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        statements: Option<crate::statements::Sink>,
     ) -> std::io::Result<Arc<relay::Relay>> {
         let (client, client_tls) = match client {
             ClientStream::Plain(s) => (s, None),
@@ -765,8 +799,12 @@ impl Session<'_> {
         };
         let (client, pending) = client.into_parts();
         let (tcp, upstream_tls) = upstream.into_inner();
-        let relay =
-            Arc::new(relay::Relay::new(client_tls, pending, Some(rustls::Connection::Client(upstream_tls))));
+        let mut relay =
+            relay::Relay::new(client_tls, pending, Some(rustls::Connection::Client(upstream_tls)));
+        if let Some(sink) = statements {
+            relay = relay.with_statements(sink);
+        }
+        let relay = Arc::new(relay);
         client.hand_off(tcp.into_std()?, relay.clone())?;
         Ok(relay)
     }

@@ -48,6 +48,8 @@ pub struct Settings {
     pub identity_settings: bool,
     pub handshake_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// `--audit-statements`: every session's statements are recorded.
+    pub audit_statements: bool,
 }
 
 impl Settings {
@@ -87,6 +89,7 @@ impl Settings {
             identity_settings: cfg.identity_settings,
             handshake_timeout: cfg.handshake_timeout,
             idle_timeout: cfg.idle_timeout,
+            audit_statements: cfg.audit_statements,
         })
     }
 

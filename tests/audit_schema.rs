@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tailgres::audit::{
     chain, new_session_id, AuditDest, AuditLog, AuditOptions, AuthMethod, CancelOutcome, Checkpoints,
     ClientTransport, DenyReason, EndReason, Event, LogEvent, LogRecord, OpenReason, Peer, PostgresInfo,
-    ProtocolVersion, Record, SessionEnd, SqlState, TlsVersion, UpstreamInfo,
+    ProtocolVersion, Record, SessionEnd, SqlState, Statement, StatementCopy, StatementProtocol, TlsVersion,
+    UpstreamInfo,
 };
 
 /// Every event the types can express, each closed set walked in full.
@@ -41,6 +42,34 @@ fn all_events() -> Vec<Event> {
             }));
         }
     }
+    let statement = |text: Option<&str>, status, tag: Option<&str>, sqlstate: Option<&str>| Statement {
+        protocol: StatementProtocol::Simple,
+        text: text.map(str::to_owned),
+        text_status: status,
+        fingerprint: "0123456789abcdef".into(),
+        duration: Duration::from_micros(1234),
+        command_tag: tag.map(str::to_owned),
+        rows: tag.map(|_| 3),
+        sqlstate: sqlstate.and_then(SqlState::parse),
+        suspended: false,
+        copy: None,
+    };
+    events.push(Event::Statement(statement(Some("SELECT $1"), "normalized", Some("SELECT"), None)));
+    events.push(Event::Statement(statement(Some("SELECT 1"), "raw", Some("SELECT"), None)));
+    events.push(Event::Statement(Statement {
+        protocol: StatementProtocol::Extended,
+        copy: Some(StatementCopy { direction: "in", bytes: 1 << 40 }),
+        ..statement(Some("COPY t FROM STDIN"), "normalized", Some("COPY"), None)
+    }));
+    for status in ["redacted", "unparsed", "too_long", "unknown"] {
+        events.push(Event::Statement(statement(None, status, Some("ALTER ROLE"), None)));
+    }
+    events.push(Event::Statement(statement(Some("SELECT $1/$2"), "normalized", None, Some("22012"))));
+    events.push(Event::Statement(statement(None, "unknown", None, None)));
+    events.push(Event::Statement(Statement {
+        suspended: true,
+        ..statement(Some("SELECT $1"), "normalized", None, None)
+    }));
     events
 }
 
@@ -159,7 +188,8 @@ async fn every_record_kind_written_by_the_writer_validates() {
             "log_opened",
             "session_denied",
             "session_end",
-            "session_start"
+            "session_start",
+            "statement"
         ]
     );
     assert_eq!(all[0]["event"], "log_opened");
@@ -263,6 +293,8 @@ fn fields_of_one_event_are_refused_on_another() {
         ("cancel", "duration_ms", json!(1)),
         ("session_end", "forwarded", json!(false)),
         ("log_opened", "session_id", json!("0123456789abcdef")),
+        ("statement", "reason", json!("client_closed")),
+        ("session_end", "fingerprint", json!("0123456789abcdef")),
         ("checkpoint", "peer", json!(null)),
         ("checkpoint", "reason", json!("start")),
     ];
@@ -294,6 +326,11 @@ fn malformed_values_are_rejected() {
         ("session_end", "duration_ms", json!(1.5)),
         ("session_end", "bytes_client_to_upstream", json!("12")),
         ("session_end", "reason", json!("bored")),
+        ("statement", "fingerprint", json!("0123")),
+        ("statement", "text_status", json!("secret")),
+        ("statement", "protocol", json!("copy")),
+        ("statement", "duration_us", json!(-1)),
+        ("statement", "copy", json!({"direction": "sideways", "bytes": 1})),
         ("session_start", "seq", json!(0)),
         ("session_start", "seq", json!("7")),
         ("session_start", "prev", json!("AB".repeat(32))),
@@ -362,6 +399,18 @@ fn inconsistent_combinations_are_rejected() {
     v["reason"] = json!("other_node");
     v["forwarded"] = json!(true);
     assert_rejected(&v, "a cancel from another node marked forwarded");
+
+    let mut v = sample("statement");
+    v["text_status"] = json!("redacted");
+    assert_rejected(&v, "a redacted statement with text");
+
+    let mut v = sample("statement");
+    v["outcome"] = json!("error");
+    assert_rejected(&v, "a failed statement with a command tag");
+
+    let mut v = sample("statement");
+    v["sqlstate"] = json!("22012");
+    assert_rejected(&v, "a statement that succeeded with a SQLSTATE");
 }
 
 #[test]

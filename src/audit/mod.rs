@@ -33,7 +33,7 @@ pub(crate) use time::rfc3339;
 pub use record::{
     AuthFailure, AuthMethod, CancelOutcome, ClientCertificate, ClientTransport, Denial, DenyReason,
     EndReason, Event, LogEvent, LogRecord, OpenReason, Peer, PostgresInfo, ProtocolVersion, Record,
-    SessionEnd, Side, SqlState, TlsVersion, UpstreamInfo,
+    SessionEnd, Side, SqlState, Statement, StatementCopy, StatementProtocol, TlsVersion, UpstreamInfo,
 };
 
 use std::fmt;

@@ -117,6 +117,8 @@ pub enum Event {
     Cancel(CancelOutcome),
     /// A relayed session ended.
     SessionEnd(SessionEnd),
+    /// A statement the session ran (statement audit, opt-in).
+    Statement(Statement),
 }
 
 impl Event {
@@ -129,6 +131,7 @@ impl Event {
             Event::AuthFailed(_) => "auth_failed",
             Event::Cancel(_) => "cancel",
             Event::SessionEnd(_) => "session_end",
+            Event::Statement(_) => "statement",
         }
     }
 
@@ -198,6 +201,72 @@ pub enum OpenReason {
     Start,
     /// A reopen was asked for (SIGHUP, after rotation).
     Reopen,
+}
+
+/// One statement a session ran: what it was (never with its literals, unless
+/// the operator asked for raw text) and how it ended. Serialized with
+/// `duration_us`, and `outcome` derived from the SQLSTATE and tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// `simple` (a Query message) or `extended` (Parse/Bind/Execute).
+    pub protocol: StatementProtocol,
+    /// The statement's text as `text_status` says; `None` when there is
+    /// none to show.
+    pub text: Option<String>,
+    /// `normalized`, `raw`, `redacted`, `unparsed`, `too_long`, `unknown`.
+    pub text_status: &'static str,
+    /// 16 hex digits, equal for statements that differ only in literals.
+    pub fingerprint: String,
+    /// From the client's message to the database's answer.
+    pub duration: Duration,
+    /// The command tag without its counts (`SELECT`, `INSERT`, `BEGIN`).
+    pub command_tag: Option<String>,
+    /// The tag's row count, when it has one.
+    pub rows: Option<u64>,
+    pub sqlstate: Option<SqlState>,
+    /// A portal that stopped at its row limit (PortalSuspended).
+    pub suspended: bool,
+    pub copy: Option<StatementCopy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementProtocol {
+    Simple,
+    Extended,
+}
+
+/// A COPY's direction and CopyData bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StatementCopy {
+    /// `in` (to the database), `out`, or `both`.
+    pub direction: &'static str,
+    pub bytes: u64,
+}
+
+impl Serialize for Statement {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let duration_us = u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX);
+        let outcome = if self.sqlstate.is_some() || self.command_tag.is_none() && !self.suspended {
+            "error"
+        } else if self.suspended {
+            "suspended"
+        } else {
+            "ok"
+        };
+        let mut st = s.serialize_struct("Statement", 10)?;
+        st.serialize_field("protocol", &self.protocol)?;
+        st.serialize_field("text", &self.text)?;
+        st.serialize_field("text_status", self.text_status)?;
+        st.serialize_field("fingerprint", &self.fingerprint)?;
+        st.serialize_field("duration_us", &duration_us)?;
+        st.serialize_field("outcome", outcome)?;
+        st.serialize_field("command_tag", &self.command_tag)?;
+        st.serialize_field("rows", &self.rows)?;
+        st.serialize_field("sqlstate", &self.sqlstate)?;
+        st.serialize_field("copy", &self.copy)?;
+        st.end()
+    }
 }
 
 /// A refusal. Serialized as `reason`, `detail` and `side` (derived from
@@ -558,10 +627,14 @@ pub enum EndReason {
     /// The peer's access was revoked (node removed, grant withdrawn).
     Revoked,
     IdleTimeout,
+    /// Statement audit could not record the session's statements (the
+    /// log could not be written, or the session outran what it can
+    /// follow): ended, fail closed.
+    AuditUnavailable,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 9] = [
+    pub const ALL: [EndReason; 10] = [
         EndReason::ClientClosed,
         EndReason::ClientTerminated,
         EndReason::ClientError,
@@ -571,6 +644,7 @@ impl EndReason {
         EndReason::Shutdown,
         EndReason::Revoked,
         EndReason::IdleTimeout,
+        EndReason::AuditUnavailable,
     ];
 
     /// The name it is serialized as (the audit record's and the metrics'
@@ -586,6 +660,7 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Revoked => "revoked",
             EndReason::IdleTimeout => "idle_timeout",
+            EndReason::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -595,7 +670,7 @@ impl EndReason {
         match self {
             ClientClosed | ClientTerminated | ClientError => Side::Client,
             UpstreamClosed | UpstreamError | AuthFailed => Side::Upstream,
-            Shutdown | Revoked | IdleTimeout => Side::Proxy,
+            Shutdown | Revoked | IdleTimeout | AuditUnavailable => Side::Proxy,
         }
     }
 }

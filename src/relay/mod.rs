@@ -39,6 +39,7 @@ pub use drive::drive;
 
 use crate::audit::EndReason;
 use crate::pgwire;
+use crate::statements;
 use std::future::Future;
 use std::io::{self, BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,6 +212,9 @@ struct Engine {
     stopped: Option<Stop>,
     /// The driver is done (both sides closed).
     finished: bool,
+    /// Statement audit, when this session has it: fed every forwarded
+    /// byte's message boundaries, under this lock, without copying them.
+    statements: Option<statements::Sink>,
 }
 
 impl Engine {
@@ -248,8 +252,12 @@ impl Engine {
         let [client, upstream] = &mut self.legs;
         let (src, dst) = if from == CLIENT { (client, upstream) } else { (upstream, client) };
         let frames = &mut self.frames[from];
+        let mut statements = self.statements.as_mut().map(|s| (s, std::time::Instant::now()));
         let mut forward = |dst: &mut Leg, bytes: &[u8]| {
             frames.feed(bytes);
+            if let Some((s, now)) = &mut statements {
+                s.feed(from == CLIENT, bytes, *now);
+            }
             moved.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             dst.send(bytes);
         };
@@ -336,11 +344,19 @@ impl Relay {
                 ended: None,
                 stopped: None,
                 finished: false,
+                statements: None,
             }),
             moved: Default::default(),
             kick: OnceLock::new(),
             done: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Audits the session's statements through `sink` (before the relay
+    /// begins).
+    pub fn with_statements(self, sink: statements::Sink) -> Relay {
+        self.lock().statements = Some(sink);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Engine> {
@@ -354,7 +370,8 @@ impl Relay {
     pub fn begin(&self, side: usize) -> u32 {
         let mut e = self.lock();
         let pending = std::mem::take(&mut e.legs[side].pending);
-        self.take(&mut e, side, &pending, false)
+        let bits = self.take(&mut e, side, &pending, false);
+        self.hand_statements(e, bits)
     }
 
     /// Bytes read from `side`; an empty slice is the end of its stream.
@@ -363,7 +380,29 @@ impl Relay {
         if e.over() {
             return END;
         }
-        self.take(&mut e, side, data, data.is_empty())
+        let bits = self.take(&mut e, side, data, data.is_empty());
+        self.hand_statements(e, bits)
+    }
+
+    /// Hands the statements that finished to the auditor, outside the lock
+    /// (waiting for room holds back only this reader: the database's side,
+    /// whose answers finish statements). A session whose statements cannot
+    /// be audited ends (fail closed).
+    fn hand_statements(&self, mut e: MutexGuard<'_, Engine>, bits: u32) -> u32 {
+        let Some(sink) = e.statements.as_mut() else { return bits };
+        let lost = sink.lost();
+        let handoff = sink.has_ran().then(|| sink.take());
+        drop(e);
+        let failed = match (handoff.map(statements::Handoff::send), lost) {
+            (Some(Err(why)), _) | (_, Some(why)) => why,
+            _ => return bits,
+        };
+        self.stop(Stop {
+            reason: EndReason::AuditUnavailable,
+            client_message: "terminating connection: tailgres cannot audit this session's statements".into(),
+            detail: Some(failed),
+        });
+        END | self.lock().pending()
     }
 
     fn take(&self, e: &mut Engine, side: usize, data: &[u8], eof: bool) -> u32 {

@@ -553,6 +553,7 @@ impl World {
             identity_settings: false,
             handshake_timeout: o.handshake_timeout,
             idle_timeout: o.idle_timeout,
+            audit_statements: false,
         };
         let audit_path = o.audit.clone().unwrap_or_else(|| dir.path().join("audit.jsonl"));
         let (audit, _task) = AuditLog::open(AuditDest::File(audit_path.clone())).await.unwrap();
