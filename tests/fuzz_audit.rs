@@ -584,8 +584,9 @@ fn filter() -> impl Strategy<Value = Filter> {
         proptest::option::of(instant()),
         proptest::option::of(instant()),
         proptest::collection::vec(glob(true), 0..2),
+        proptest::collection::vec(glob(true), 0..2),
     )
-        .prop_map(|(who, databases, users, since, until, sessions)| Filter {
+        .prop_map(|(who, databases, users, since, until, sessions, texts)| Filter {
             who,
             databases,
             users,
@@ -593,6 +594,8 @@ fn filter() -> impl Strategy<Value = Filter> {
             since,
             until,
             sessions,
+            fingerprints: vec![],
+            texts,
         })
 }
 
@@ -618,8 +621,15 @@ fn run_file(
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     std::fs::write(&path, &text).unwrap();
-    let query =
-        Query { sources: vec![Source::File(path)], filter, format, summary, follow: false, lenient: true };
+    let query = Query {
+        sources: vec![Source::File(path)],
+        filter,
+        format,
+        summary,
+        statements: summary && text.len() % 2 == 1,
+        follow: false,
+        lenient: true,
+    };
     let mut out = Vec::new();
     let outcome = auditcli::run(&query, &mut out).expect("a readable file runs to the end");
     (outcome, out)

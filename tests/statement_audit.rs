@@ -149,6 +149,42 @@ async fn every_statement_is_recorded_without_its_literals() {
     // Each statement's time is its own.
     assert!(simple.iter().all(|r| r["duration_us"].as_u64().unwrap() < 30_000_000), "{simple:#?}");
 
+    // Read back: by fingerprint, by text, and summarised per fingerprint.
+    let audit = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"))
+            .arg("audit")
+            .args(args)
+            .arg(lab.audit_log())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect::<Vec<Value>>()
+    };
+    let fp = simple[7]["fingerprint"].as_str().unwrap();
+    let by_fp = audit(&["--format=json", "--fingerprint", fp]);
+    // Both literal variants (libpg_query's fingerprint also takes
+    // `select $1::text as v` for the same statement: constants, parameters
+    // and column aliases do not count).
+    assert!(by_fp.len() >= 2 && by_fp.iter().all(|r| r["fingerprint"] == fp), "{by_fp:#?}");
+    let by_text = audit(&["--format=json", "--text", "*COUNT(*)*"]);
+    assert_eq!(summary(&by_text), [s("SELECT", Some("SELECT count(*) FROM t"))]);
+    let groups = audit(&["--format=json", "--summary", "--statements", "--fingerprint", fp]);
+    assert_eq!(groups.len(), 1, "{groups:#?}");
+    assert_eq!(
+        (groups[0]["count"].as_u64(), groups[0]["errors"].as_u64()),
+        (Some(by_fp.len() as u64), Some(0))
+    );
+    assert_eq!(groups[0]["text"], by_fp[0]["text"], "the first text seen");
+    let errors: u64 = audit(&["--format=json", "--summary", "--statements"])
+        .iter()
+        .map(|g| g["errors"].as_u64().unwrap())
+        .sum();
+    assert_eq!(errors, 2, "the two divisions by zero");
+
     // Not one literal anywhere in the log.
     let log = std::fs::read_to_string(lab.audit_log()).unwrap();
     for secret in SECRETS {

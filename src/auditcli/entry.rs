@@ -55,6 +55,14 @@ pub struct Entry {
     pub bytes_client_to_upstream: Option<u64>,
     pub bytes_upstream_to_client: Option<u64>,
     pub ended_by: Option<String>,
+    // Statement records.
+    pub text: Option<String>,
+    pub text_status: Option<String>,
+    pub fingerprint: Option<String>,
+    pub duration_us: Option<u64>,
+    pub outcome: Option<String>,
+    pub command_tag: Option<String>,
+    pub rows: Option<u64>,
 }
 
 fn epoch() -> SystemTime {

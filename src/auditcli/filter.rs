@@ -19,6 +19,7 @@ pub enum EventKind {
     AuthFailed,
     Cancel,
     SessionEnd,
+    Statement,
     // The log's own records (where a run or a file begins, signed
     // checkpoints): shown only when asked for by name. (No doc comment:
     // clap would list every value on a line of its own.)
@@ -36,6 +37,7 @@ impl EventKind {
             EventKind::AuthFailed => "auth_failed",
             EventKind::Cancel => "cancel",
             EventKind::SessionEnd => "session_end",
+            EventKind::Statement => "statement",
             EventKind::LogOpened => "log_opened",
             EventKind::Checkpoint => "checkpoint",
         }
@@ -148,6 +150,10 @@ pub struct Filter {
     /// Exclusive, so that `--since D --until D+1` is one day, once.
     pub until: Option<SystemTime>,
     pub sessions: Vec<Glob>,
+    /// Statement records with these fingerprints.
+    pub fingerprints: Vec<Glob>,
+    /// Statement records whose text matches (case-insensitive).
+    pub texts: Vec<Glob>,
 }
 
 impl Filter {
@@ -171,6 +177,8 @@ impl Filter {
             && any(&self.sessions, |g| {
                 g.matches(&e.session_id) || e.target_session_id.as_deref().is_some_and(|t| g.matches(t))
             })
+            && any(&self.fingerprints, |g| e.fingerprint.as_deref().is_some_and(|f| g.matches(f)))
+            && any(&self.texts, |g| e.text.as_deref().is_some_and(|t| g.matches(t)))
     }
 }
 
@@ -227,6 +235,18 @@ mod tests {
                 bytes_upstream_to_client: 0,
                 reason: EndReason::ClientClosed,
                 detail: None,
+            }),
+            Event::Statement(crate::audit::Statement {
+                protocol: crate::audit::StatementProtocol::Simple,
+                text: None,
+                text_status: "unknown",
+                fingerprint: String::new(),
+                duration: Duration::ZERO,
+                command_tag: None,
+                rows: None,
+                sqlstate: None,
+                suspended: false,
+                copy: None,
             }),
         ]
         .iter()

@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
-use summary::Summary;
+use summary::{StatementSummary, Summary};
 use table::Table;
 
 /// How often a followed file is checked for new lines and rotation.
@@ -73,6 +73,13 @@ Examples:
   # Everything CI's tagged devices did on 23 November (UTC)
   tailgres audit --who 'tag:ci' --since 2026-11-23 --until 2026-11-24 audit.jsonl
 
+  # Which statements did CI's devices run this week, by fingerprint (statement audit)
+  tailgres audit --summary --statements --who 'tag:ci' --since 7d audit.jsonl
+
+  # Every run of one statement, and statements touching payroll
+  tailgres audit --fingerprint 5735f5c64dd9f68e audit.jsonl
+  tailgres audit --event statement --text '*payroll*' audit.jsonl
+
   # One session, including cancels aimed at it
   tailgres audit --session 3f9c2a7d1e5b4c60 audit.jsonl
 
@@ -90,7 +97,9 @@ ends), session id (a cancel shows its own -> the target's), detail.
 Summary: one row per (who, node, database user, database): sessions let in \
 (session_start), denied (session_denied), failed authentications (auth_failed), first and \
 last record seen, and the bytes of its session_end records. Peers the tailnet could not \
-identify are grouped by address. Only records inside --since/--until are counted.
+identify are grouped by address. Only records inside --since/--until are counted. With \
+--statements: one row per (who, statement fingerprint) of the statement records: count, \
+errors, total, mean and slowest time, rows, and the statement's (normalized) text.
 
 Exit status: 0 success (also when nothing matches); 1 some lines were not audit records \
 (0 with --lenient); 2 bad usage, or a file could not be read.";
@@ -146,6 +155,20 @@ pub struct AuditArgs {
     /// Print one line per (who, node, database user, database) instead of the records.
     #[arg(long)]
     pub summary: bool,
+
+    /// With --summary: one line per (who, statement fingerprint) instead: count, errors,
+    /// total, mean and slowest time, rows, and the statement's text.
+    #[arg(long, requires = "summary")]
+    pub statements: bool,
+
+    /// Statement records with this fingerprint (`*` and `?` allowed).
+    #[arg(long, value_name = "HEX")]
+    pub fingerprint: Vec<String>,
+
+    /// Statement records whose text matches PATTERN (case-insensitive; `*` and `?` allowed:
+    /// `--text '*payroll*'`).
+    #[arg(long, value_name = "PATTERN")]
+    pub text: Vec<String>,
 
     /// Exit 0 even if some lines were not audit records (they are still reported).
     #[arg(long)]
@@ -209,6 +232,8 @@ pub struct Query {
     pub filter: Filter,
     pub format: Format,
     pub summary: bool,
+    /// `--summary --statements`.
+    pub statements: bool,
     pub follow: bool,
     pub lenient: bool,
 }
@@ -258,6 +283,8 @@ impl Query {
             since,
             until,
             sessions: args.session.iter().map(|p| Glob::new(p, true)).collect(),
+            fingerprints: args.fingerprint.iter().map(|p| Glob::new(p, true)).collect(),
+            texts: args.text.iter().map(|p| Glob::new(p, true)).collect(),
         };
         let format = args.format.unwrap_or(if stdout_is_terminal { Format::Table } else { Format::Json });
         Ok(Query {
@@ -265,6 +292,7 @@ impl Query {
             filter,
             format,
             summary: args.summary,
+            statements: args.statements,
             follow: args.follow,
             lenient: args.lenient,
         })
@@ -318,6 +346,7 @@ pub fn main(args: AuditArgs) -> i32 {
 /// Reads every source (or follows the one file) and writes to `out`.
 pub fn run<W: Write>(query: &Query, out: W) -> Result<Outcome, RunError> {
     let output = match (query.summary, query.format) {
+        (true, _) if query.statements => Output::Statements(StatementSummary::default()),
         (true, _) => Output::Summary(Summary::default()),
         (false, Format::Json) => Output::Json,
         (false, Format::Table) => Output::Table(Table::new(table::RECORD_COLUMNS)),
@@ -466,6 +495,7 @@ enum Output {
     Json,
     Table(Table),
     Summary(Summary),
+    Statements(StatementSummary),
 }
 
 struct Sink<'q, W: Write> {
@@ -508,6 +538,10 @@ impl<W: Write> Sink<'_, W> {
                 s.add(&entry);
                 Ok(())
             }
+            Output::Statements(s) => {
+                s.add(&entry);
+                Ok(())
+            }
         }
     }
 
@@ -538,6 +572,15 @@ impl<W: Write> Sink<'_, W> {
                 empty
             }
             Output::Summary(s) => {
+                let empty = s.is_empty();
+                match format {
+                    Format::Json => s.write_json(&mut self.out),
+                    Format::Table => s.write_table(&mut self.out),
+                }
+                .map_err(RunError::Output)?;
+                empty && format == Format::Table
+            }
+            Output::Statements(s) => {
                 let empty = s.is_empty();
                 match format {
                     Format::Json => s.write_json(&mut self.out),

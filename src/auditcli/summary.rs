@@ -169,9 +169,155 @@ impl Summary {
     }
 }
 
+/// `--summary --statements`: per identity and statement fingerprint, how
+/// often, how long in total and at most, and how many failed.
+#[derive(Debug, Default)]
+pub struct StatementSummary {
+    groups: HashMap<(Option<String>, String), StatementGroup>,
+}
+
+/// One line of the statement summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatementGroup {
+    /// The login, or the tags of a tagged device.
+    pub who: Option<String>,
+    pub fingerprint: String,
+    /// The statement's text, as the first record of the group has it.
+    pub text: Option<String>,
+    pub databases: BTreeSet<String>,
+    pub count: u64,
+    pub errors: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+    pub rows: u64,
+}
+
+impl StatementSummary {
+    /// Counts a statement record (others are ignored).
+    pub fn add(&mut self, e: &Entry) {
+        let (Some(fingerprint), "statement") = (&e.fingerprint, e.event.as_str()) else { return };
+        let who = e.who();
+        let g = self.groups.entry((who.clone(), fingerprint.clone())).or_insert_with(|| StatementGroup {
+            who,
+            fingerprint: fingerprint.clone(),
+            text: e.text.clone(),
+            databases: BTreeSet::new(),
+            count: 0,
+            errors: 0,
+            total_us: 0,
+            max_us: 0,
+            rows: 0,
+        });
+        if g.text.is_none() {
+            g.text = e.text.clone();
+        }
+        g.databases.extend(e.database().map(str::to_owned));
+        g.count += 1;
+        g.errors += u64::from(e.outcome.as_deref() == Some("error"));
+        let us = e.duration_us.unwrap_or(0);
+        g.total_us = g.total_us.saturating_add(us);
+        g.max_us = g.max_us.max(us);
+        g.rows = g.rows.saturating_add(e.rows.unwrap_or(0));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// By identity, then the most total time first.
+    pub fn groups(self) -> Vec<StatementGroup> {
+        let mut all: Vec<StatementGroup> = self.groups.into_values().collect();
+        all.sort_by(|a, b| {
+            (a.who.is_none(), &a.who, std::cmp::Reverse(a.total_us), &a.fingerprint).cmp(&(
+                b.who.is_none(),
+                &b.who,
+                std::cmp::Reverse(b.total_us),
+                &b.fingerprint,
+            ))
+        });
+        all
+    }
+
+    pub fn write_json(self, out: &mut impl Write) -> io::Result<()> {
+        for g in self.groups() {
+            serde_json::to_writer(&mut *out, &g)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    pub fn write_table(self, out: &mut impl Write) -> io::Result<()> {
+        let mut t = Table::new(&[
+            ("WHO", false),
+            ("FINGERPRINT", false),
+            ("COUNT", true),
+            ("ERRORS", true),
+            ("TOTAL", true),
+            ("MEAN", true),
+            ("MAX", true),
+            ("ROWS", true),
+            ("DATABASE", false),
+            ("TEXT", false),
+        ]);
+        let took = |us: u64| if us < 1000 { format!("{us}µs") } else { table::duration(us / 1000) };
+        let groups = self.groups();
+        let mut rows = Vec::with_capacity(groups.len());
+        for g in groups {
+            let dbs: Vec<&str> = g.databases.iter().map(String::as_str).collect();
+            rows.push(vec![
+                g.who.as_deref().map_or_else(|| "(unidentified)".to_string(), table::clean),
+                g.fingerprint.clone(),
+                g.count.to_string(),
+                g.errors.to_string(),
+                took(g.total_us),
+                took(g.total_us / g.count.max(1)),
+                took(g.max_us),
+                g.rows.to_string(),
+                if dbs.is_empty() { "-".into() } else { table::clean(&dbs.join(",")) },
+                g.text.as_deref().map_or_else(|| "-".to_string(), table::clean),
+            ]);
+        }
+        t.size_to(&rows);
+        for r in rows {
+            t.row(out, r)?;
+        }
+        t.flush(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_group_by_identity_and_fingerprint() {
+        let st = |fp: &str, us: u64, outcome: &str, rows: &str| {
+            format!(
+                r#","fingerprint":"{fp}","text":"SELECT $1","duration_us":{us},"outcome":"{outcome}","rows":{rows}"#
+            )
+        };
+        let mut s = StatementSummary::default();
+        s.add(&line("statement", "2026-11-23T10:00:00Z", ALICE, APP, &st("aa", 100, "ok", "1")));
+        s.add(&line("statement", "2026-11-23T10:00:01Z", ALICE_V6, APP, &st("aa", 300, "error", "null")));
+        s.add(&line("statement", "2026-11-23T10:00:02Z", ALICE, APP, &st("bb", 5000, "ok", "7")));
+        s.add(&line("statement", "2026-11-23T10:00:03Z", CI, APP, &st("aa", 1, "ok", "1")));
+        s.add(&line("session_start", "2026-11-23T10:00:04Z", ALICE, APP, ""));
+        let g = s.groups();
+        let got: Vec<(Option<&str>, &str, u64, u64, u64, u64, u64)> = g
+            .iter()
+            .map(|g| {
+                (g.who.as_deref(), g.fingerprint.as_str(), g.count, g.errors, g.total_us, g.max_us, g.rows)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("alice@example.com"), "bb", 1, 0, 5000, 5000, 7),
+                (Some("alice@example.com"), "aa", 2, 1, 400, 300, 1),
+                (Some("tag:ci"), "aa", 1, 0, 1, 1, 1),
+            ]
+        );
+    }
 
     fn line(event: &str, ts: &str, peer: &str, pg: &str, extra: &str) -> Entry {
         let json = format!(

@@ -187,7 +187,28 @@ pub fn record_row(e: &Entry) -> Vec<String> {
         "session_end" => {
             join(&[e.reason.as_deref(), e.ended_by.as_deref().map(|s| format!("(by {s})")).as_deref()])
         }
+        "statement" => match (e.outcome.as_deref(), &e.command_tag) {
+            (Some("error"), _) => join(&[Some("error"), e.sqlstate.as_deref()]),
+            (Some("suspended"), _) => "suspended".into(),
+            (_, Some(tag)) => match e.rows {
+                Some(n) => format!("{tag} {n}"),
+                None => tag.clone(),
+            },
+            _ => String::new(),
+        },
         _ => e.reason.clone().unwrap_or_default(),
+    };
+    // A statement's detail is its text (or why there is none).
+    let detail = match (e.event.as_str(), &e.text) {
+        ("statement", Some(t)) => t.clone(),
+        ("statement", None) => format!("[{}]", e.text_status.as_deref().unwrap_or("no text")),
+        _ => e.detail.clone().unwrap_or_default(),
+    };
+    let took = match (e.duration_ms, e.duration_us) {
+        (Some(ms), _) => duration(ms),
+        (None, Some(us)) if us < 1000 => format!("{us}µs"),
+        (None, Some(us)) => duration(us / 1000),
+        (None, None) => String::new(),
     };
     // A cancel's own connection is short-lived; the session it was aimed
     // at is what the operator wants to find.
@@ -205,9 +226,9 @@ pub fn record_row(e: &Entry) -> Vec<String> {
         outcome,
         e.bytes_client_to_upstream.map(bytes).unwrap_or_default(),
         e.bytes_upstream_to_client.map(bytes).unwrap_or_default(),
-        e.duration_ms.map(duration).unwrap_or_default(),
+        took,
         session,
-        e.detail.clone().unwrap_or_default(),
+        detail,
     ]
     .into_iter()
     .map(|c| clean(&c))

@@ -436,7 +436,7 @@ fn help_explains_with_examples() {
         "Examples:",
         "--who <PATTERN>",
         "--follow",
-        "[possible values: session_start, session_denied, auth_ok, auth_failed, cancel, session_end, log_opened, checkpoint]",
+        "[possible values: session_start, session_denied, auth_ok, auth_failed, cancel, session_end, statement, log_opened, checkpoint]",
         "Exit status:",
     ] {
         assert!(run.stdout.contains(needle), "{needle:?} not in:\n{}", run.stdout);
