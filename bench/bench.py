@@ -40,7 +40,7 @@ from pathlib import Path
 
 import perfsum
 from report import report, report_soak
-from world import (CAPABILITY, DB, IDENTITY, SCRAM, VERIFIER, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab,
+from world import (ALL_SYSTEMS, CAPABILITY, DB, IDENTITY, SCRAM, VERIFIER, SYSTEMS, TAILSCALE_VERSION, TRUST, DirectSystem, Lab,
                    TailnetSystem, World,
                    context_switches, git_commit, log, machine, proc_stats, require_loopback_only, rss_breakdown,
                    run_pgbench)
@@ -139,18 +139,35 @@ def again_on_failure(sys_, run):
     return res
 
 
+def count_lines(path):
+    """Lines in a file (0 if it is not there yet)."""
+    if not path:
+        return 0
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
 def select_only(world, sys_, clients, duration, pids):
     """pgbench -S: tps, mean and p99 latency (from the per-transaction log)."""
     logdir = Path(tempfile.mkdtemp(dir=world.dir, prefix="pgbench-log."))
     jobs = min(clients, world.args.pgbench_jobs)
     before = cpu_of(pids)
     cs_before = {k: context_switches(p) for k, p in pids.items()}
+    audit_log = getattr(sys_, "audit_log", None)
+    lines_before = count_lines(audit_log)
+    started = time.time()
     out = run_pgbench(world, sys_.env(SCRAM),
                       ["-n", "-S", "-c", str(clients), "-j", str(jobs), "-T", str(duration),
                        "-l", f"--log-prefix={logdir / 'tx'}"], timeout=duration + 300)
     cpu = cpu_delta(before, pids)
+    took = time.time() - started
     if out.returncode != 0:
         return failed(f"{sys_.name}: pgbench -S -c {clients}", out)
+    # Audit records written meanwhile (one per statement with statement audit).
+    audit_records = count_lines(audit_log) - lines_before if audit_log else None
     lat = []
     for f in logdir.iterdir():
         for line in open(f):
@@ -166,6 +183,8 @@ def select_only(world, sys_, clients, duration, pids):
         "transactions": len(lat),
         "failed_transactions": parse_float(r"number of failed transactions: (\d+)", out.stdout),
         "cpu_s": cpu,
+        "audit_records": audit_records,
+        "audit_records_per_s": audit_records / took if audit_records is not None else None,
     }
     if "proxy" in cpu and lat:
         res["proxy_cpu_us_per_txn"] = cpu["proxy"] / len(lat) * 1e6
@@ -525,7 +544,7 @@ def parse_args():
     ap.add_argument("--idle-concurrency", type=int, default=32, help="idle sessions opened at once")
     ap.add_argument("--settle", type=float, default=12.0, help="seconds idle before reading settled figures")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of warm-up pgbench per system and round")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(ALL_SYSTEMS))
     ap.add_argument("--derp", action="store_true", help="relay the tailnet through DERP (default: direct UDP)")
     ap.add_argument("--gctrace", action="store_true",
                     help="run the Go-based servers with GODEBUG=gctrace=1 and report their live heap per idle "
@@ -556,7 +575,7 @@ def parse_args():
         a.warmup = min(a.warmup, 2)
         a.soak_sessions = min(a.soak_sessions, 2000)
     for s in a.systems:
-        if s not in SYSTEMS:
+        if s not in ALL_SYSTEMS:
             ap.error(f"unknown system {s!r}")
     return a
 
@@ -590,7 +609,7 @@ def main():
             for name in order:
                 log(f"=== round {rnd}/{a.runs}: {name}")
                 env = {"GODEBUG": "gctrace=1"} if a.gctrace else {}
-                if name == "tailgres":
+                if name.startswith("tailgres"):
                     env.update(kv.split("=", 1) for kv in a.tailgres_env)
                 sys_ = DirectSystem(lab) if name == "direct" else TailnetSystem(lab, name, rnd, extra_env=env)
                 if rnd == 1:

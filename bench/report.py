@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from world import ROOT, SYSTEMS
+from world import ALL_SYSTEMS, ROOT
 
 def median(xs):
     xs = [x for x in xs if x is not None]
@@ -33,6 +33,8 @@ def figures(clients):
                   lambda r, c=c: ok(r.get(f"select_c{c}")).get("proxy_cpu_us_per_txn")))
         f.append((f"so_cs_c{c}", f"  proxy context switches per transaction, {c}", "cs", False,
                   lambda r, c=c: ok(r.get(f"select_c{c}")).get("proxy_ctxsw_per_txn")))
+        f.append((f"so_audit_c{c}", f"  audit records written per second, {c}", "rec/s", True,
+                  lambda r, c=c: ok(r.get(f"select_c{c}")).get("audit_records_per_s")))
     for label in ("scram", "trust", "identity", "verifier"):
         f.append((f"conn_rate_{label}", f"new conn/txn ({label}): conn/s", "conn/s", True,
                   lambda r, l=label: ok(r.get(f"connect_{l}")).get("conn_per_s")))
@@ -66,7 +68,7 @@ def figures(clients):
 def diagnostic(key):
     # Identity login and verifier mode are tailgres's alone: shown beside the password relay's
     # figures, compared with nothing.
-    return (key.startswith(("so_cpu_", "so_cs_", "conn_cpu_", "conn_cs_"))
+    return (key.startswith(("so_cpu_", "so_cs_", "so_audit_", "conn_cpu_", "conn_cs_"))
             or key.endswith(("_identity", "_verifier"))
             or key in ("idle_fds", "idle_cpu", "idle_go_live"))
 
@@ -130,6 +132,8 @@ def table(summary, systems, clients):
     pairs += [(s, "floor") for s in systems if s not in ("direct", "floor") and "floor" in systems]
     if "tailgres" in systems and "pgproxy" in systems:
         pairs.append(("tailgres", "pgproxy"))
+    if "tailgres" in systems and "tailgres-stmt" in systems:
+        pairs.append(("tailgres-stmt", "tailgres"))
     if pairs:
         head = ["figure (ratio)"] + [f"{a}/{b}" for a, b in pairs]
         lines.append("| " + " | ".join(head) + " |")
@@ -169,6 +173,14 @@ def targets(summary, clients, idle_n):
         if r is not None:
             out.append(("memory per idle session ≤ ½ pgproxy", r <= 0.5,
                         f"{fmt(t.get('idle_rss'))} vs {fmt(p.get('idle_rss'))} kB = {r:.2f}×"))
+    st = summary.get("tailgres-stmt")
+    if t and st:
+        for c in clients:
+            r = ratio(st.get(f"so_tps_c{c}"), t.get(f"so_tps_c{c}"))
+            if r is not None:
+                out.append((f"select-only tps with statement audit ≥ 0.9× without ({c} client(s))", r >= 0.9,
+                            f"{fmt(st.get(f'so_tps_c{c}'))} vs {fmt(t.get(f'so_tps_c{c}'))} tps = {r:.2f}×; "
+                            f"{fmt(st.get(f'so_audit_c{c}'))} audit records/s"))
     if t and fl:
         for c in clients:
             r = ratio(t.get(f"so_tps_c{c}"), fl.get(f"so_tps_c{c}"))
@@ -203,7 +215,7 @@ Notes
 
 def report(meta, results, a):
     summary = summarize(results, a.clients)
-    systems = [s for s in SYSTEMS if s in results]
+    systems = [s for s in ALL_SYSTEMS if s in results]
     tg = targets(summary, a.clients, a.idle)
     doc = dict(meta, results=results, summary=summary,
                targets=[{"target": n, "met": m, "evidence": e} for n, m, e in tg])

@@ -59,6 +59,10 @@ READY_TIMEOUT = 120.0
 NO_PGPASS = "/nonexistent/tailgres-bench-pgpass"
 
 SYSTEMS = ["direct", "floor", "tailgres", "pgproxy"]
+# Run only when named in --systems: tailgres with statement audit on for
+# every session (--audit-statements), beside "tailgres" for its cost.
+EXTRA_SYSTEMS = ["tailgres-stmt"]
+ALL_SYSTEMS = SYSTEMS + EXTRA_SYSTEMS
 
 
 # ---------------------------------------------------------------- helpers
@@ -381,7 +385,7 @@ class TailnetSystem:
             if not w.args.derp:
                 argv.append("--direct")
             self.proc = Proc(self.hostname, argv, w, env=dict(TS_ENV, **(extra_env or {})), ready_line=True)
-        elif name == "tailgres":
+        elif name in ("tailgres", "tailgres-stmt"):
             # A second route, on its own port, logs in by identity (only
             # the identity connection figure uses it).
             config = w.dir / f"{self.hostname}.toml"
@@ -411,6 +415,9 @@ class TailnetSystem:
                     f"--control-url={lab.control_url}", f"--audit-log={w.dir / (self.hostname + '.audit.jsonl')}",
                     f"--port={PG_PORT_ON_TAILNET}", f"--max-sessions={w.args.idle + 1000}",
                     f"--verifier-password-file={lookup_pw}"]
+            if name == "tailgres-stmt":
+                argv.append("--audit-statements")
+            self.audit_log = w.dir / (self.hostname + '.audit.jsonl')
             self.proc = Proc(self.hostname, argv, w, env=dict(TS_ENV, RUST_LOG="warn", **(extra_env or {})))
         elif name == "pgproxy":
             # tsnet reads TS_CONTROL_URL from the environment; the lab
@@ -428,7 +435,7 @@ class TailnetSystem:
         cargv = [str(b["tslab"]), "node", f"--control-url={lab.control_url}", f"--hostname={self.client_name}",
                  f"--state-dir={w.dir / ('state-' + self.client_name)}",
                  f"--forward=127.0.0.1:0={self.ip}:{PG_PORT_ON_TAILNET}", "--dial-timeout=20s"]
-        if name == "tailgres":
+        if name in ("tailgres", "tailgres-stmt"):
             cargv.append(f"--forward=127.0.0.1:0={self.ip}:{IDENTITY_PORT_ON_TAILNET}")
             cargv.append(f"--forward=127.0.0.1:0={self.ip}:{VERIFIER_PORT_ON_TAILNET}")
         if not w.args.derp:
