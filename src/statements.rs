@@ -159,19 +159,47 @@ impl Handoff {
     }
 }
 
+/// Jobs taken in one go: under load, one hand-over to the writer (and one
+/// wake-up each way) carries many statements.
+const BATCH: usize = 512;
+
 fn run(rx: Receiver<Job>, log: AuditLog, mut cache: Cache, runtime: tokio::runtime::Handle) {
-    while let Ok(job) = rx.recv() {
-        match job {
-            Job::Flush(done) => drop(done.send(())),
-            Job::Ran { session, ran } => {
-                for record in records(&session.base, ran, &mut cache) {
-                    if let Err(e) = runtime.block_on(log.record(&record)) {
-                        tracing::error!(error = %e, session_id = %session.base.session_id, "statement record not written; ending the session");
-                        session.fail(e.to_string());
-                        break;
-                    }
+    let mut batch: Vec<Record> = Vec::new();
+    let mut owners: Vec<Arc<SessionAudit>> = Vec::new();
+    let mut flushes = Vec::new();
+    while let Ok(first) = rx.recv() {
+        // What is queued already comes along.
+        for job in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH - 1)) {
+            match job {
+                Job::Flush(done) => flushes.push(done),
+                Job::Ran { session, ran } => {
+                    let before = batch.len();
+                    batch.extend(records(&session.base, ran, &mut cache));
+                    owners.extend(std::iter::repeat_n(session, batch.len() - before));
                 }
             }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = runtime.block_on(log.record_many(&batch)) {
+                // Which records were written is not known: every session
+                // with a record in the batch ends (fail closed).
+                let mut failed: Vec<&Arc<SessionAudit>> = Vec::new();
+                for s in &owners {
+                    if !failed.iter().any(|f| Arc::ptr_eq(f, s)) {
+                        failed.push(s);
+                    }
+                }
+                for s in failed {
+                    tracing::error!(error = %e, session_id = %s.base.session_id, "statement record not written; ending the session");
+                    s.fail(e.to_string());
+                }
+            }
+            batch.clear();
+            owners.clear();
+        }
+        // A flush answers once everything sent before it is written.
+        for done in flushes.drain(..) {
+            let _ = done.send(());
         }
     }
     tracing::debug!("statement auditor stopped");

@@ -214,6 +214,41 @@ async fn an_unwritable_audit_log_refuses_sessions() {
     // asserted on the metric: denied("audit_unavailable"))
 }
 
+/// Statement audit in process: a simple query is recorded (normalized);
+/// a client that pipelines more than the tracker can follow, with nothing
+/// answered, is ended fail closed (`audit_unavailable`, FATAL 57P01).
+#[tokio::test]
+async fn statement_audit_records_and_fails_closed() {
+    let w = World::start(Options { audit_statements: true, ..Default::default() }).await;
+    let ip = w.join(person(1, "alice@example.com", vec![])).await;
+    let (client, conn) = w.connect(ip, "alice").await.unwrap();
+    client.simple_query("select 'hunter2'").await.unwrap();
+    let st = w.record("a statement record", |r| r["event"] == "statement").await;
+    assert_eq!(
+        (st["text"].as_str(), st["command_tag"].as_str(), st["rows"].as_u64()),
+        (Some("select $1"), Some("SELECT"), Some(0))
+    );
+    drop(client);
+    conn.await.unwrap();
+    w.ended("client_terminated").await;
+
+    // The fake database ignores Execute: nothing is ever answered.
+    let mut c = w.dial(ip).await;
+    c.write_all(&startup("alice", "app")).await.unwrap();
+    let mut buf = [0u8; 256];
+    let _ = c.read(&mut buf).await.unwrap();
+    let execute = tailgres::pgwire::message_bytes(b'E', b"\0\0\0\0\0");
+    let n = tailgres::statements::tracker::MAX_PENDING + 1;
+    let flood: Vec<u8> = execute.iter().copied().cycle().take(execute.len() * n).collect();
+    let _ = c.write_all(&flood).await;
+    let (code, msg) = error_of(&mut c).await.expect("a FATAL");
+    assert_eq!(code, "57P01", "{msg}");
+    assert!(msg.contains("cannot audit"), "{msg}");
+    let r = w.ended("audit_unavailable").await;
+    assert_eq!(r["ended_by"], "proxy");
+    assert!(r["detail"].as_str().unwrap().contains("pipelined"), "{r}");
+}
+
 // ---- refused by the database leg ----
 
 #[tokio::test]

@@ -235,6 +235,16 @@ impl AuditLog {
         acked.await.map_err(|_| AuditError::Closed)?
     }
 
+    /// Writes `records` in order with one hand-over to the writer (the
+    /// statement auditor's batches); resolves once all are written, or
+    /// with the first failure (the records after it are not written).
+    pub async fn record_many(&self, records: &[Record]) -> Result<(), AuditError> {
+        let lines = records.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>()?;
+        let (ack, acked) = oneshot::channel();
+        self.tx.send(Msg::WriteMany { lines, ack }).await.map_err(|_| AuditError::Closed)?;
+        acked.await.map_err(|_| AuditError::Closed)?
+    }
+
     /// False after a write failed (or a reopen failed, or the writer
     /// stopped), until a later write succeeds.
     pub fn is_healthy(&self) -> bool {

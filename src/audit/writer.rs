@@ -33,6 +33,9 @@ pub(super) enum Msg {
     /// One serialized record: a JSON object, without `seq`, `prev` or a
     /// newline (the writer adds them).
     Write { line: Vec<u8>, ack: oneshot::Sender<Result<(), AuditError>> },
+    /// Several records, written in order; acknowledged once, after the
+    /// last (or the first that fails: the rest are not written).
+    WriteMany { lines: Vec<Vec<u8>>, ack: oneshot::Sender<Result<(), AuditError>> },
     /// Write what is queued, then stop.
     Close { done: oneshot::Sender<()> },
     /// Look at the reopen flag now (sent by [`super::AuditLog::reopen`] so
@@ -146,6 +149,10 @@ impl Writer {
                     // written all the same.
                     let _ = ack.send(result);
                 }
+                Msg::WriteMany { lines, ack } => {
+                    let result = lines.iter().try_for_each(|l| self.record(l));
+                    let _ = ack.send(result);
+                }
                 Msg::Close { done } => {
                     self.drain();
                     self.checkpoint();
@@ -168,6 +175,10 @@ impl Writer {
             match msg {
                 Msg::Write { line, ack } => {
                     let result = self.record(&line);
+                    let _ = ack.send(result);
+                }
+                Msg::WriteMany { lines, ack } => {
+                    let result = lines.iter().try_for_each(|l| self.record(l));
                     let _ = ack.send(result);
                 }
                 Msg::Close { done } => {

@@ -157,8 +157,87 @@ fn strip_comments(text: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Descriptions already made, by text: a prepared statement run again, or
-/// a query an application sends again, costs a hash lookup.
+/// The statement with each plain number and plain string literal replaced
+/// by `?`: two statements with one shape differ only in those literals, so
+/// libpg_query normalizes them to one text and one fingerprint. `None`
+/// (describe it afresh) for anything this simple scan might misread:
+/// comments, dollar quotes, escape/bit/Unicode strings, backslashes, a
+/// number glued to a name, and anything that mentions a password (whose
+/// statements are never cached). The shape holds no literal.
+pub fn shape(statement: &str) -> Option<String> {
+    if contains_ignore_case(statement, "password") {
+        return None;
+    }
+    let b = statement.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let glued = i > 0 && ident(b[i - 1]);
+        match c {
+            b'\\' => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => return None,
+            b'/' if b.get(i + 1) == Some(&b'*') => return None,
+            b'$' if !b.get(i + 1).is_some_and(u8::is_ascii_digit) && !glued => return None,
+            b'"' => {
+                // A quoted name: copied as it is.
+                let end = i + 1 + b[i + 1..].iter().position(|&q| q == b'"')?;
+                out.push_str(&statement[i..=end]);
+                i = end + 1;
+                continue;
+            }
+            b'\'' => {
+                if glued {
+                    return None; // E'..', B'..', X'..', U&'..'
+                }
+                let mut j = i + 1;
+                loop {
+                    match b.get(j) {
+                        None => return None,
+                        Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
+                        Some(b'\'') => break,
+                        Some(_) => j += 1,
+                    }
+                }
+                out.push('?');
+                i = j + 1;
+                continue;
+            }
+            b'0'..=b'9' | b'.' if !glued && (c != b'.' || b.get(i + 1).is_some_and(u8::is_ascii_digit)) => {
+                let mut j = i;
+                while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'.') {
+                    j += 1;
+                }
+                if j < b.len() && (b[j] == b'e' || b[j] == b'E') {
+                    j += 1;
+                    if j < b.len() && (b[j] == b'+' || b[j] == b'-') {
+                        j += 1;
+                    }
+                    while j < b.len() && b[j].is_ascii_digit() {
+                        j += 1;
+                    }
+                }
+                if j < b.len() && ident(b[j]) {
+                    return None;
+                }
+                out.push('?');
+                i = j;
+                continue;
+            }
+            _ => {}
+        }
+        // Copy one character (whole, for UTF-8).
+        let n = statement[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&statement[i..i + n]);
+        i += n;
+    }
+    Some(out)
+}
+
+/// Descriptions already made, by shape ([`shape`]): a prepared statement
+/// run again, or a query an application sends again with other literals,
+/// costs a scan and a hash lookup instead of the grammar's work.
 pub struct Cache {
     mode: TextMode,
     map: HashMap<String, Described>,
@@ -172,14 +251,25 @@ impl Cache {
     }
 
     pub fn describe(&mut self, statement: &str) -> Described {
-        if let Some(d) = self.map.get(statement) {
+        // Raw text is each statement's own: only shapes without literals
+        // could be shared, and those are worth no special case.
+        let key = match self.mode {
+            TextMode::Normalized => shape(statement),
+            TextMode::Raw => None,
+        };
+        let Some(key) = key else { return describe(statement, self.mode) };
+        if let Some(d) = self.map.get(&key) {
             return d.clone();
         }
         let d = describe(statement, self.mode);
+        // An unparsed statement's fingerprint is its own text's: not shared.
+        if d.status == TextStatus::Unparsed {
+            return d;
+        }
         if self.map.len() >= Self::MAX {
             self.map.clear();
         }
-        self.map.insert(statement.to_owned(), d.clone());
+        self.map.insert(key, d.clone());
         d
     }
 }
@@ -246,6 +336,56 @@ mod tests {
     fn a_simple_query_splits_into_its_statements() {
         assert_eq!(split("BEGIN; SELECT 1;  COMMIT"), ["BEGIN", "SELECT 1", "COMMIT"]);
         assert_eq!(split("SELEC nonsense; SELECT 1"), ["SELEC nonsense; SELECT 1"]);
+    }
+
+    #[test]
+    fn a_shape_hides_literals_and_refuses_what_it_might_misread() {
+        assert_eq!(
+            shape("SELECT a FROM t1 WHERE id = 42 AND s = 'it''s' AND x = 1.5e-3 AND p = $1").as_deref(),
+            Some("SELECT a FROM t1 WHERE id = ? AND s = ? AND x = ? AND p = $1")
+        );
+        assert_eq!(
+            shape(r#"SELECT "col 1" FROM "t'x" WHERE v = 'é'"#).as_deref(),
+            Some(r#"SELECT "col 1" FROM "t'x" WHERE v = ?"#)
+        );
+        for bail in [
+            "SELECT 1 -- c",
+            "SELECT 1 /* c */",
+            "SELECT $$x$$",
+            "SELECT E'\\n'",
+            "SELECT x'1F'",
+            "SELECT 5a",
+            "SELECT 'unterminated",
+            "ALTER ROLE r PASSWORD 'x'",
+        ] {
+            assert_eq!(shape(bail), None, "{bail}");
+        }
+    }
+
+    #[test]
+    fn one_shape_is_one_description() {
+        // Every pair with one shape describes the same.
+        let pairs = [
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+            ),
+            (
+                "select * from t where a = 'x' and b in (1, 2.5)",
+                "select * from t where a = '' and b in (300, 0.1)",
+            ),
+            ("select interval '1 day', -5", "select interval '2 hours', -7"),
+            ("insert into t2 values (1, 'a''b')", "insert into t2 values (2, 'c')"),
+        ];
+        for (a, b) in pairs {
+            assert_eq!(shape(a), shape(b), "{a} / {b}");
+            assert_eq!(describe(a, TextMode::Normalized), describe(b, TextMode::Normalized), "{a} / {b}");
+        }
+        let mut cache = Cache::new(TextMode::Normalized);
+        let first = cache.describe(pairs[0].0);
+        assert_eq!(cache.describe(pairs[0].1), first);
+        assert_eq!(cache.map.len(), 1, "one entry for the shape");
+        assert!(cache.map.keys().all(|k| !k.contains("12345")), "the cache holds no literal");
     }
 
     #[test]

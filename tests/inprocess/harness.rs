@@ -445,6 +445,8 @@ pub struct Options {
     /// The route uses `--auth scram-verifier` (lookups as tailgres_auth,
     /// whom the database trusts).
     pub verifier: bool,
+    /// `--audit-statements`.
+    pub audit_statements: bool,
 }
 
 impl Default for Options {
@@ -462,6 +464,7 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(2),
             identity_login: None,
             verifier: false,
+            audit_statements: false,
         }
     }
 }
@@ -553,7 +556,7 @@ impl World {
             identity_settings: false,
             handshake_timeout: o.handshake_timeout,
             idle_timeout: o.idle_timeout,
-            audit_statements: false,
+            audit_statements: o.audit_statements,
         };
         let audit_path = o.audit.clone().unwrap_or_else(|| dir.path().join("audit.jsonl"));
         let (audit, _task) = AuditLog::open(AuditDest::File(audit_path.clone())).await.unwrap();
