@@ -4,7 +4,8 @@
 //!   text seen for the first time and for one in the cache;
 //! - the audit writer's statement records per second: one writer (records
 //!   acknowledged one at a time, as the statement auditor writes them) and
-//!   eight concurrent writers, with and without signed checkpoints.
+//!   eight concurrent writers, batches as the auditor hands them over under
+//!   load, and with signed checkpoints.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tailgres::audit::{
@@ -32,6 +33,20 @@ fn statement(i: usize) -> Record {
             copy: None,
         }),
     )
+}
+
+async fn batches(label: &str, size: usize, n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, task) = AuditLog::open(AuditDest::File(dir.path().join("a.jsonl"))).await.unwrap();
+    let batch: Vec<Record> = (0..size).map(statement).collect();
+    let began = Instant::now();
+    for _ in 0..n / size {
+        log.record_many(&batch).await.unwrap();
+    }
+    let took = began.elapsed();
+    log.close().await;
+    task.await.unwrap();
+    println!("audit writer, {label:<44} {}", rate(n / size * size, took));
 }
 
 async fn writer(label: &str, tasks: usize, n: usize, checkpoints: Option<Checkpoints>) {
@@ -83,6 +98,7 @@ fn main() {
     rt.block_on(async {
         writer("1 writer (as the statement auditor)", 1, N, None).await;
         writer("8 concurrent writers", 8, N, None).await;
+        batches("1 writer, batches of 64 (the auditor under load)", 64, N).await;
         let dir = tempfile::tempdir().unwrap();
         let signer = Arc::new(Signer::generate(&dir.path().join("k.pem")).unwrap());
         let signed = Checkpoints { signer, every: 1000, interval: Duration::from_secs(60) };
