@@ -221,8 +221,10 @@ fn records(base: &Record, ran: Ran, cache: &mut Cache) -> Vec<Record> {
             vec![record(base, StatementProtocol::Extended, d, started, &result)]
         }
         Ran::Query { text, started, results } => {
+            // Split whenever there may be more than one statement: a
+            // failing first statement must not carry the ones that never ran.
             let pieces: Vec<&str> = match &text {
-                Text::Sql(s) if results.len() > 1 => describe::split(s),
+                Text::Sql(s) if s.contains(';') => describe::split(s),
                 _ => Vec::new(),
             };
             let mut from = started;
@@ -349,6 +351,21 @@ mod tests {
                 (Some("INSERT INTO t VALUES ($1, $2)".into()), Duration::from_millis(2), None),
                 (Some("SELECT $1/$2".into()), Duration::from_millis(3), Some("22012".into())),
             ]
+        );
+        // A failing first statement is recorded alone.
+        let ran = Ran::Query {
+            text: Text::Sql("SELECT 1/0; DELETE FROM t".into()),
+            started: t0,
+            results: vec![tracker::Result {
+                finished: t0,
+                outcome: Outcome::Error(Some("22012".into())),
+                copy: None,
+            }],
+        };
+        let failed = super::records(&base(), ran, &mut Cache::new(TextMode::Normalized));
+        assert!(
+            matches!(&failed[..], [r] if matches!(&r.event, Event::Statement(s) if s.text.as_deref() == Some("SELECT $1/$2"))),
+            "{failed:?}"
         );
         let v = serde_json::to_value(&records[1]).unwrap();
         assert_eq!(

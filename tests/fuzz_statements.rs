@@ -26,10 +26,7 @@ use tailgres::statements::tracker::{Outcome, Ran, Text, Tracker};
 const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/regressions/fuzz_statements.txt");
 
 fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![kind];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
+    tailgres::pgwire::message_bytes(kind, body)
 }
 
 fn cs(s: &str) -> Vec<u8> {

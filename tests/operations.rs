@@ -165,20 +165,7 @@ async fn metrics_move_with_sessions() {
     assert!(sample(&after, "tailgres_client_cert_expiry_seconds") > 86_400.0, "self-signed certificate");
 
     // `tailgres audit` on this real log: the two ends, then the summary.
-    let audit = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"))
-            .arg("audit")
-            .args(args)
-            .arg(lab.audit_log())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "tailgres audit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect::<Vec<Value>>()
-    };
+    let audit = |args: &[&str]| common::audit::cli(&lab.audit_log(), args);
     let node = lab.info["clients"][0]["tailnet_name"].as_str().unwrap().to_string();
     let ends =
         audit(&["--format=json", "--event=session_end", "--database=app", "--who", &node, "--since=1h"]);

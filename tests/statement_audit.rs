@@ -150,20 +150,7 @@ async fn every_statement_is_recorded_without_its_literals() {
     assert!(simple.iter().all(|r| r["duration_us"].as_u64().unwrap() < 30_000_000), "{simple:#?}");
 
     // Read back: by fingerprint, by text, and summarised per fingerprint.
-    let audit = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"))
-            .arg("audit")
-            .args(args)
-            .arg(lab.audit_log())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect::<Vec<Value>>()
-    };
+    let audit = |args: &[&str]| common::audit::cli(&lab.audit_log(), args);
     let fp = simple[7]["fingerprint"].as_str().unwrap();
     let by_fp = audit(&["--format=json", "--fingerprint", fp]);
     // Both literal variants (libpg_query's fingerprint also takes

@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
-use summary::{StatementSummary, Summary};
+use summary::{Report, StatementSummary, Summary};
 use table::Table;
 
 /// How often a followed file is checked for new lines and rotation.
@@ -490,6 +490,17 @@ fn follow<W: Write>(sink: &mut Sink<'_, W>, path: &Path) -> Result<(), RunError>
     })
 }
 
+/// Prints a summary; says whether a table had nothing to show.
+fn report(s: impl Report, format: Format, out: &mut impl Write) -> Result<bool, RunError> {
+    let empty = s.is_empty();
+    match format {
+        Format::Json => s.write_json(out),
+        Format::Table => s.write_table(out),
+    }
+    .map_err(RunError::Output)?;
+    Ok(empty && format == Format::Table)
+}
+
 /// Where matching records go.
 enum Output {
     Json,
@@ -571,24 +582,8 @@ impl<W: Write> Sink<'_, W> {
                 t.flush(&mut self.out).map_err(RunError::Output)?;
                 empty
             }
-            Output::Summary(s) => {
-                let empty = s.is_empty();
-                match format {
-                    Format::Json => s.write_json(&mut self.out),
-                    Format::Table => s.write_table(&mut self.out),
-                }
-                .map_err(RunError::Output)?;
-                empty && format == Format::Table
-            }
-            Output::Statements(s) => {
-                let empty = s.is_empty();
-                match format {
-                    Format::Json => s.write_json(&mut self.out),
-                    Format::Table => s.write_table(&mut self.out),
-                }
-                .map_err(RunError::Output)?;
-                empty && format == Format::Table
-            }
+            Output::Summary(s) => report(s, format, &mut self.out)?,
+            Output::Statements(s) => report(s, format, &mut self.out)?,
         };
         self.out.flush().map_err(RunError::Output)?;
         if empty {

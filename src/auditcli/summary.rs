@@ -13,6 +13,23 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
+/// A summary printed at the end of the input.
+pub trait Report {
+    fn is_empty(&self) -> bool;
+    fn write_json(self, out: &mut impl Write) -> io::Result<()>;
+    fn write_table(self, out: &mut impl Write) -> io::Result<()>;
+}
+
+/// Prints `rows` under `t`'s header, the widths sized to all of them (every
+/// row is known: the table is exact).
+fn print_rows(mut t: Table, rows: Vec<Vec<String>>, out: &mut impl Write) -> io::Result<()> {
+    t.size_to(&rows);
+    for r in rows {
+        t.row(out, r)?;
+    }
+    t.flush(out)
+}
+
 /// What identifies a group. A peer the tailnet could not identify has
 /// only its address, which then stands in for identity and node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,27 +123,25 @@ impl Summary {
             g.bytes_upstream_to_client.saturating_add(e.bytes_upstream_to_client.unwrap_or(0));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
-    }
-
     /// The groups, ordered by identity, node, user, database.
     pub fn groups(self) -> Vec<Group> {
         let mut all: Vec<(Key, Group)> = self.groups.into_iter().collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all.into_iter().map(|(_, g)| g).collect()
     }
+}
 
-    pub fn write_json(self, out: &mut impl Write) -> io::Result<()> {
-        for g in self.groups() {
-            serde_json::to_writer(&mut *out, &g)?;
-            out.write_all(b"\n")?;
-        }
-        Ok(())
+impl Report for Summary {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
     }
 
-    pub fn write_table(self, out: &mut impl Write) -> io::Result<()> {
-        let mut t = Table::new(&[
+    fn write_json(self, out: &mut impl Write) -> io::Result<()> {
+        write_json_lines(self.groups(), out)
+    }
+
+    fn write_table(self, out: &mut impl Write) -> io::Result<()> {
+        let t = Table::new(&[
             ("WHO", false),
             ("NODE", false),
             ("IP", false),
@@ -142,7 +157,6 @@ impl Summary {
         ]);
         let opt = |s: &Option<String>| s.as_deref().map_or_else(|| "-".to_string(), table::clean);
         let groups = self.groups();
-        // Every row before the first is printed: the table is exact.
         let mut rows = Vec::with_capacity(groups.len());
         for g in groups {
             let ips: Vec<String> = g.ips.iter().map(IpAddr::to_string).collect();
@@ -161,12 +175,16 @@ impl Summary {
                 table::bytes(g.bytes_upstream_to_client),
             ]);
         }
-        t.size_to(&rows);
-        for r in rows {
-            t.row(out, r)?;
-        }
-        t.flush(out)
+        print_rows(t, rows, out)
     }
+}
+
+fn write_json_lines<T: Serialize>(groups: Vec<T>, out: &mut impl Write) -> io::Result<()> {
+    for g in groups {
+        serde_json::to_writer(&mut *out, &g)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 /// `--summary --statements`: per identity and statement fingerprint, how
@@ -220,10 +238,6 @@ impl StatementSummary {
         g.rows = g.rows.saturating_add(e.rows.unwrap_or(0));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
-    }
-
     /// By identity, then the most total time first.
     pub fn groups(self) -> Vec<StatementGroup> {
         let mut all: Vec<StatementGroup> = self.groups.into_values().collect();
@@ -237,17 +251,19 @@ impl StatementSummary {
         });
         all
     }
+}
 
-    pub fn write_json(self, out: &mut impl Write) -> io::Result<()> {
-        for g in self.groups() {
-            serde_json::to_writer(&mut *out, &g)?;
-            out.write_all(b"\n")?;
-        }
-        Ok(())
+impl Report for StatementSummary {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
     }
 
-    pub fn write_table(self, out: &mut impl Write) -> io::Result<()> {
-        let mut t = Table::new(&[
+    fn write_json(self, out: &mut impl Write) -> io::Result<()> {
+        write_json_lines(self.groups(), out)
+    }
+
+    fn write_table(self, out: &mut impl Write) -> io::Result<()> {
+        let t = Table::new(&[
             ("WHO", false),
             ("FINGERPRINT", false),
             ("COUNT", true),
@@ -277,11 +293,7 @@ impl StatementSummary {
                 g.text.as_deref().map_or_else(|| "-".to_string(), table::clean),
             ]);
         }
-        t.size_to(&rows);
-        for r in rows {
-            t.row(out, r)?;
-        }
-        t.flush(out)
+        print_rows(t, rows, out)
     }
 }
 

@@ -123,3 +123,16 @@ fn validate_all_text(text: &str, path: &Path) -> Vec<Value> {
         })
         .collect()
 }
+
+/// Runs `tailgres audit ARGS LOG` (which must succeed) and returns the JSON
+/// lines it printed (give `--format=json`).
+pub fn cli(log: &Path, args: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"))
+        .arg("audit")
+        .args(args)
+        .arg(log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tailgres audit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}

@@ -4,10 +4,7 @@
 use super::*;
 
 fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![kind];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
+    crate::pgwire::message_bytes(kind, body)
 }
 
 fn cs(s: &str) -> Vec<u8> {
@@ -76,6 +73,16 @@ fn sql(text: &Text) -> &str {
     }
 }
 
+/// (text, outcome) of each Execute (anything else fails the test).
+fn executes(ran: &[Ran]) -> Vec<(&str, Outcome)> {
+    ran.iter()
+        .map(|r| match r {
+            Ran::Execute { text, result, .. } => (sql(text), result.outcome.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
 fn outcomes(results: &[Result]) -> Vec<Outcome> {
     results.iter().map(|r| r.outcome.clone()).collect()
 }
@@ -118,13 +125,7 @@ fn extended_protocol_named_unnamed_and_pipelined() {
         (S, [msg(b'2', b""), complete("INSERT 0 1"), msg(b'1', b""), msg(b'2', b""), row()].concat()),
         (S, [complete("SELECT 1"), msg(b'2', b""), complete("INSERT 0 1"), ready()].concat()),
     ]);
-    let got: Vec<(&str, Outcome)> = ran
-        .iter()
-        .map(|r| match r {
-            Ran::Execute { text, result, .. } => (sql(text), result.outcome.clone()),
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let got = executes(&ran);
     assert_eq!(
         got,
         [
@@ -147,13 +148,7 @@ fn after_an_error_the_executes_before_sync_never_ran() {
         (S, [msg(b'1', b""), msg(b'2', b""), error("22012"), ready()].concat()),
         (S, [msg(b'1', b""), msg(b'2', b""), row(), complete("SELECT 1"), ready()].concat()),
     ]);
-    let got: Vec<(&str, Outcome)> = ran
-        .iter()
-        .map(|r| match r {
-            Ran::Execute { text, result, .. } => (sql(text), result.outcome.clone()),
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let got = executes(&ran);
     assert_eq!(
         got,
         [
