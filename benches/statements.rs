@@ -31,6 +31,7 @@ fn statement(i: usize) -> Record {
             sqlstate: None,
             suspended: false,
             copy: None,
+            params: None,
         }),
     )
 }

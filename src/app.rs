@@ -225,8 +225,16 @@ fn reload(reread: &Reread, cur: &Config, shared: &Shared, client_tls: &ClientTls
         ephemeral => "--ephemeral", advertise_tags => "--advertise-tags", port => "--port",
         audit_log => "--audit-log", max_sessions => "--max-sessions", shutdown_grace => "--shutdown-grace",
         health_listen => "--health-listen", health_tailnet_port => "--health-tailnet-port",
-        log_format => "--log-format", tsnet_log => "--tsnet-log"
+        log_format => "--log-format", tsnet_log => "--tsnet-log",
+        audit_statement_text => "--audit-statement-text"
     );
+    // The signing key and its cadence belong to the running writer.
+    let key = |c: &Config| {
+        c.audit_checkpoints.as_ref().map(|k| (k.signer.public_key().to_owned(), k.every, k.interval))
+    };
+    if key(cur) != key(&new) {
+        restart.push("--audit-signing-key");
+    }
     if cur.ports() != new.ports() {
         restart.push("[[route]] port");
     }

@@ -63,6 +63,7 @@ enum Job {
 #[derive(Clone)]
 pub struct Auditor {
     tx: SyncSender<Job>,
+    mode: TextMode,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -84,12 +85,17 @@ impl Auditor {
         {
             tracing::error!(error = %e, "cannot start the statement auditor; sessions with statement audit will end");
         }
-        Auditor { tx }
+        Auditor { tx, mode }
     }
 
     /// A sink for one session's relay.
     pub fn sink(&self, session: Arc<SessionAudit>) -> Sink {
-        Sink { session, tx: self.tx.clone(), tracker: Tracker::default(), ran: Vec::new() }
+        // Bind values are kept only for raw text.
+        let tracker = match self.mode {
+            TextMode::Raw => Tracker::with_params(),
+            TextMode::Normalized => Tracker::default(),
+        };
+        Sink { session, tx: self.tx.clone(), tracker, ran: Vec::new() }
     }
 
     /// Resolves once every statement handed over before this call has been
@@ -216,9 +222,17 @@ fn records(base: &Record, ran: Ran, cache: &mut Cache) -> Vec<Record> {
         }
     };
     match ran {
-        Ran::Execute { text, started, result } => {
+        Ran::Execute { text, params, started, result } => {
             let d = describe(cache, &text, None);
-            vec![record(base, StatementProtocol::Extended, d, started, &result)]
+            let mut r = record(base, StatementProtocol::Extended, d, started, &result);
+            // Bind values go with raw text only: a statement shown
+            // normalized (it mentions a password) or not at all shows none.
+            if let (Event::Statement(s), Some(values)) = (&mut r.event, params) {
+                if s.text_status == TextStatus::Raw.as_str() {
+                    s.params = Some(values.iter().map(param_text).collect());
+                }
+            }
+            vec![r]
         }
         Ran::Query { text, started, results } => {
             // Split whenever there may be more than one statement: a
@@ -277,12 +291,25 @@ fn record(
         sqlstate,
         suspended: matches!(result.outcome, Outcome::Suspended),
         copy,
+        params: None,
     };
     // When it finished, on the wall clock.
     let ago = Instant::now().saturating_duration_since(result.finished);
     let mut r = base.with_event(Event::Statement(statement));
     r.ts = SystemTime::now().checked_sub(ago).unwrap_or_else(SystemTime::now);
     r
+}
+
+/// A bind value as a record shows it: text as sent, binary as `\\x` and
+/// hex (PostgreSQL's bytea form).
+fn param_text(p: &tracker::Param) -> Option<String> {
+    match p {
+        tracker::Param::Null => None,
+        tracker::Param::Text(t) => Some(t.clone()),
+        tracker::Param::Binary(b) => {
+            Some(format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+        }
+    }
 }
 
 /// `INSERT 0 5` → (`INSERT`, 5); `SELECT 3` → (`SELECT`, 3); `BEGIN` →

@@ -53,9 +53,15 @@ fn all_events() -> Vec<Event> {
         sqlstate: sqlstate.and_then(SqlState::parse),
         suspended: false,
         copy: None,
+        params: None,
     };
     events.push(Event::Statement(statement(Some("SELECT $1"), "normalized", Some("SELECT"), None)));
     events.push(Event::Statement(statement(Some("SELECT 1"), "raw", Some("SELECT"), None)));
+    events.push(Event::Statement(Statement {
+        protocol: StatementProtocol::Extended,
+        params: Some(vec![Some("alice".into()), None, Some("\\x0007".into())]),
+        ..statement(Some("SELECT $1, $2, $3"), "raw", Some("SELECT"), None)
+    }));
     events.push(Event::Statement(Statement {
         protocol: StatementProtocol::Extended,
         copy: Some(StatementCopy { direction: "in", bytes: 1 << 40 }),
@@ -407,6 +413,10 @@ fn inconsistent_combinations_are_rejected() {
     let mut v = sample("statement");
     v["outcome"] = json!("error");
     assert_rejected(&v, "a failed statement with a command tag");
+
+    let mut v = sample("statement");
+    v["params"] = json!(["hunter2"]);
+    assert_rejected(&v, "bind values beside normalized text");
 
     let mut v = sample("statement");
     v["sqlstate"] = json!("22012");

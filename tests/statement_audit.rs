@@ -241,6 +241,25 @@ async fn raw_text_is_the_operators_choice_and_still_hides_passwords() {
     )
     .await;
     assert!(ok, "{err}");
+    // Bind values come with raw text (and only then).
+    let (client, connection) = tokio_postgres::connect(
+        &format!("{} password=scram-pass", conninfo(&lab, 0, "raw-extended").replace("require", "disable")),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("tokio-postgres through tailgres");
+    let conn = tokio::spawn(connection);
+    client.query_one("select $1::text, $2::int", &[&"visible-bind", &7i32]).await.unwrap();
+    client.query_one("select $1::text as password", &[&"hidden-bind"]).await.unwrap();
+    drop(client);
+    let _ = conn.await;
+    let extended = statements_of(&lab, "raw-extended").await;
+    let params: Vec<(&str, &Value)> =
+        extended.iter().map(|r| (r["text_status"].as_str().unwrap(), &r["params"])).collect();
+    // tokio-postgres binds in binary format: shown as PostgreSQL shows bytea.
+    let hex: String = b"visible-bind".iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(params, [("raw", &json!([format!("\\x{hex}"), "\\x00000007"])), ("normalized", &Value::Null)]);
+
     let raw = statements_of(&lab, "raw").await;
     let texts: Vec<(&str, Option<&str>)> =
         raw.iter().map(|r| (r["text_status"].as_str().unwrap(), r["text"].as_str())).collect();
@@ -254,5 +273,6 @@ async fn raw_text_is_the_operators_choice_and_still_hides_passwords() {
     );
     let log = std::fs::read_to_string(lab.audit_log()).unwrap();
     assert!(!log.contains("scram-pass"), "a password reached the audit log");
+    assert!(!log.contains("hidden-bind"), "a bind value beside a password reached the audit log");
     lab.stop().await;
 }

@@ -227,6 +227,9 @@ pub struct Statement {
     /// A portal that stopped at its row limit (PortalSuspended).
     pub suspended: bool,
     pub copy: Option<StatementCopy>,
+    /// The Execute's bind values (`--audit-statement-text raw` only, and
+    /// only with raw text); NULL as `None`, binary as `\\x` hex.
+    pub params: Option<Vec<Option<String>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -254,7 +257,7 @@ impl Serialize for Statement {
         } else {
             "ok"
         };
-        let mut st = s.serialize_struct("Statement", 10)?;
+        let mut st = s.serialize_struct("Statement", 11)?;
         st.serialize_field("protocol", &self.protocol)?;
         st.serialize_field("text", &self.text)?;
         st.serialize_field("text_status", self.text_status)?;
@@ -265,6 +268,7 @@ impl Serialize for Statement {
         st.serialize_field("rows", &self.rows)?;
         st.serialize_field("sqlstate", &self.sqlstate)?;
         st.serialize_field("copy", &self.copy)?;
+        st.serialize_field("params", &self.params)?;
         st.end()
     }
 }

@@ -247,6 +247,7 @@ mod tests {
                 sqlstate: None,
                 suspended: false,
                 copy: None,
+                params: None,
             }),
         ]
         .iter()

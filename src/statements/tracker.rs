@@ -83,14 +83,28 @@ pub enum Text {
     Unknown,
 }
 
+/// One bind value, as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Param {
+    Null,
+    /// Text format.
+    Text(String),
+    /// Binary format.
+    Binary(Vec<u8>),
+}
+
+/// A portal's bind values (kept only when the tracker was asked to).
+pub type Params = Option<Arc<[Param]>>;
+
 /// What the tracker saw run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ran {
     /// A simple-protocol Query: its whole text (one or more statements)
     /// and one result per statement that ran, in order.
     Query { text: Text, started: Instant, results: Vec<Result> },
-    /// One extended-protocol Execute.
-    Execute { text: Text, started: Instant, result: Result },
+    /// One extended-protocol Execute, with its portal's bind values when
+    /// they are kept.
+    Execute { text: Text, params: Params, started: Instant, result: Result },
 }
 
 /// Why the tracker gave up on a session.
@@ -102,7 +116,7 @@ pub enum Lost {
 
 enum Pending {
     Query { text: Text, started: Instant, results: Vec<Result>, copy: Option<Copy> },
-    Execute { text: Text, started: Instant, copy: Option<Copy> },
+    Execute { text: Text, params: Params, started: Instant, copy: Option<Copy> },
     Sync,
 }
 
@@ -210,18 +224,21 @@ pub struct Tracker {
     portals: Names,
     pending: VecDeque<Pending>,
     lost: Option<Lost>,
+    /// Keep bind values (`--audit-statement-text raw`).
+    params: bool,
 }
 
-/// Names (prepared statements or portals) and their text, bounded.
+/// Names (prepared statements or portals) and their text (and a portal's
+/// bind values), bounded.
 #[derive(Default)]
 struct Names {
-    map: HashMap<Box<[u8]>, Text>,
+    map: HashMap<Box<[u8]>, (Text, Params)>,
     order: VecDeque<Box<[u8]>>,
 }
 
 impl Names {
-    fn insert(&mut self, name: &[u8], text: Text) {
-        if self.map.insert(name.into(), text).is_none() {
+    fn insert(&mut self, name: &[u8], text: Text, params: Params) {
+        if self.map.insert(name.into(), (text, params)).is_none() {
             self.order.push_back(name.into());
             while self.map.len() > MAX_NAMES {
                 match self.order.pop_front() {
@@ -232,8 +249,8 @@ impl Names {
         }
     }
 
-    fn get(&self, name: &[u8]) -> Text {
-        self.map.get(name).cloned().unwrap_or(Text::Unknown)
+    fn get(&self, name: &[u8]) -> (Text, Params) {
+        self.map.get(name).cloned().unwrap_or((Text::Unknown, None))
     }
 
     fn remove(&mut self, name: &[u8]) {
@@ -246,6 +263,12 @@ impl Names {
 }
 
 impl Tracker {
+    /// A tracker that also keeps each Execute's bind values (for raw text;
+    /// never by default).
+    pub fn with_params() -> Tracker {
+        Tracker { params: true, ..Tracker::default() }
+    }
+
     /// Bytes the client sent (`client`) or the database sent, in order, as
     /// they were forwarded; `now` is when they arrived. What finished is
     /// pushed to `ran`.
@@ -255,9 +278,10 @@ impl Tracker {
         }
         let [c, s] = &mut self.readers;
         if client {
-            let (prepared, portals, pending, lost) =
-                (&mut self.prepared, &mut self.portals, &mut self.pending, &mut self.lost);
-            c.feed(bytes, client_wants, |m| Self::client_message(prepared, portals, pending, lost, m, now));
+            let (prepared, portals, pending, lost, params) =
+                (&mut self.prepared, &mut self.portals, &mut self.pending, &mut self.lost, self.params);
+            let wants = |kind| if kind == b'B' && params { MAX_TEXT } else { client_wants(kind) };
+            c.feed(bytes, wants, |m| Self::client_message(prepared, portals, pending, lost, params, m, now));
         } else {
             let pending = &mut self.pending;
             s.feed(bytes, server_wants, |m| Self::server_message(pending, m, now, ran));
@@ -275,6 +299,7 @@ impl Tracker {
         portals: &mut Names,
         pending: &mut VecDeque<Pending>,
         lost: &mut Option<Lost>,
+        keep_params: bool,
         m: Message<'_>,
         now: Instant,
     ) {
@@ -298,17 +323,21 @@ impl Tracker {
                     None if m.digest.is_some() => text_of(&m, rest),
                     None => Text::Unknown,
                 };
-                prepared.insert(name, text);
+                prepared.insert(name, text, None);
             }
             b'B' => {
                 let Some((portal, rest)) = cstr(m.body) else { return };
-                let Some((statement, _)) = cstr(rest) else { return };
-                portals.insert(portal, prepared.get(statement));
+                let Some((statement, values)) = cstr(rest) else { return };
+                let params = match (keep_params, m.digest) {
+                    (true, None) => bind_values(values).map(Arc::from),
+                    _ => None,
+                };
+                portals.insert(portal, prepared.get(statement).0, params);
             }
             b'E' => {
                 let Some((portal, _)) = cstr(m.body) else { return };
-                let text = portals.get(portal);
-                push(pending, lost, Pending::Execute { text, started: now, copy: None });
+                let (text, params) = portals.get(portal);
+                push(pending, lost, Pending::Execute { text, params, started: now, copy: None });
             }
             b'C' => {
                 let Some((&which, rest)) = m.body.split_first() else { return };
@@ -344,10 +373,11 @@ impl Tracker {
                 match pending.front_mut() {
                     Some(Pending::Query { results, copy, .. }) => results.push(finish(outcome, copy.take())),
                     Some(Pending::Execute { .. }) => {
-                        let Some(Pending::Execute { text, started, copy }) = pending.pop_front() else {
+                        let Some(Pending::Execute { text, params, started, copy }) = pending.pop_front()
+                        else {
                             return;
                         };
-                        ran.push(Ran::Execute { text, started, result: finish(outcome, copy) });
+                        ran.push(Ran::Execute { text, params, started, result: finish(outcome, copy) });
                         if error {
                             // The server skips to the next Sync: those
                             // Executes never run.
@@ -411,6 +441,40 @@ impl Pending {
     fn copy(&mut self) -> Option<&mut Copy> {
         self.copy_slot()?.as_mut()
     }
+}
+
+/// The parameter values of a Bind body after the portal and statement
+/// names: format codes, then each value (length -1: NULL). `None` if the
+/// body does not hold together.
+fn bind_values(b: &[u8]) -> Option<Vec<Param>> {
+    let int16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| u16::from_be_bytes([x[0], x[1]]) as usize);
+    let nformats = int16(b, 0)?;
+    let formats: Vec<usize> = (0..nformats).map(|i| int16(b, 2 + 2 * i)).collect::<Option<_>>()?;
+    let mut at = 2 + 2 * nformats;
+    let n = int16(b, at)?;
+    at += 2;
+    let mut values = Vec::with_capacity(n.min(1024));
+    for i in 0..n {
+        let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            values.push(Param::Null);
+            continue;
+        }
+        let v = b.get(at..at + len as usize)?;
+        at += len as usize;
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => *formats.get(i)? == 1,
+        };
+        values.push(if binary {
+            Param::Binary(v.to_vec())
+        } else {
+            Param::Text(String::from_utf8_lossy(v).into_owned())
+        });
+    }
+    Some(values)
 }
 
 /// The SQLSTATE ('C' field) of an ErrorResponse body.

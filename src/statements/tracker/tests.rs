@@ -240,3 +240,51 @@ fn answers_without_questions_and_garbage_are_ignored() {
     let [Ran::Execute { text: Text::Unknown, result, .. }] = ran.as_slice() else { panic!("{ran:?}") };
     assert_eq!(result.outcome, Outcome::Complete("SELECT 0".into()));
 }
+
+#[test]
+fn bind_values_are_kept_only_when_asked_for() {
+    let bind_with = |values: &[Option<&[u8]>], formats: &[u16]| {
+        let mut body = [cs(""), cs("s")].concat();
+        body.extend((formats.len() as u16).to_be_bytes());
+        for f in formats {
+            body.extend(f.to_be_bytes());
+        }
+        body.extend((values.len() as u16).to_be_bytes());
+        for v in values {
+            match v {
+                Some(v) => {
+                    body.extend((v.len() as i32).to_be_bytes());
+                    body.extend(*v);
+                }
+                None => body.extend((-1i32).to_be_bytes()),
+            }
+        }
+        body.extend([0, 0]);
+        msg(b'B', &body)
+    };
+    let steps = [
+        (
+            C,
+            [
+                parse("s", "select $1, $2, $3"),
+                bind_with(&[Some(b"alice"), None, Some(&[0, 0, 0, 7])], &[0, 0, 1]),
+            ]
+            .concat(),
+        ),
+        (C, [execute("", 0), sync()].concat()),
+        (S, [msg(b'1', b""), msg(b'2', b""), row(), complete("SELECT 1"), ready()].concat()),
+    ];
+    let (ran, _) = run(&steps, false, Instant::now());
+    let [Ran::Execute { params: None, .. }] = ran.as_slice() else { panic!("kept by default: {ran:?}") };
+    let mut t = Tracker::with_params();
+    let mut ran = Vec::new();
+    for (client, bytes) in &steps {
+        t.feed(*client, bytes, Instant::now(), &mut ran);
+    }
+    let [Ran::Execute { params: Some(p), .. }] = ran.as_slice() else { panic!("{ran:?}") };
+    assert_eq!(&p[..], [Param::Text("alice".into()), Param::Null, Param::Binary(vec![0, 0, 0, 7])]);
+    // One format code applies to every value; a Bind that does not hold
+    // together keeps none.
+    assert_eq!(bind_values(&[0, 1, 0, 1, 0, 1, 0, 0, 0, 1, b'x']), Some(vec![Param::Binary(vec![b'x'])]));
+    assert_eq!(bind_values(&[0, 0, 0, 2, 0, 0, 0, 9, b'x']), None);
+}
