@@ -302,7 +302,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     // earlier lines are not the lab's to move.
     if new_log {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read(&audit_log).map_or(true, |b| !b.contains(&b'\n')) && Instant::now() < deadline {
+        // The probe's own record, not just the log_opened line heading the file.
+        let probed = |b: &[u8]| b.windows(16).any(|w| w == b"\"session_denied\"");
+        while std::fs::read(&audit_log).map_or(true, |b| !probed(&b)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let probe_log = dir.join("lab-probe.jsonl");
