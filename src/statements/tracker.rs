@@ -31,6 +31,11 @@ const MAX_NAMES: usize = 10_000;
 /// Questions waiting for their answers (a pipeline this deep, with no
 /// answer read, is not a real client's).
 pub const MAX_PENDING: usize = 65_536;
+/// Statement text one session may have the tracker hold, in prepared
+/// statements (and in Queries waiting for their answers, separately):
+/// past it, texts are kept as their digest, so a client cannot make the
+/// proxy hold more than this however many statements it prepares.
+pub const TEXT_BUDGET: usize = 2 << 20;
 
 /// Which way a COPY went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,13 +211,29 @@ fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// The statement text of a Query or Parse body part.
-fn text_of(msg: &Message<'_>, raw: &[u8]) -> Text {
+/// `room`: how much text may still be kept; a text past it is kept as
+/// its digest.
+fn text_of(msg: &Message<'_>, raw: &[u8], room: usize) -> Text {
+    use sha2::Digest;
     if let Some(sha256) = msg.digest {
         return Text::TooLong { sha256, len: msg.len };
+    }
+    if raw.len() > room {
+        return Text::TooLong { sha256: sha2::Sha256::digest(raw).into(), len: raw.len() };
     }
     match std::str::from_utf8(raw) {
         Ok(s) => Text::Sql(Arc::from(s)),
         Err(_) => Text::Unknown,
+    }
+}
+
+impl Text {
+    /// Bytes of text kept.
+    fn kept(&self) -> usize {
+        match self {
+            Text::Sql(s) => s.len(),
+            _ => 0,
+        }
     }
 }
 
@@ -226,6 +247,8 @@ pub struct Tracker {
     lost: Option<Lost>,
     /// Keep bind values (`--audit-statement-text raw`).
     params: bool,
+    /// Text held by Queries waiting for their answers.
+    queued: usize,
 }
 
 /// Names (prepared statements or portals) and their text (and a portal's
@@ -234,20 +257,32 @@ pub struct Tracker {
 struct Names {
     map: HashMap<Box<[u8]>, (Text, Params)>,
     order: VecDeque<Box<[u8]>>,
+    /// Text held by `map` (within [`TEXT_BUDGET`]; shared texts count
+    /// once per name).
+    kept: usize,
 }
 
 impl Names {
     fn insert(&mut self, name: &[u8], text: Text, params: Params) {
-        if self.map.insert(name.into(), (text, params)).is_none() {
-            self.order.push_back(name.into());
-            while self.map.len() > MAX_NAMES {
-                match self.order.pop_front() {
-                    Some(old) => drop(self.map.remove(&old)),
-                    None => break,
+        self.kept += text.kept();
+        match self.map.insert(name.into(), (text, params)) {
+            Some((old, _)) => self.kept -= old.kept(),
+            None => self.order.push_back(name.into()),
+        }
+        // The oldest names go first.
+        while self.map.len() > MAX_NAMES || self.kept > TEXT_BUDGET {
+            let Some(old) = self.order.pop_front() else { break };
+            if old.as_ref() != name {
+                self.remove(&old);
+            } else {
+                self.order.push_back(old);
+                if self.map.len() == 1 {
+                    break;
                 }
             }
         }
     }
+
 
     fn get(&self, name: &[u8]) -> (Text, Params) {
         self.map.get(name).cloned().unwrap_or((Text::Unknown, None))
@@ -255,7 +290,9 @@ impl Names {
 
     fn remove(&mut self, name: &[u8]) {
         // `order` keeps the name until it comes up; bounded all the same.
-        self.map.remove(name);
+        if let Some((old, _)) = self.map.remove(name) {
+            self.kept -= old.kept();
+        }
         if self.order.len() > 2 * MAX_NAMES {
             self.order.retain(|n| self.map.contains_key(n));
         }
@@ -278,13 +315,21 @@ impl Tracker {
         }
         let [c, s] = &mut self.readers;
         if client {
-            let (prepared, portals, pending, lost, params) =
-                (&mut self.prepared, &mut self.portals, &mut self.pending, &mut self.lost, self.params);
+            let (prepared, portals, pending, lost, params, queued) = (
+                &mut self.prepared,
+                &mut self.portals,
+                &mut self.pending,
+                &mut self.lost,
+                self.params,
+                &mut self.queued,
+            );
             let wants = |kind| if kind == b'B' && params { MAX_TEXT } else { client_wants(kind) };
-            c.feed(bytes, wants, |m| Self::client_message(prepared, portals, pending, lost, params, m, now));
+            c.feed(bytes, wants, |m| {
+                Self::client_message(prepared, portals, pending, lost, params, queued, m, now)
+            });
         } else {
-            let pending = &mut self.pending;
-            s.feed(bytes, server_wants, |m| Self::server_message(pending, m, now, ran));
+            let (pending, queued) = (&mut self.pending, &mut self.queued);
+            s.feed(bytes, server_wants, |m| Self::server_message(pending, queued, m, now, ran));
         }
     }
 
@@ -300,6 +345,7 @@ impl Tracker {
         pending: &mut VecDeque<Pending>,
         lost: &mut Option<Lost>,
         keep_params: bool,
+        queued: &mut usize,
         m: Message<'_>,
         now: Instant,
     ) {
@@ -313,14 +359,16 @@ impl Tracker {
         match m.kind {
             b'Q' => {
                 let raw = m.body.strip_suffix(b"\0").unwrap_or(m.body);
-                let text = text_of(&m, raw);
+                let text = text_of(&m, raw, TEXT_BUDGET.saturating_sub(*queued));
+                *queued += text.kept();
                 push(pending, lost, Pending::Query { text, started: now, results: Vec::new(), copy: None });
             }
             b'P' => {
                 let Some((name, rest)) = cstr(m.body) else { return };
                 let text = match cstr(rest) {
-                    Some((q, _)) => text_of(&m, q),
-                    None if m.digest.is_some() => text_of(&m, rest),
+                    // Kept whole: the oldest names make room.
+                    Some((q, _)) => text_of(&m, q, TEXT_BUDGET),
+                    None if m.digest.is_some() => text_of(&m, rest, 0),
                     None => Text::Unknown,
                 };
                 prepared.insert(name, text, None);
@@ -358,7 +406,13 @@ impl Tracker {
         }
     }
 
-    fn server_message(pending: &mut VecDeque<Pending>, m: Message<'_>, now: Instant, ran: &mut Vec<Ran>) {
+    fn server_message(
+        pending: &mut VecDeque<Pending>,
+        queued: &mut usize,
+        m: Message<'_>,
+        now: Instant,
+        ran: &mut Vec<Ran>,
+    ) {
         let finish = |outcome: Outcome, copy: Option<Copy>| Result { finished: now, outcome, copy };
         match m.kind {
             b'C' | b'E' | b's' => {
@@ -417,6 +471,7 @@ impl Tracker {
                 while let Some(p) = pending.pop_front() {
                     match p {
                         Pending::Query { text, started, results, .. } => {
+                            *queued = queued.saturating_sub(text.kept());
                             ran.push(Ran::Query { text, started, results });
                             break;
                         }

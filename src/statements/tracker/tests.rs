@@ -288,3 +288,28 @@ fn bind_values_are_kept_only_when_asked_for() {
     assert_eq!(bind_values(&[0, 1, 0, 1, 0, 1, 0, 0, 0, 1, b'x']), Some(vec![Param::Binary(vec![b'x'])]));
     assert_eq!(bind_values(&[0, 0, 0, 2, 0, 0, 0, 9, b'x']), None);
 }
+
+#[test]
+fn a_client_cannot_make_the_tracker_hold_unbounded_text() {
+    let mut t = Tracker::default();
+    let mut ran = Vec::new();
+    let text = format!("select '{}'", "x".repeat(100_000));
+    // Forty prepared statements of 100 kB: more than the budget.
+    for i in 0..40 {
+        t.feed(true, &parse(&format!("s{i}"), &text), Instant::now(), &mut ran);
+    }
+    assert!(t.prepared.kept <= TEXT_BUDGET, "{}", t.prepared.kept);
+    assert!(t.prepared.map.contains_key(&b"s39"[..]), "the newest is kept");
+    assert!(!t.prepared.map.contains_key(&b"s0"[..]), "the oldest went");
+    // Queries waiting for answers: past the budget, kept as digests.
+    for _ in 0..40 {
+        t.feed(true, &query(&text), Instant::now(), &mut ran);
+    }
+    assert!(t.queued <= TEXT_BUDGET, "{}", t.queued);
+    let answers: Vec<u8> = (0..40).flat_map(|_| [complete("SELECT 1"), ready()].concat()).collect();
+    t.feed(false, &answers, Instant::now(), &mut ran);
+    assert_eq!(ran.len(), 40);
+    assert!(matches!(&ran[0], Ran::Query { text: Text::Sql(_), .. }));
+    assert!(matches!(&ran[39], Ran::Query { text: Text::TooLong { len: 100_009, .. }, .. }), "{:?}", ran[39]);
+    assert_eq!(t.queued, 0, "answered: nothing held");
+}
