@@ -81,7 +81,16 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &ExplainView)
         "require_grant": policy.require_grant,
         "grants_in_use": format!("{:?}", shared.grant_use.get()).to_lowercase(),
         "allow_shared_nodes": policy.allow_shared_nodes,
+        "audit_statements": settings.audit_statements,
     });
+    // Statement audit, said beside each way in: for everyone, or by grant.
+    let audited = |by_grant: bool| {
+        if settings.audit_statements || by_grant {
+            " (statements audited)"
+        } else {
+            ""
+        }
+    };
     let with = |mut v: Value, extra: Value| {
         v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         v
@@ -120,8 +129,9 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &ExplainView)
                 )]
             }
             (false, Unused) => vec![format!(
-                "any user on any database (not replication): no peer on the tailnet carries {cap}, \
-                 and --require-grant is off"
+                "any user on any database (not replication){}: no peer on the tailnet carries {cap}, \
+                 and --require-grant is off",
+                audited(false)
             )],
         }
     } else {
@@ -131,7 +141,8 @@ pub async fn answer<T: Tailnet>(target: &str, tailnet: &T, shared: &ExplainView)
             .map(|g| {
                 let limit = g.max_connections.map(|n| format!(" (at most {n} sessions)")).unwrap_or_default();
                 let repl = if g.replication { " (replication too)" } else { "" };
-                format!("users {:?} on databases {:?}{limit}{repl}", g.users, g.databases)
+                let audit = audited(g.audit == crate::authorize::GrantAudit::Statements);
+                format!("users {:?} on databases {:?}{limit}{repl}{audit}", g.users, g.databases)
             })
             .collect()
     };

@@ -219,6 +219,33 @@ async fn a_grant_turns_statement_audit_on_for_its_holder_only() {
         assert!(tokio::time::Instant::now() < deadline, "alice's statements are never audited");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // `tailgres explain` says whose statements are audited.
+    let explain = |peer: &str| {
+        let state_dir = format!("{}/proxy-state", lab.info["dir"].as_str().unwrap());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tailgres"))
+            .args(["explain", peer, "--json", "--state-dir", &state_dir])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "explain {peer}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let may = |v: &Value| {
+        v["may_connect_as"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        may(&explain("alice-laptop")),
+        [r#"users ["role_scram"] on databases ["app"] (statements audited)"#]
+    );
+    assert!(
+        may(&explain("bob-laptop")).iter().all(|m| !m.contains("audited")),
+        "{:?}",
+        may(&explain("bob-laptop"))
+    );
     lab.stop().await;
 }
 

@@ -283,7 +283,6 @@ impl Names {
         }
     }
 
-
     fn get(&self, name: &[u8]) -> (Text, Params) {
         self.map.get(name).cloned().unwrap_or((Text::Unknown, None))
     }
