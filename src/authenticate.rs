@@ -316,8 +316,8 @@ where
                 let code = m.code().ok_or_else(|| {
                     AuthError::UpstreamProtocol("authentication request without a code".into())
                 })?;
-                match code {
-                    auth::OK => {
+                match (code, credentials) {
+                    (auth::OK, _) => {
                         x.hold_client(&m.to_bytes()).await?;
                         let by = match credentials {
                             Credentials::Certificate => AuthMethod::IdentityCertificate,
@@ -327,30 +327,21 @@ where
                         method.get_or_insert(by);
                         break;
                     }
-                    auth::SASL
-                        if matches!(credentials, Credentials::Verified(VerifiedClient::Scram { .. })) =>
-                    {
-                        let Credentials::Verified(VerifiedClient::Scram { client_key, verifier }) =
-                            credentials
-                        else {
-                            unreachable!()
-                        };
+                    (auth::SASL, Credentials::Verified(VerifiedClient::Scram { client_key, verifier })) => {
                         method = Some(verified_scram(&mut x, &m, binding, client_key, verifier).await?);
                     }
-                    auth::MD5 if matches!(credentials, Credentials::Verified(VerifiedClient::Md5(_))) => {
-                        let Credentials::Verified(VerifiedClient::Md5(v)) = credentials else {
-                            unreachable!()
-                        };
-                        let (Verifier::Md5(hash), Some(salt)) = (&**v, m.body.get(4..8)) else {
+                    (auth::MD5, Credentials::Verified(VerifiedClient::Md5(v))) => {
+                        let salt = m.body.get(4..8).and_then(|s| <[u8; 4]>::try_from(s).ok());
+                        let (Verifier::Md5(hash), Some(salt)) = (&**v, salt) else {
                             return Err(AuthError::UpstreamProtocol("malformed MD5 request".into()));
                         };
                         method = Some(AuthMethod::Md5Verifier);
-                        let answer = md5_answer(hash, salt.try_into().unwrap());
+                        let answer = md5_answer(hash, &salt);
                         let message =
                             Zeroizing::new(pgwire::message_bytes(b'p', &[&answer[..], b"\0"].concat()));
                         x.send_upstream(&message).await?;
                     }
-                    other if matches!(credentials, Credentials::Verified(_)) => {
+                    (other, Credentials::Verified(_)) => {
                         let asked = asked_for(other);
                         let role = startup.user().to_string();
                         let msg = format!(
@@ -361,7 +352,7 @@ where
                         let _ = x.send_client(&pgwire::fatal(sqlstate::INVALID_AUTHORIZATION, &msg)).await;
                         return Err(AuthError::VerifierNotEnough { asked, role });
                     }
-                    other if matches!(credentials, Credentials::Certificate) => {
+                    (other, Credentials::Certificate) => {
                         let asked = asked_for(other);
                         let role = startup.user().to_string();
                         let msg = format!(
@@ -372,13 +363,10 @@ where
                         let _ = x.send_client(&pgwire::fatal(sqlstate::INVALID_AUTHORIZATION, &msg)).await;
                         return Err(AuthError::CertificateNotEnough { asked, role });
                     }
-                    auth::SASL
-                        if client_tls
-                            && matches!(credentials, Credentials::Client(AuthMode::PasswordRelay)) =>
-                    {
+                    (auth::SASL, Credentials::Client(AuthMode::PasswordRelay)) if client_tls => {
                         method = Some(password_relay(&mut x, &m, binding).await?);
                     }
-                    auth::SASL => {
+                    (auth::SASL, _) => {
                         method = Some(AuthMethod::ScramSha256);
                         let stripped = strip_plus(&m.body[4..]).ok_or_else(|| {
                             AuthError::UpstreamProtocol("malformed SASL mechanism list".into())
@@ -393,11 +381,11 @@ where
                         let answer = x.recv_client(MAX_AUTH_MESSAGE).await?;
                         x.send_upstream(&answer.to_bytes()).await?;
                     }
-                    auth::SASL_FINAL => {
+                    (auth::SASL_FINAL, _) => {
                         // Relayed SASL: the final message needs no answer.
                         x.hold_client(&m.to_bytes()).await?;
                     }
-                    auth::GSS_CONTINUE => {
+                    (auth::GSS_CONTINUE, _) => {
                         // GSSAPI/SSPI: the last continue of a mutual
                         // authentication carries the server's final token
                         // and wants no answer; the client knows, we do not.
@@ -408,7 +396,7 @@ where
                             Either::Upstream(m) => next = Some(m),
                         }
                     }
-                    other => {
+                    (other, _) => {
                         // Cleartext, MD5, SASL continue, GSS, SSPI: relay the
                         // request and the client's answer unchanged.
                         method.get_or_insert(match other {
