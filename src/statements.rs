@@ -102,10 +102,17 @@ impl Auditor {
     /// written (or failed).
     pub async fn flush(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
-        // `send` may wait for room: not on a runtime worker.
-        let sent = tokio::task::spawn_blocking(move || tx.send(Job::Flush(done)).is_ok()).await;
-        if matches!(sent, Ok(true)) {
+        let sent = match self.tx.try_send(Job::Flush(done)) {
+            Ok(()) => true,
+            // A full queue: `send` waits for room, which is not for a
+            // runtime worker to do.
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                let tx = self.tx.clone();
+                matches!(tokio::task::spawn_blocking(move || tx.send(job).is_ok()).await, Ok(true))
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        };
+        if sent {
             let _ = wait.await;
         }
     }
