@@ -197,7 +197,7 @@ pub fn verify<R: Read>(
     for (name, r) in files {
         chains.push(read_file(name, r, &mut report, &mut checkpoints, &mut opened)?);
     }
-    order_files(&mut chains, &mut report);
+    order_files(&chains, &mut report);
 
     // Signatures.
     for (at, k) in &opened {
@@ -383,15 +383,16 @@ fn link(last: &Node, node: &Node, stray: Option<At>, report: &mut Report) {
 }
 
 /// Puts files in chain order and reports the joins between them.
-fn order_files(chains: &mut [FileChain], report: &mut Report) {
+fn order_files(chains: &[FileChain], report: &mut Report) {
     let mut with: Vec<&FileChain> = chains.iter().filter(|c| c.first.is_some()).collect();
     // Oldest first by their first record; the chain then says who follows whom.
     with.sort_by(|a, b| {
         let (fa, fb) = (a.first.as_ref().map(|n| &n.ts), b.first.as_ref().map(|n| &n.ts));
         fa.cmp(&fb).then_with(|| a.first.as_ref().map(|n| n.seq).cmp(&b.first.as_ref().map(|n| n.seq)))
     });
-    let ends: HashMap<[u8; 32], usize> =
-        with.iter().enumerate().filter_map(|(i, c)| c.last.as_ref().map(|n| (n.hash, i))).collect();
+    // Each file's last record, by its hash: what a next file's first `prev` names.
+    let ends: HashMap<[u8; 32], &Node> =
+        with.iter().filter_map(|c| c.last.as_ref().map(|n| (n.hash, n))).collect();
     for (i, c) in with.iter().enumerate() {
         let (Some(first), Some(last)) = (&c.first, &c.last) else { continue };
         report.order.push(format!("{}: seq {}..{} ({} records)", c.name, first.seq, last.seq, c.records));
@@ -404,11 +405,9 @@ fn order_files(chains: &mut [FileChain], report: &mut Report) {
             }
             continue;
         };
-        if ends.contains_key(&prev) {
-            // Its predecessor is given; seq and hash were both checked by
-            // the link below.
-            let p = &with[ends[&prev]];
-            let pl = p.last.as_ref().expect("an end has a last record");
+        if let Some(pl) = ends.get(&prev) {
+            // Its predecessor is given (the hash joins them): the seq must
+            // follow too.
             if first.seq != pl.seq + 1 {
                 report.problems.push(format!(
                     "{}: seq {} does not follow {} (seq {})",
