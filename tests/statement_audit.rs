@@ -18,6 +18,22 @@ fn conninfo(lab: &LabUp, client: usize, app: &str) -> String {
     format!("host={h} port={p} user=role_scram dbname=app sslmode=require application_name={app}")
 }
 
+/// tokio-postgres (extended protocol) through the proxy, as role_scram
+/// without TLS; the connection's task beside it.
+async fn extended_client(
+    lab: &LabUp,
+    app: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let (h, p) = lab.forward_host_port(0);
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host={h} port={p} user=role_scram password=scram-pass dbname=app sslmode=disable application_name={app}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("tokio-postgres through tailgres");
+    (client, tokio::spawn(connection))
+}
+
 /// The statement records of the session with this application name, once
 /// its session_end is written (statements come before it).
 async fn statements_of(lab: &LabUp, app: &str) -> Vec<Value> {
@@ -60,13 +76,7 @@ async fn every_statement_is_recorded_without_its_literals() {
 
     // Extended protocol: tokio-postgres prepares, binds and executes, and
     // pipelines what is issued together.
-    let (client, connection) = tokio_postgres::connect(
-        &format!("{} password=scram-pass", conninfo(&lab, 0, "extended").replace("require", "disable")),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("tokio-postgres through tailgres");
-    let conn = tokio::spawn(connection);
+    let (client, conn) = extended_client(&lab, "extended").await;
     let rows = client.query("select $1::text as v", &[&"bind-secret"]).await.unwrap();
     assert_eq!(rows[0].get::<_, &str>(0), "bind-secret");
     let (a, b) = futures_util::future::join(
@@ -269,13 +279,7 @@ async fn raw_text_is_the_operators_choice_and_still_hides_passwords() {
     .await;
     assert!(ok, "{err}");
     // Bind values come with raw text (and only then).
-    let (client, connection) = tokio_postgres::connect(
-        &format!("{} password=scram-pass", conninfo(&lab, 0, "raw-extended").replace("require", "disable")),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("tokio-postgres through tailgres");
-    let conn = tokio::spawn(connection);
+    let (client, conn) = extended_client(&lab, "raw-extended").await;
     client.query_one("select $1::text, $2::int", &[&"visible-bind", &7i32]).await.unwrap();
     client.query_one("select $1::text as password", &[&"hidden-bind"]).await.unwrap();
     drop(client);

@@ -38,8 +38,13 @@ impl Log {
     }
 
     fn text(&self, range: std::ops::Range<usize>) -> String {
-        self.lines[range].iter().map(|l| format!("{l}\n")).collect()
+        joined(&self.lines[range])
     }
+}
+
+/// Lines as a file holds them.
+fn joined(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
 }
 
 fn check(files: &[(&str, String)], key: Option<&str>, shipped: Option<&str>) -> Report {
@@ -81,7 +86,7 @@ fn a_deleted_line_is_named() {
     let log = ten();
     let mut lines = log.lines.clone();
     lines.remove(3);
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let text = joined(&lines);
     let r = check(&[("a", text)], None, None);
     assert!(
         r.problems[0].starts_with("a:4: 1 record(s) missing before this line (seq 5 follows 3)"),
@@ -95,7 +100,7 @@ fn a_reordered_pair_is_named() {
     let log = ten();
     let mut lines = log.lines.clone();
     lines.swap(5, 6);
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let text = joined(&lines);
     let r = check(&[("a", text)], None, None);
     assert!(
         r.problems[0].starts_with("a:6: 1 record(s) missing before this line (seq 7 follows 5)"),
@@ -139,14 +144,14 @@ fn a_torn_fragment_is_skipped_but_an_edited_non_record_is_not() {
     let log = ten();
     let mut lines = log.lines.clone();
     lines.insert(4, lines[4][..20].to_owned());
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let text = joined(&lines);
     let r = check(&[("a", text)], None, None);
     assert!(r.whole(), "{}", r.render());
     assert!(r.notes[0].starts_with("a:5: not a record, skipped"), "{}", r.render());
     // A record turned into garbage does not pass for a torn write.
     let mut lines = log.lines.clone();
     lines[4] = "garbage".into();
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let text = joined(&lines);
     let r = check(&[("a", text)], None, None);
     assert!(r.problems[0].starts_with("a:5: not a record, and the chain does not skip it"), "{}", r.render());
 }
