@@ -106,15 +106,40 @@ pub struct Stop {
 /// Follows message boundaries in one direction's plaintext without
 /// buffering (type byte + Int32 length), to know the last complete message:
 /// a client that sent Terminate ('X') ended the session even if the
-/// server's close reaches us first, and a FATAL may only go to the client
-/// between the server's messages.
-#[derive(Default)]
+/// server's close reaches us first, a server that sent a FATAL error ended
+/// it even if the client's reaction (its close, a write to the closed
+/// backend failing) reaches us before the server's close, and a FATAL may
+/// only go to the client between the server's messages.
 struct Frames {
     header: [u8; 5],
     header_len: usize,
     remaining: u64,
     current: u8,
     last_complete: Option<u8>,
+    /// The start of the ErrorResponse being read: enough for its severity.
+    error_head: [u8; ERROR_HEAD],
+    error_head_len: usize,
+    /// A complete ErrorResponse said FATAL or PANIC.
+    fatal: bool,
+}
+
+/// Bytes of an ErrorResponse kept to read its severity: the localized `S`
+/// field, then `V` (PostgreSQL 9.6 and later), come first.
+const ERROR_HEAD: usize = 64;
+
+impl Default for Frames {
+    fn default() -> Frames {
+        Frames {
+            header: [0; 5],
+            header_len: 0,
+            remaining: 0,
+            current: 0,
+            last_complete: None,
+            error_head: [0; ERROR_HEAD],
+            error_head_len: 0,
+            fatal: false,
+        }
+    }
 }
 
 impl Frames {
@@ -122,10 +147,15 @@ impl Frames {
         while !buf.is_empty() {
             if self.remaining > 0 {
                 let n = (self.remaining.min(buf.len() as u64)) as usize;
+                if self.current == b'E' {
+                    let k = n.min(ERROR_HEAD - self.error_head_len);
+                    self.error_head[self.error_head_len..self.error_head_len + k].copy_from_slice(&buf[..k]);
+                    self.error_head_len += k;
+                }
                 self.remaining -= n as u64;
                 buf = &buf[n..];
                 if self.remaining == 0 {
-                    self.last_complete = Some(self.current);
+                    self.complete();
                 }
                 continue;
             }
@@ -139,11 +169,24 @@ impl Frames {
                 let len =
                     u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
                 self.remaining = u64::from(len.saturating_sub(4));
+                self.error_head_len = 0;
                 if self.remaining == 0 {
-                    self.last_complete = Some(self.current);
+                    self.complete();
                 }
             }
         }
+    }
+
+    fn complete(&mut self) {
+        self.last_complete = Some(self.current);
+        if self.current == b'E' {
+            self.fatal |= fatal_severity(&self.error_head[..self.error_head_len]);
+        }
+    }
+
+    /// The server said FATAL (or PANIC): its backend is ending.
+    fn fatal(&self) -> bool {
+        self.fatal
     }
 
     fn at_boundary(&self) -> bool {
@@ -153,6 +196,29 @@ impl Frames {
     fn terminated(&self) -> bool {
         self.last_complete == Some(b'X') && self.at_boundary()
     }
+}
+
+/// Whether an ErrorResponse body (or its start) has severity FATAL or
+/// PANIC: the non-localized `V` field when there is one, else `S`.
+fn fatal_severity(body: &[u8]) -> bool {
+    let mut severity = None;
+    let mut rest = body;
+    while let [code, tail @ ..] = rest {
+        if *code == 0 {
+            break;
+        }
+        let Some(end) = tail.iter().position(|&b| b == 0) else { break };
+        match code {
+            b'V' => {
+                severity = Some(&tail[..end]);
+                break;
+            }
+            b'S' => severity = Some(&tail[..end]),
+            _ => {}
+        }
+        rest = &tail[end + 1..];
+    }
+    matches!(severity, Some(b"FATAL" | b"PANIC"))
 }
 
 /// One leg: its TLS connection (`None`: plaintext), and for a plaintext
@@ -233,6 +299,10 @@ impl Engine {
     }
 
     fn end(&mut self, reason: EndReason, detail: Option<String>) -> u32 {
+        // After the database's FATAL, whatever broke next (the client
+        // hanging up on it, a write to the gone backend) is its close.
+        let (reason, detail) =
+            if self.frames[UPSTREAM].fatal() { (EndReason::UpstreamClosed, None) } else { (reason, detail) };
         if self.stopped.is_none() {
             self.ended.get_or_insert((reason, detail));
         }
@@ -524,6 +594,10 @@ impl Relay {
             (s.reason, s.detail.clone())
         } else if let Some((r, d)) = &e.ended {
             (*r, d.clone())
+        } else if e.frames[UPSTREAM].fatal() {
+            // The database said FATAL, and the client may have hung up
+            // before the database's own close reached us.
+            (EndReason::UpstreamClosed, None)
         } else if e.frames[CLIENT].terminated() {
             // A client that said Terminate ended the session, whichever
             // close came first.

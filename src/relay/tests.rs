@@ -240,6 +240,74 @@ async fn terminate_then_an_unclean_upstream_close_is_the_clients() {
     assert_eq!(out.reason, EndReason::ClientTerminated, "{:?}", out.detail);
 }
 
+/// An ErrorResponse body: `S` (localized), `V`, code and message.
+fn error_body(localized: &str, severity: Option<&str>) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend([&b"S"[..], localized.as_bytes(), b"\0"].concat());
+    if let Some(v) = severity {
+        b.extend([&b"V"[..], v.as_bytes(), b"\0"].concat());
+    }
+    b.extend(b"C57P01\0Mterminating connection due to administrator command\0\0");
+    b
+}
+
+#[test]
+fn frames_know_a_fatal_error_by_its_severity() {
+    let cases = [
+        (error_body("FATAL", Some("FATAL")), true),
+        (error_body("SCHWERWIEGEND", Some("FATAL")), true), // localized S, V decides
+        (error_body("PANIC", Some("PANIC")), true),
+        (error_body("FATAL", None), true), // before 9.6: S only
+        (error_body("ERROR", Some("ERROR")), false),
+        (error_body("FATAL", Some("ERROR")), false), // V wins over a misleading S
+        (error_body("NOTICE", Some("NOTICE")), false),
+    ];
+    for (body, fatal) in cases {
+        let mut msgs = crate::pgwire::message_bytes(b'D', b"\0\x01\0\0\0\x01x");
+        msgs.extend(crate::pgwire::message_bytes(b'E', &body));
+        for chunk in [1, 3, msgs.len()] {
+            let mut f = Frames::default();
+            for c in msgs.chunks(chunk) {
+                f.feed(c);
+            }
+            assert_eq!(f.fatal(), fatal, "{:?} in chunks of {chunk}", String::from_utf8_lossy(&body));
+        }
+    }
+    // The same bytes inside a CopyData, or a NoticeResponse, are not an error.
+    let mut f = Frames::default();
+    f.feed(&crate::pgwire::message_bytes(b'd', &error_body("FATAL", Some("FATAL"))));
+    f.feed(&crate::pgwire::message_bytes(b'N', &error_body("FATAL", Some("FATAL"))));
+    assert!(!f.fatal());
+}
+
+/// The database's FATAL reaches the client, which hangs up (cleanly or
+/// not) before the database's own close reaches the relay: the database
+/// ended the session either way.
+#[tokio::test]
+async fn a_fatal_then_the_clients_hang_up_is_the_databases_close() {
+    for clean in [true, false] {
+        let (c_peer, c) = duplex(1024);
+        let (mut u_peer, u) = duplex(1024);
+        let r = Arc::new(Relay::new(None, Vec::new(), None));
+        tokio::spawn(drive(EofIsError(c), u, r.clone()));
+        let task = tokio::spawn(async move { supervise(&r, None, std::future::pending::<Stop>()).await });
+        let fatal = crate::pgwire::message_bytes(b'E', &error_body("FATAL", Some("FATAL")));
+        u_peer.write_all(&fatal).await.unwrap();
+        let mut c_peer = c_peer;
+        let mut got = vec![0u8; fatal.len()];
+        c_peer.read_exact(&mut got).await.unwrap();
+        if clean {
+            c_peer.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            u_peer.read_to_end(&mut rest).await.unwrap(); // the client's close came first
+        }
+        drop(c_peer);
+        drop(u_peer);
+        let out = task.await.unwrap();
+        assert_eq!(out.reason, EndReason::UpstreamClosed, "clean {clean}: {:?}", out.detail);
+    }
+}
+
 /// What admission read but did not use (a pipelined query) goes first.
 #[tokio::test]
 async fn bytes_read_before_the_relay_go_first() {
