@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,6 +28,10 @@ func (l *lab) adminHandler() http.Handler {
 	mux.HandleFunc("GET /policy", l.handle(l.getPolicy))
 	mux.HandleFunc("PUT /policy", l.handle(l.putPolicy))
 	mux.HandleFunc("DELETE /policy", l.handle(l.deletePolicy))
+	mux.HandleFunc("GET /services", l.handle(l.getServices))
+	mux.HandleFunc("GET /services/{name}", l.handle(l.getService))
+	mux.HandleFunc("PUT /services/{name}", l.handle(l.putService))
+	mux.HandleFunc("DELETE /services/{name}", l.handle(l.deleteService))
 	mux.HandleFunc("POST /auth/complete", l.handle(l.completeAuth))
 	mux.HandleFunc("GET /control", l.handle(l.getControl))
 	mux.HandleFunc("POST /control/down", l.handle(l.setControl(false)))
@@ -97,6 +102,20 @@ func decodeBody(r *http.Request, v any) error {
 		return errors.New("bad JSON body: trailing data")
 	}
 	return nil
+}
+
+// decodeOptionalBody is decodeBody for requests whose body may be empty
+// (v is then left as it is).
+func decodeOptionalBody(r *http.Request, v any) error {
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		return fmt.Errorf("reading body: %w", err)
+	}
+	if len(bytes.TrimSpace(b)) == 0 {
+		return nil
+	}
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	return decodeBody(r, v)
 }
 
 func (l *lab) getNodes(r *http.Request) (any, error) {

@@ -40,6 +40,19 @@ type lab struct {
 	ctrl *testcontrol.Server
 	mgr  *mapManager
 	gate *gateListener // the control server's port (see gate.go)
+
+	derpSrv  *derpserver.Server
+	derpHTTP *httptest.Server
+	stunPC   *net.UDPConn
+	ctrlHTTP *httptest.Server
+	stopMgr  context.CancelFunc
+	mgrDone  chan struct{}
+}
+
+// labConfig is what "tslab control" flags set on the control server.
+type labConfig struct {
+	authKey      string // if set, nodes must register with it
+	requireLogin bool   // new node keys get an interactive login URL
 }
 
 func runControl(args []string) error {
@@ -54,6 +67,9 @@ func runControl(args []string) error {
 			"Runs DERP, STUN, a test control server and an admin JSON API on 127.0.0.1.\n"+
 			"Admin API: GET /nodes, GET|DELETE /nodes/{sel}, POST /nodes/{sel}/tags,\n"+
 			"POST /nodes/{sel}/expire, GET|POST /caps/global, GET|PUT|DELETE /policy,\n"+
+			"GET /services, GET|PUT|DELETE /services/{svc:name} (Tailscale Services: a VIP\n"+
+			"routed to tagged nodes that advertise the Service; PUT body optional,\n"+
+			"{\"ports\": [5432]}),\n"+
 			"POST /auth/complete {\"url\": LOGIN_URL},\n"+
 			"GET /control, POST /control/down|up (the control server unreachable, then back).\n\n")
 		fs.PrintDefaults()
@@ -86,59 +102,11 @@ func runControl(args []string) error {
 	if err != nil {
 		return err
 	}
-
-	derpSrv, derpHTTP, err := startDERP(logf)
+	l, err := startLab(logf, labConfig{authKey: *authKey, requireLogin: *requireLogin})
 	if err != nil {
 		adminLn.Close()
 		return err
 	}
-	stunPC, err := startSTUN(logf)
-	if err != nil {
-		adminLn.Close()
-		derpHTTP.Close()
-		derpSrv.Close()
-		return err
-	}
-	derpPort := derpHTTP.Listener.Addr().(*net.TCPAddr).Port
-	stunPort := stunPC.LocalAddr().(*net.UDPAddr).Port
-
-	l := &lab{logf: logf}
-	l.ctrl = &testcontrol.Server{
-		DERPMap:        labDERPMap(derpPort, stunPort),
-		DNSConfig:      &tailcfg.DNSConfig{Proxied: true},
-		MagicDNSDomain: magicDNSSuffix,
-		Logf:           logf,
-		// A non-nil TagOwners makes testcontrol give nodes the tags they
-		// request (Hostinfo.RequestTags) at registration, unchecked.
-		TagOwners:      map[string][]string{},
-		AllOnline:      true,
-		RequireAuthKey: *authKey,
-		// Like a real control server: a node key that completed login once
-		// is not asked again (unlike RequireAuthKey, checked every time).
-		RequireAuth: *requireLogin,
-	}
-	l.mgr = newMapManager(l.ctrl, logf)
-	// testcontrol reads HoldMapRequest without locking, so it must be
-	// set before the server sees its first request.
-	l.ctrl.HoldMapRequest = l.mgr.noteMapRequest
-
-	ctrlHTTP := httptest.NewUnstartedServer(l.ctrl)
-	ctrlLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return err
-	}
-	ctrlHTTP.Listener.Close()
-	l.gate = newGateListener(ctrlLn)
-	ctrlHTTP.Listener = l.gate
-	ctrlHTTP.Config.ErrorLog = logger.StdLogger(logf)
-	ctrlHTTP.Start()
-	l.ctrl.HTTPTestServer = ctrlHTTP
-
-	mgrDone := make(chan struct{})
-	go func() {
-		defer close(mgrDone)
-		l.mgr.run(ctx)
-	}()
 
 	admin := &http.Server{
 		Handler:           l.adminHandler(),
@@ -148,12 +116,13 @@ func runControl(args []string) error {
 	go admin.Serve(adminLn)
 
 	if err := announceReady(controlReady{
-		ControlURL:     ctrlHTTP.URL,
+		ControlURL:     l.ctrlHTTP.URL,
 		AdminURL:       "http://" + adminLn.Addr().String(),
-		DERPAddr:       derpHTTP.Listener.Addr().String(),
-		STUNAddr:       stunPC.LocalAddr().String(),
+		DERPAddr:       l.derpHTTP.Listener.Addr().String(),
+		STUNAddr:       l.stunPC.LocalAddr().String(),
 		MagicDNSSuffix: magicDNSSuffix,
 	}, *readyFile); err != nil {
+		l.close()
 		return err
 	}
 
@@ -162,19 +131,89 @@ func runControl(args []string) error {
 	shutCtx, shutCancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer shutCancel()
 	admin.Shutdown(shutCtx)
-	<-mgrDone
+	l.close()
+	return nil
+}
+
+// startLab starts DERP, STUN and the control server (with the map
+// manager) on 127.0.0.1. The caller serves l.adminHandler() if it wants
+// the admin API, and calls l.close when done.
+func startLab(logf logger.Logf, cfg labConfig) (*lab, error) {
+	derpSrv, derpHTTP, err := startDERP(logf)
+	if err != nil {
+		return nil, err
+	}
+	stunPC, err := startSTUN(logf)
+	if err != nil {
+		derpHTTP.Close()
+		derpSrv.Close()
+		return nil, err
+	}
+	derpPort := derpHTTP.Listener.Addr().(*net.TCPAddr).Port
+	stunPort := stunPC.LocalAddr().(*net.UDPAddr).Port
+
+	l := &lab{logf: logf, derpSrv: derpSrv, derpHTTP: derpHTTP, stunPC: stunPC}
+	l.ctrl = &testcontrol.Server{
+		DERPMap:        labDERPMap(derpPort, stunPort),
+		DNSConfig:      &tailcfg.DNSConfig{Proxied: true},
+		MagicDNSDomain: magicDNSSuffix,
+		Logf:           logf,
+		// A non-nil TagOwners makes testcontrol give nodes the tags they
+		// request (Hostinfo.RequestTags) at registration, unchecked.
+		TagOwners:      map[string][]string{},
+		AllOnline:      true,
+		RequireAuthKey: cfg.authKey,
+		// Like a real control server: a node key that completed login once
+		// is not asked again (unlike RequireAuthKey, checked every time).
+		RequireAuth: cfg.requireLogin,
+	}
+	l.mgr = newMapManager(l.ctrl, logf)
+	// testcontrol reads HoldMapRequest without locking, so it must be
+	// set before the server sees its first request.
+	l.ctrl.HoldMapRequest = l.mgr.noteMapRequest
+
+	ctrlLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		stunPC.Close()
+		derpHTTP.Close()
+		derpSrv.Close()
+		return nil, err
+	}
+	l.ctrlHTTP = httptest.NewUnstartedServer(l.ctrl)
+	l.ctrlHTTP.Listener.Close()
+	l.gate = newGateListener(ctrlLn)
+	l.ctrlHTTP.Listener = l.gate
+	l.ctrlHTTP.Config.ErrorLog = logger.StdLogger(logf)
+	l.ctrlHTTP.Start()
+	l.ctrl.HTTPTestServer = l.ctrlHTTP
+
+	var mgrCtx context.Context
+	mgrCtx, l.stopMgr = context.WithCancel(context.Background())
+	l.mgrDone = make(chan struct{})
+	go func() {
+		defer close(l.mgrDone)
+		l.mgr.run(mgrCtx)
+	}()
+	return l, nil
+}
+
+// close stops everything startLab started.
+func (l *lab) close() {
+	l.stopMgr()
+	<-l.mgrDone
 	// Map polls are long-lived requests; drop them rather than wait out
 	// their keep-alive timers. httptest.Server.Close waits for handlers,
 	// so bound it: exiting is what matters.
-	closeBounded(shutCtx, func() {
-		ctrlHTTP.CloseClientConnections()
-		ctrlHTTP.Close()
-		derpHTTP.CloseClientConnections()
-		derpHTTP.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	closeBounded(ctx, func() {
+		l.ctrlHTTP.CloseClientConnections()
+		l.ctrlHTTP.Close()
+		l.derpHTTP.CloseClientConnections()
+		l.derpHTTP.Close()
 	})
-	derpSrv.Close()
-	stunPC.Close()
-	return nil
+	l.derpSrv.Close()
+	l.stunPC.Close()
 }
 
 func closeBounded(ctx context.Context, f func()) {
@@ -293,6 +332,9 @@ func userLogins(ctrl *testcontrol.Server, nodes []*tailcfg.Node) map[tailcfg.Use
 	if err != nil || mr == nil {
 		return m
 	}
+	// MapResponse also takes the node's next queued c2n request (see
+	// services.go); it isn't ours to drop.
+	requeuePing(ctrl, nodes[0].Key, mr.PingRequest)
 	for _, up := range mr.UserProfiles {
 		m[up.ID] = up.LoginName
 	}

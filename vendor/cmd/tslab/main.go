@@ -9,8 +9,10 @@
 //
 // "tslab control" runs a DERP server, a STUN responder, Tailscale's test
 // control server (tailscale.com/tstest/integration/testcontrol) and an
-// admin JSON API that can retag, expire and delete nodes and install a
-// grants-style access policy. See control.go and policy.go.
+// admin JSON API that can retag, expire and delete nodes, install a
+// grants-style access policy and define Tailscale Services (a VIP that
+// tagged nodes host with tsnet's ListenService). See control.go,
+// policy.go and services.go.
 //
 // "tslab node" runs one tsnet node that forwards loopback TCP ports into
 // the tailnet, and with --serve relays tailnet ports to loopback ones (a

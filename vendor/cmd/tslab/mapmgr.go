@@ -36,7 +36,8 @@ const (
 // to enforce a policy (or hide a removed node) the lab computes each
 // node's netmap itself and delivers it with AddRawMapResponse.
 //
-// Policy mode is on while a policy is installed, and for good once a
+// Policy mode is on while a policy is installed or a Service is defined
+// (services.go: routes to a Service differ per node), and for good once a
 // node has been removed or expired (see takeOver).
 //
 // AddRawMapResponse permanently suppresses testcontrol's automatic
@@ -57,9 +58,20 @@ type mapManager struct {
 	takenOver  bool // set by remove and expire; see takeOver
 	streams    map[key.NodePublic]*streamState
 
-	// sent is the last netmap delivered to each managed node. Only the
-	// run goroutine touches it.
-	sent map[key.NodePublic]sentMap
+	// Tailscale Services (services.go).
+	services map[tailcfg.ServiceName]*labService
+	vipNext  int                        // VIPs handed out so far
+	adverts  map[key.NodePublic]*advert // what each node advertises
+	plan     *servicePlan               // the last sync's, for the admin API
+
+	// sent is the last netmap delivered to each managed node, and assign
+	// each Service's client → host assignment. Only the run goroutine
+	// touches them.
+	sent   map[key.NodePublic]sentMap
+	assign map[tailcfg.ServiceName]map[tailcfg.NodeID]tailcfg.NodeID
+	// approved: the Services each node has hosted, which it keeps the host
+	// capability for after it stops advertising them (see services.go).
+	approved map[tailcfg.StableNodeID]set.Set[tailcfg.ServiceName]
 }
 
 type streamState struct {
@@ -68,8 +80,9 @@ type streamState struct {
 }
 
 type sentMap struct {
-	json []byte
-	at   time.Time
+	json    []byte
+	at      time.Time
+	hosting []tailcfg.ServiceName // Services it got the host capability for
 }
 
 func newMapManager(ctrl *testcontrol.Server, logf logger.Logf) *mapManager {
@@ -85,11 +98,22 @@ func newMapManager(ctrl *testcontrol.Server, logf logger.Logf) *mapManager {
 
 // noteMapRequest is installed as testcontrol's HoldMapRequest hook. It
 // tracks which nodes have a streaming poll, because raw responses can
-// only be delivered to those, and because a fresh poll of a managed
-// node gets nothing from testcontrol until we send it a netmap.
+// only be delivered to those, because a fresh poll of a managed node gets
+// nothing from testcontrol until we send it a netmap, and because a
+// Service host is one whose poll is connected: when a poll ends (the node
+// stopped, was killed, or lost control), the next sync knows at once.
 func (m *mapManager) noteMapRequest(req *tailcfg.MapRequest) (done func()) {
-	if !req.Stream || req.ReadOnly {
+	if req.ReadOnly {
 		return nil
+	}
+	if !req.Stream {
+		if req.Hostinfo == nil {
+			return nil
+		}
+		// A Hostinfo update, maybe a new Hostinfo.ServicesHash (a
+		// Service advertised or withdrawn). testcontrol has stored it
+		// by the time done runs.
+		return m.kickNow
 	}
 	m.mu.Lock()
 	st := m.streams[req.NodeKey]
@@ -106,6 +130,7 @@ func (m *mapManager) noteMapRequest(req *tailcfg.MapRequest) (done func()) {
 		m.mu.Lock()
 		st.live--
 		m.mu.Unlock()
+		m.kickNow()
 	}
 }
 
@@ -194,22 +219,24 @@ func (m *mapManager) run(ctx context.Context) {
 
 // syncSnapshot is the manager state one sync works from.
 type syncSnapshot struct {
-	policy  *Policy
-	caps    tailcfg.PeerCapMap
-	removed set.Set[tailcfg.StableNodeID]
-	active  bool // policy mode
-	streams map[key.NodePublic]streamState
+	policy   *Policy
+	caps     tailcfg.PeerCapMap
+	removed  set.Set[tailcfg.StableNodeID]
+	active   bool // policy mode
+	streams  map[key.NodePublic]streamState
+	services []*labService // by name
 }
 
 func (m *mapManager) snapshot() syncSnapshot {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := syncSnapshot{
-		policy:  m.policy,
-		caps:    m.globalCaps,
-		removed: m.removed.Clone(),
-		active:  m.policy != nil || m.takenOver,
-		streams: make(map[key.NodePublic]streamState, len(m.streams)),
+		policy:   m.policy,
+		caps:     m.globalCaps,
+		removed:  m.removed.Clone(),
+		active:   m.policy != nil || m.takenOver || len(m.services) > 0,
+		streams:  make(map[key.NodePublic]streamState, len(m.streams)),
+		services: m.servicesSortedLocked(),
 	}
 	for k, st := range m.streams {
 		s.streams[k] = *st
@@ -232,6 +259,11 @@ func (m *mapManager) sync() {
 			env.nodes = append(env.nodes, n)
 		}
 	}
+	plan := m.planServices(snap, nodes)
+	m.mu.Lock()
+	m.plan = plan
+	m.mu.Unlock()
+	newHost := false
 	for _, n := range nodes {
 		last, managed := m.sent[n.Key]
 		if !snap.active && !managed {
@@ -245,20 +277,28 @@ func (m *mapManager) sync() {
 		if err != nil || mr == nil {
 			continue
 		}
-		rewriteMapResponse(mr, n, nodes, env, snap)
+		rewriteMapResponse(mr, n, nodes, env, snap, plan)
 		// Compare without ControlTime, which is set to the real time
-		// (see takeOver) only when the netmap is actually sent.
+		// (see takeOver) only when the netmap is actually sent, and
+		// without a c2n request (PingRequest) MapResponse took off the
+		// node's queue: that must reach the node either way.
 		mr.ControlTime = nil
+		ping := mr.PingRequest
+		mr.PingRequest = nil
 		b, err := json.Marshal(mr)
 		if err != nil {
 			m.logf("policy: marshal netmap for %s: %v", n.Name, err)
+			requeuePing(m.ctrl, n.Key, ping)
 			continue
 		}
 		if managed && bytes.Equal(last.json, b) && last.at.After(st.start.Add(streamSettle)) {
+			requeuePing(m.ctrl, n.Key, ping)
 			continue
 		}
 		mr.ControlTime = new(time.Now().UTC())
-		// False means no poll is registered yet; retry next tick.
+		mr.PingRequest = ping
+		// False means no poll is registered yet; retry next tick. (A
+		// c2n request goes with it; its sender times out and retries.)
 		if !m.ctrl.AddRawMapResponse(n.Key, mr) {
 			continue
 		}
@@ -266,13 +306,35 @@ func (m *mapManager) sync() {
 			m.logf("policy: now managing netmaps of %s", n.Name)
 		}
 		m.logf("policy: sent netmap to %s: %d peers, %d filter rules", n.Name, len(mr.Peers), len(mr.PacketFilters["base"]))
-		m.sent[n.Key] = sentMap{json: b, at: time.Now()}
+		var hosting []tailcfg.ServiceName
+		for _, s := range plan.hosting[n.ID] {
+			hosting = append(hosting, s.Name)
+		}
+		for _, s := range hosting {
+			if !slices.Contains(last.hosting, s) || last.at.Before(st.start) {
+				newHost = true
+			}
+		}
+		m.sent[n.Key] = sentMap{json: b, at: time.Now(), hosting: hosting}
+	}
+	if newHost {
+		// Clients are routed to a host once its capability has gone
+		// out (see planServices): do that now, not on the next tick.
+		m.kickNow()
+	}
+}
+
+// requeuePing gives a PingRequest that testcontrol's MapResponse took off
+// a node's queue back to it, for delivery on its map poll.
+func requeuePing(ctrl *testcontrol.Server, nk key.NodePublic, pr *tailcfg.PingRequest) {
+	if pr != nil {
+		ctrl.AddPingRequest(nk, pr)
 	}
 }
 
 // rewriteMapResponse turns testcontrol's MapResponse for self into the
-// one the lab's policy and removals call for.
-func rewriteMapResponse(mr *tailcfg.MapResponse, self *tailcfg.Node, all []*tailcfg.Node, env *policyEnv, snap syncSnapshot) {
+// one the lab's policy, removals and Services call for.
+func rewriteMapResponse(mr *tailcfg.MapResponse, self *tailcfg.Node, all []*tailcfg.Node, env *policyEnv, snap syncSnapshot, plan *servicePlan) {
 	filter := mr.PacketFilter // testcontrol's allow-all (+ global caps)
 	if snap.policy != nil {
 		filter = env.packetFilter(snap.policy, self)
@@ -304,6 +366,10 @@ func rewriteMapResponse(mr *tailcfg.MapResponse, self *tailcfg.Node, all []*tail
 				mr.PeersRemoved = append(mr.PeersRemoved, n.ID)
 			}
 		}
+	}
+
+	if !selfRemoved {
+		applyServices(mr, self, plan)
 	}
 
 	// testcontrol builds UserProfiles from a map; sort them so that

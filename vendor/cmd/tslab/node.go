@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"tailscale.com/client/local"
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/net/netns"
 	"tailscale.com/net/tsaddr"
@@ -308,9 +310,9 @@ func (n *labNode) checkTargetSyntax(target string) error {
 }
 
 // checkTargetKnown reports an error if target's host is a name that no
-// node in the current netmap has. tsnet falls back to the system
-// resolver for names MagicDNS doesn't know, which must never happen in
-// the lab (and would be slow and confusing if it did).
+// node (or Tailscale Service) in the current netmap has. tsnet falls back
+// to the system resolver for names MagicDNS doesn't know, which must
+// never happen in the lab (and would be slow and confusing if it did).
 func (n *labNode) checkTargetKnown(ctx context.Context, target string) error {
 	host, _, _ := net.SplitHostPort(target)
 	if _, err := netip.ParseAddr(host); err == nil {
@@ -339,7 +341,32 @@ func (n *labNode) checkTargetKnown(ctx context.Context, target string) error {
 			return nil
 		}
 	}
+	// Not a node: maybe a Tailscale Service, whose name control sends as
+	// DNS records (services.go), which tsnet's dialer resolves from the
+	// netmap too.
+	if n.suffix != "" && serviceResolves(ctx, lc, want, n.suffix) {
+		return nil
+	}
 	return fmt.Errorf("%q is not in this node's netmap", host)
+}
+
+// serviceResolves reports whether the node's MagicDNS resolver has an A
+// record for name. Only names under the tailnet's suffix are asked (a
+// short name as NAME.suffix, which the lab always sends alongside): the
+// resolver answers those itself, and would pass anything else on to
+// other resolvers.
+func serviceResolves(ctx context.Context, lc *local.Client, name, suffix string) bool {
+	if !strings.Contains(name, ".") {
+		name += "." + suffix
+	}
+	if !strings.HasSuffix(name, "."+suffix) {
+		return false
+	}
+	b, _, err := lc.QueryDNS(ctx, name+".", "A")
+	// A DNS header is 12 bytes: RCODE is the low 4 bits of byte 3 and
+	// the answer count bytes 6-7. The resolver answers a name it holds
+	// with A records only.
+	return err == nil && len(b) >= 12 && b[3]&0x0f == 0 && binary.BigEndian.Uint16(b[6:8]) > 0
 }
 
 func (n *labNode) serveForward(ctx context.Context, ln net.Listener, target string) {
