@@ -304,7 +304,7 @@ fn chained(records: &[Rec]) -> Vec<String> {
     records
         .iter()
         .map(|r| {
-            let (line, link) = tailgres::audit::chain::stamp(r.line().as_bytes(), head);
+            let (line, link) = tailgres::audit::chain::stamp(r.line().as_bytes(), "pg-1", head);
             head = Some(link);
             String::from_utf8(line).unwrap()
         })
@@ -312,7 +312,7 @@ fn chained(records: &[Rec]) -> Vec<String> {
 }
 
 fn verify_text(text: &[u8]) -> auditcli::verify::Report {
-    auditcli::verify::verify(vec![("log".to_string(), io::Cursor::new(text.to_vec()))], None, None).unwrap()
+    auditcli::verify::verify(vec![("log".to_string(), io::Cursor::new(text.to_vec()))], &[], None).unwrap()
 }
 
 proptest! {
@@ -596,6 +596,7 @@ fn filter() -> impl Strategy<Value = Filter> {
             sessions,
             fingerprints: vec![],
             texts,
+            nodes: vec![],
         })
 }
 

@@ -2,8 +2,11 @@
 //! the line before it, and with a signing key the writer adds signed
 //! checkpoints.
 //!
-//! The writer appends `"seq":N,"prev":"<hex>"` to each record's JSON object
-//! (so a record reads "when, what, who", then its place in the chain).
+//! The writer appends `"node":"<name>","seq":N,"prev":"<hex>"` to each
+//! record's JSON object (so a record reads "when, what, who", then the
+//! tailgres node that wrote it and its place in that node's chain). Each
+//! node of a fleet keeps its own log and its own chain; `node` is part of
+//! the line, so the chain covers it like any other field.
 //! `prev` is the SHA-256 of the previous record's exact line, without its
 //! newline; it is `null` only for the first record of a new chain. The
 //! chain continues across restarts (the writer reads the last line of the
@@ -54,18 +57,22 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `body` (one JSON object) with `seq` and `prev` appended, and a newline.
-/// Returns the line and the link it makes.
-pub fn stamp(body: &[u8], head: Option<Link>) -> (Vec<u8>, Link) {
+/// `body` (one JSON object) with `node` (the writing node's name), `seq`
+/// and `prev` appended, and a newline. Returns the line and the link it
+/// makes.
+pub fn stamp(body: &[u8], node: &str, head: Option<Link>) -> (Vec<u8>, Link) {
     debug_assert!(body.first() == Some(&b'{') && body.last() == Some(&b'}') && body.len() > 2);
     let seq = head.map_or(1, |h| h.seq + 1);
     let prev = match head {
         Some(h) => format!("\"{}\"", hex(&h.hash)),
         None => "null".into(),
     };
-    let mut line = Vec::with_capacity(body.len() + 96);
+    // A JSON string (a DNS label needs no escaping, but nothing else can
+    // break the line either).
+    let node = serde_json::Value::from(node);
+    let mut line = Vec::with_capacity(body.len() + 128);
     line.extend_from_slice(&body[..body.len() - 1]);
-    line.extend_from_slice(format!(",\"seq\":{seq},\"prev\":{prev}}}").as_bytes());
+    line.extend_from_slice(format!(",\"node\":{node},\"seq\":{seq},\"prev\":{prev}}}").as_bytes());
     let link = Link { seq, hash: line_hash(&line) };
     line.push(b'\n');
     (line, link)
@@ -112,7 +119,9 @@ pub fn seq_of(line: &[u8]) -> Option<u64> {
 }
 
 /// What a checkpoint signs: its own `seq` and `prev` (which covers every
-/// line before it).
+/// line before it, their `node` included). The checkpoint's own `node` is
+/// not in the message (it is vouched for by the next line's `prev`, as its
+/// `ts` is), so the message is the same as before records named their node.
 pub fn checkpoint_message(seq: u64, prev: &[u8; 32]) -> Vec<u8> {
     format!("tailgres audit checkpoint v1\nseq={seq}\nprev={}\n", hex(prev)).into_bytes()
 }
@@ -228,15 +237,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stamp_appends_seq_and_prev_and_links_the_exact_line() {
-        let (first, a) = stamp(br#"{"event":"x"}"#, None);
-        assert_eq!(first, b"{\"event\":\"x\",\"seq\":1,\"prev\":null}\n");
+    fn stamp_appends_node_seq_and_prev_and_links_the_exact_line() {
+        let (first, a) = stamp(br#"{"event":"x"}"#, "pg-1", None);
+        assert_eq!(first, b"{\"event\":\"x\",\"node\":\"pg-1\",\"seq\":1,\"prev\":null}\n");
         assert_eq!(a, Link { seq: 1, hash: line_hash(&first[..first.len() - 1]) });
-        let (second, b) = stamp(br#"{"event":"y"}"#, Some(a));
+        let (second, b) = stamp(br#"{"event":"y"}"#, "pg-1", Some(a));
         let text = String::from_utf8(second).unwrap();
-        assert_eq!(text, format!("{{\"event\":\"y\",\"seq\":2,\"prev\":\"{}\"}}\n", hex(&a.hash)));
+        assert_eq!(
+            text,
+            format!("{{\"event\":\"y\",\"node\":\"pg-1\",\"seq\":2,\"prev\":\"{}\"}}\n", hex(&a.hash))
+        );
         assert_eq!(b.seq, 2);
         assert_eq!(seq_of(text.trim_end().as_bytes()), Some(2));
+        // Whatever the name, the line stays one JSON object.
+        let (odd, _) = stamp(br#"{"event":"z"}"#, "a\"b\n", None);
+        let v: serde_json::Value = serde_json::from_slice(&odd).unwrap();
+        assert_eq!(v["node"], "a\"b\n");
     }
 
     #[test]
@@ -246,8 +262,8 @@ mod tests {
         assert_eq!(resume(&path).unwrap(), None, "missing file");
         std::fs::write(&path, "").unwrap();
         assert_eq!(resume(&path).unwrap(), None, "empty file");
-        let (l1, _) = stamp(br#"{"n":1}"#, None);
-        let (l2, k2) = stamp(br#"{"n":2}"#, Some(Link { seq: 6, hash: [0; 32] }));
+        let (l1, _) = stamp(br#"{"n":1}"#, "tailgres", None);
+        let (l2, k2) = stamp(br#"{"n":2}"#, "tailgres", Some(Link { seq: 6, hash: [0; 32] }));
         let mut text = [l1, l2].concat();
         std::fs::write(&path, &text).unwrap();
         assert_eq!(resume(&path).unwrap(), Some(k2));

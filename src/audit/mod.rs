@@ -20,6 +20,10 @@
 //! Tamper evidence ([`chain`]): each line carries `seq` and the SHA-256 of
 //! the line before; with [`AuditOptions::checkpoints`] the writer signs
 //! checkpoints. `tailgres audit verify` checks both.
+//!
+//! Every line also names the node that wrote it (`node`,
+//! [`AuditOptions::node`]: the `--hostname`), so that the logs of a fleet's
+//! nodes can be read together (`tailgres audit` merges them by time).
 #![forbid(unsafe_code)]
 
 pub mod chain;
@@ -73,11 +77,17 @@ pub struct AuditOptions {
     pub capacity: usize,
     /// Signed checkpoints; `None`: the chain alone.
     pub checkpoints: Option<Checkpoints>,
+    /// The node's name (its `--hostname`, a DNS label), written on every
+    /// line as `node`. Default: [`DEFAULT_NODE`].
+    pub node: String,
 }
+
+/// [`AuditOptions::node`] by default: the default `--hostname`.
+pub const DEFAULT_NODE: &str = crate::config::DEFAULT_HOSTNAME;
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        AuditOptions { sync: false, capacity: DEFAULT_CAPACITY, checkpoints: None }
+        AuditOptions { sync: false, capacity: DEFAULT_CAPACITY, checkpoints: None, node: DEFAULT_NODE.into() }
     }
 }
 
@@ -188,6 +198,7 @@ impl AuditLog {
             head,
             header_due: Some(OpenReason::Start),
             signing,
+            node: options.node.clone(),
         };
         // The writer is a thread of its own (see `writer`); the handle the
         // caller awaits finishes when that thread does.

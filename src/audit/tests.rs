@@ -29,7 +29,7 @@ fn lines(path: &Path) -> Vec<Value> {
 /// `tailgres audit verify` on these files.
 fn verify(files: &[&Path], key: Option<&str>) -> crate::auditcli::verify::Report {
     let files = files.iter().map(|p| (p.display().to_string(), std::fs::File::open(p).unwrap())).collect();
-    crate::auditcli::verify::verify(files, key, None).unwrap()
+    crate::auditcli::verify::verify(files, key.as_slice(), None).unwrap()
 }
 
 #[test]
@@ -337,6 +337,45 @@ async fn the_chain_survives_rotation_and_restart() {
     assert!(report.order[0].starts_with(&rotated.display().to_string()), "{:?}", report.order);
 }
 
+/// Every line names the node that wrote it (`AuditOptions::node`, the
+/// `--hostname`), the writer's own records too; a restart under the same
+/// name goes on with the chain, and the default name is "tailgres".
+#[tokio::test]
+async fn every_line_names_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let signer = Arc::new(chain::Signer::generate(&dir.path().join("key.pem")).unwrap());
+    let checkpoints = Checkpoints { signer, every: 2, interval: std::time::Duration::from_secs(3600) };
+    for run in ["first", "second"] {
+        let options = AuditOptions {
+            checkpoints: Some(checkpoints.clone()),
+            node: "pg-1".into(),
+            ..AuditOptions::default()
+        };
+        let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
+        log.record(&denied(run)).await.unwrap();
+        log.close().await;
+        writer.await.unwrap();
+    }
+    let all = all_lines(&path);
+    let events: Vec<&str> = all.iter().map(|v| v["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        events,
+        ["log_opened", "session_denied", "checkpoint", "log_opened", "session_denied", "checkpoint"]
+    );
+    assert!(all.iter().all(|v| v["node"] == "pg-1"), "{all:?}");
+    let report = verify(&[&path], None);
+    assert!(report.whole(), "{}", report.render());
+    assert_eq!((report.records, report.checkpoints), (6, 2));
+
+    let other = dir.path().join("default.jsonl");
+    let (log, writer) = AuditLog::open(AuditDest::File(other.clone())).await.unwrap();
+    log.record(&denied("x")).await.unwrap();
+    log.close().await;
+    writer.await.unwrap();
+    assert!(all_lines(&other).iter().all(|v| v["node"] == "tailgres"));
+}
+
 #[tokio::test]
 async fn checkpoints_are_signed_every_n_records_on_ticks_and_at_close() {
     let dir = tempfile::tempdir().unwrap();
@@ -393,9 +432,10 @@ async fn checkpoints_are_signed_every_n_records_on_ticks_and_at_close() {
             v["detail"] = "nothing to see".into();
         }
         let obj = v.as_object_mut().unwrap();
+        obj.remove("node");
         obj.remove("seq");
         obj.remove("prev");
-        let (l, link) = chain::stamp(&serde_json::to_vec(&v).unwrap(), head);
+        let (l, link) = chain::stamp(&serde_json::to_vec(&v).unwrap(), crate::audit::DEFAULT_NODE, head);
         head = Some(link);
         forged.push_str(std::str::from_utf8(&l).unwrap());
     }

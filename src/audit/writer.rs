@@ -9,7 +9,8 @@
 //! than a hop through the blocking pool and back for every line.
 //!
 //! Being the only writer, it also keeps the chain ([`super::chain`]): it
-//! stamps each line with the next `seq` and the previous line's hash, heads
+//! stamps each line with the node's name, the next `seq` and the previous
+//! line's hash, heads
 //! every run and every reopened file with a `log_opened` record, and signs
 //! checkpoints when given a key.
 #![forbid(unsafe_code)]
@@ -30,8 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 const NEW_FILE_MODE: u32 = 0o600;
 
 pub(super) enum Msg {
-    /// One serialized record: a JSON object, without `seq`, `prev` or a
-    /// newline (the writer adds them).
+    /// One serialized record: a JSON object, without `node`, `seq`, `prev`
+    /// or a newline (the writer adds them).
     Write { line: Vec<u8>, ack: oneshot::Sender<Result<(), AuditError>> },
     /// Several records, written in order; acknowledged once, after the
     /// last (or the first that fails: the rest are not written).
@@ -122,6 +123,8 @@ pub(super) struct Writer {
     /// A `log_opened` record is owed before the next record.
     pub(super) header_due: Option<OpenReason>,
     pub(super) signing: Option<Signing>,
+    /// This node's name, stamped on every line as `node`.
+    pub(super) node: String,
 }
 
 /// What a blocking write reports.
@@ -284,7 +287,7 @@ impl Writer {
     /// Stamps `body` with the chain and writes it; the chain advances only
     /// once the line is written. Returns the line.
     fn append(&mut self, body: &[u8]) -> Result<Vec<u8>, AuditError> {
-        let (line, link) = chain::stamp(body, self.head);
+        let (line, link) = chain::stamp(body, &self.node, self.head);
         self.write(&line)?;
         self.head = Some(link);
         if let Some(s) = &mut self.signing {

@@ -40,6 +40,10 @@ pub struct Entry {
     /// `ts`, parsed.
     #[serde(skip, default = "epoch")]
     pub time: SystemTime,
+    /// The tailgres node that wrote the record (its `node`); `None` in logs
+    /// from before records named it. (`node()` is the peer's machine.)
+    #[serde(rename = "node")]
+    pub proxy: Option<String>,
     pub peer_addr: Option<String>,
     pub peer: Option<PeerView>,
     pub postgres: Option<PostgresView>,

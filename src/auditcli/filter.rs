@@ -154,6 +154,8 @@ pub struct Filter {
     pub fingerprints: Vec<Glob>,
     /// Statement records whose text matches (case-insensitive).
     pub texts: Vec<Glob>,
+    /// Records written by these tailgres nodes (`node`, case-insensitive).
+    pub nodes: Vec<Glob>,
 }
 
 impl Filter {
@@ -179,6 +181,7 @@ impl Filter {
             })
             && any(&self.fingerprints, |g| e.fingerprint.as_deref().is_some_and(|f| g.matches(f)))
             && any(&self.texts, |g| e.text.as_deref().is_some_and(|t| g.matches(t)))
+            && any(&self.nodes, |g| e.proxy.as_deref().is_some_and(|n| g.matches(n)))
     }
 }
 
@@ -228,7 +231,7 @@ mod tests {
             Event::denied(DenyReason::UnknownPeer, ""),
             Event::auth_ok(crate::audit::AuthMethod::Trust),
             Event::auth_failed(crate::audit::AuthMethod::Md5, None, ""),
-            Event::Cancel(CancelOutcome::UnknownKey),
+            Event::cancel(CancelOutcome::UnknownKey),
             Event::SessionEnd(SessionEnd {
                 duration: Duration::ZERO,
                 bytes_client_to_upstream: 0,
@@ -294,11 +297,11 @@ mod tests {
     const ALICE: &str = r#"{"ts":"2026-11-23T14:03:07.000000Z","event":"session_end","session_id":"00000000000000a1",
         "peer_addr":"100.64.0.3:41234",
         "peer":{"stable_id":"nALICE","node_name":"laptop.tail1234.ts.net","user_login":"alice@example.com","tags":[],"tailnet_ip":"100.64.0.3"},
-        "postgres":{"user":"alice","database":"app"}}"#;
+        "postgres":{"user":"alice","database":"app"},"node":"pg-1"}"#;
     const CI_CANCEL: &str = r#"{"ts":"2026-11-24T00:00:00.000000Z","event":"cancel","session_id":"00000000000000c1",
         "target_session_id":"00000000000000c0","peer_addr":"[fd7a:115c:a1e0::7]:1",
         "peer":{"stable_id":"nCI","node_name":"ci-runner.tail1234.ts.net","user_login":"tagged-devices","tags":["tag:ci"],"tailnet_ip":"fd7a:115c:a1e0::7"},
-        "postgres":null}"#;
+        "postgres":null,"node":"PG-2"}"#;
     const UNKNOWN: &str = r#"{"ts":"2026-11-22T00:00:00.000000Z","event":"session_denied","session_id":"00000000000000d1",
         "peer_addr":"100.64.0.99:5000","peer":null,"postgres":null,"reason":"unknown_peer"}"#;
 
@@ -396,6 +399,23 @@ mod tests {
                     ..Filter::default()
                 },
                 [true, false, false],
+            ),
+            (
+                "node",
+                Filter { nodes: vec![Glob::new("pg-1", true)], ..Filter::default() },
+                [true, false, false],
+            ),
+            // Case-insensitive, like DNS; a record from before records
+            // named their node matches no --node.
+            (
+                "nodes",
+                Filter { nodes: vec![Glob::new("pg-*", true)], ..Filter::default() },
+                [true, true, false],
+            ),
+            (
+                "nodes OR",
+                Filter { nodes: vec![Glob::new("pg-2", true), Glob::new("pg-9", true)], ..Filter::default() },
+                [false, true, false],
             ),
             (
                 "who OR",

@@ -21,6 +21,16 @@ pub enum Item<'a> {
     TooLong,
 }
 
+impl Item<'_> {
+    /// The line (empty for one too long).
+    pub fn line(&self) -> &[u8] {
+        match self {
+            Item::Line(l) => l,
+            Item::TooLong => &[],
+        }
+    }
+}
+
 /// Lines of a byte stream, each at most [`MAX_LINE`] bytes.
 pub struct Lines<R> {
     inner: BufReader<R>,

@@ -3,7 +3,8 @@
 //! accessed what, from which machine", or followed as it is written.
 //!
 //! The log is read line by line in bounded memory (a summary holds one
-//! entry per group). A line that is not a record is reported with its file
+//! entry per group). The logs of several nodes (a fleet) are merged by time
+//! ([`merge`]), holding one record per node. A line that is not a record is reported with its file
 //! and line number and skipped; it makes the exit status 1 unless
 //! `--lenient`. Nothing here writes to the log.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@
 mod entry;
 mod filter;
 mod input;
+mod merge;
 mod summary;
 mod table;
 pub mod verify;
@@ -51,6 +53,13 @@ Files are read in the order given; with none, or `-`, standard input is read. Li
 read one at a time, so logs of any size take little memory. A line that is not an audit \
 record is reported on stderr as FILE:LINE and skipped; blank lines are ignored.
 
+Every record names the tailgres node that wrote it (`node`, its --hostname). Given the logs \
+of several nodes (a fleet behind one Tailscale Service), tailgres audit merges them by time: \
+consecutive files of one node (a log and its rotated files, oldest first) are read in turn, \
+and the nodes' records interleave by their ts (records of the same time keep the order of \
+the files). The table then shows each record's node (PROXY), --node picks nodes, and the \
+summary counts each node apart.
+
 The log's own records (log_opened, checkpoint) are left out unless --event names them. \
 `tailgres audit verify FILE...` checks that logs are whole (their seq/prev chain and signed \
 checkpoints); `tailgres audit keygen FILE` makes a checkpoint signing key.
@@ -89,12 +98,17 @@ Examples:
   # Rotated and compressed logs, oldest first
   zcat audit.jsonl.3.gz audit.jsonl.2.gz | tailgres audit --summary - audit.jsonl.1 audit.jsonl
 
-Output columns (table): time, event, who (the user's login, or a tagged device's tags), \
-node, tailnet IP, database user@database, outcome (transport, auth method, denial or end \
+  # A fleet: two nodes' logs merged by time; then only what pg-2 saw
+  tailgres audit pg-1/audit.jsonl pg-2/audit.jsonl --since 1h
+  tailgres audit --node pg-2 pg-1/audit.jsonl pg-2/audit.jsonl
+
+Output columns (table): time, proxy (the tailgres node that wrote the record; shown when the \
+records come from more than one), event, who (the user's login, or a tagged device's tags), \
+node (the peer's machine), tailnet IP, database user@database, outcome (transport, auth method, denial or end \
 reason and whose side caused it), bytes to and from the database and duration (session \
 ends), session id (a cancel shows its own -> the target's), detail.
 
-Summary: one row per (who, node, database user, database): sessions let in \
+Summary: one row per (who, node, database user, database, and tailgres node): sessions let in \
 (session_start), denied (session_denied), failed authentications (auth_failed), first and \
 last record seen, and the bytes of its session_end records. Peers the tailnet could not \
 identify are grouped by address. Only records inside --since/--until are counted. With \
@@ -108,9 +122,15 @@ Exit status: 0 success (also when nothing matches); 1 some lines were not audit 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "tailgres audit", bin_name = "tailgres audit", about = ABOUT, long_about = LONG_ABOUT, after_long_help = EXAMPLES)]
 pub struct AuditArgs {
-    /// Audit logs to read, in order (`-`: standard input; none: standard input).
+    /// Audit logs to read, in order (`-`: standard input; none: standard input). Several
+    /// nodes' logs are merged by time.
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
+
+    /// Records written by this tailgres node (its --hostname, the record's `node`;
+    /// case-insensitive; `*` and `?` allowed).
+    #[arg(long, value_name = "NAME")]
+    pub node: Vec<String>,
 
     /// Peers whose user login, node name (full or first label), tag, stable node ID or
     /// tailnet IP matches PATTERN (case-insensitive; `*` and `?` allowed).
@@ -152,7 +172,8 @@ pub struct AuditArgs {
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub format: Option<Format>,
 
-    /// Print one line per (who, node, database user, database) instead of the records.
+    /// Print one line per (who, node, database user, database, tailgres node) instead of
+    /// the records.
     #[arg(long)]
     pub summary: bool,
 
@@ -285,6 +306,7 @@ impl Query {
             sessions: args.session.iter().map(|p| Glob::new(p, true)).collect(),
             fingerprints: args.fingerprint.iter().map(|p| Glob::new(p, true)).collect(),
             texts: args.text.iter().map(|p| Glob::new(p, true)).collect(),
+            nodes: args.node.iter().map(|p| Glob::new(p, true)).collect(),
         };
         let format = args.format.unwrap_or(if stdout_is_terminal { Format::Table } else { Format::Json });
         Ok(Query {
@@ -349,7 +371,7 @@ pub fn run<W: Write>(query: &Query, out: W) -> Result<Outcome, RunError> {
         (true, _) if query.statements => Output::Statements(StatementSummary::default()),
         (true, _) => Output::Summary(Summary::default()),
         (false, Format::Json) => Output::Json,
-        (false, Format::Table) => Output::Table(Table::new(table::RECORD_COLUMNS)),
+        (false, Format::Table) => Output::Table(table::records()),
     };
     let mut sink = Sink { filter: &query.filter, out, output, outcome: Outcome::default() };
     if query.follow {
@@ -358,10 +380,10 @@ pub fn run<W: Write>(query: &Query, out: W) -> Result<Outcome, RunError> {
             [Source::Stdin] => return Err(UsageError::FollowStdin.into()),
             many => return Err(UsageError::FollowManyFiles(many.len()).into()),
         }
+    } else if let [source] = query.sources.as_slice() {
+        read_source(&mut sink, source)?;
     } else {
-        for source in &query.sources {
-            read_source(&mut sink, source)?;
-        }
+        merge::merge(&mut sink, &query.sources)?;
     }
     sink.finish(query.format)
 }
@@ -518,24 +540,37 @@ struct Sink<'q, W: Write> {
 
 impl<W: Write> Sink<'_, W> {
     fn item(&mut self, name: &str, number: u64, item: Item<'_>) -> io::Result<()> {
+        match self.parse(name, number, &item) {
+            Some(entry) => self.emit(&entry, item.line()),
+            None => Ok(()),
+        }
+    }
+
+    /// The record on a line; `None` for a blank line or one that is not a
+    /// record (reported).
+    fn parse(&mut self, name: &str, number: u64, item: &Item<'_>) -> Option<Entry> {
         let line = match item {
             Item::TooLong => {
                 self.malformed(name, number, LineError::TooLong(input::MAX_LINE));
-                return Ok(());
+                return None;
             }
             Item::Line(line) => line,
         };
         if line.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
+            return None;
         }
-        let entry = match Entry::parse(line) {
-            Ok(e) => e,
+        match Entry::parse(line) {
+            Ok(e) => Some(e),
             Err(e) => {
                 self.malformed(name, number, e);
-                return Ok(());
+                None
             }
-        };
-        if !self.filter.matches(&entry) {
+        }
+    }
+
+    /// Shows (or counts) `entry`, whose line is `line`, if it matches.
+    fn emit(&mut self, entry: &Entry, line: &[u8]) -> io::Result<()> {
+        if !self.filter.matches(entry) {
             return Ok(());
         }
         self.outcome.records += 1;
@@ -544,13 +579,13 @@ impl<W: Write> Sink<'_, W> {
                 self.out.write_all(line)?;
                 self.out.write_all(b"\n")
             }
-            Output::Table(t) => t.row(&mut self.out, table::record_row(&entry)),
+            Output::Table(t) => t.row(&mut self.out, table::record_row(entry)),
             Output::Summary(s) => {
-                s.add(&entry);
+                s.add(entry);
                 Ok(())
             }
             Output::Statements(s) => {
-                s.add(&entry);
+                s.add(entry);
                 Ok(())
             }
         }
@@ -563,6 +598,14 @@ impl<W: Write> Sink<'_, W> {
         }
         if self.outcome.malformed == MAX_REPORTED + 1 {
             eprintln!("tailgres audit: more lines are not audit records; counting them without showing them");
+        }
+    }
+
+    /// The records come from several tailgres nodes: the table shows whose
+    /// each is.
+    fn several_nodes(&mut self) {
+        if let Output::Table(t) = &mut self.output {
+            t.show(table::PROXY_COLUMN, true);
         }
     }
 

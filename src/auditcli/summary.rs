@@ -1,7 +1,9 @@
 //! `--summary`: who accessed what, from which machine.
 //!
-//! One group per (identity, node, database user, database); memory grows
-//! with the number of groups, not with the log.
+//! One group per (identity, node, database user, database, and the
+//! tailgres node that wrote the records: a fleet's logs read together give
+//! each proxy's counts); memory grows with the number of groups, not with
+//! the log.
 #![forbid(unsafe_code)]
 
 use super::entry::Entry;
@@ -41,6 +43,8 @@ struct Key {
     unidentified_ip: Option<IpAddr>,
     user: Option<String>,
     database: Option<String>,
+    /// The tailgres node that wrote the records.
+    proxy: Option<String>,
 }
 
 /// One line of the summary.
@@ -56,6 +60,9 @@ pub struct Group {
     /// said which.
     pub user: Option<String>,
     pub database: Option<String>,
+    /// The tailgres node that wrote the records (their `node`; null in logs
+    /// from before records named it). `node` is the peer's machine.
+    pub proxy: Option<String>,
     /// `session_start` records: sessions let in.
     pub sessions: u64,
     /// `session_denied` records.
@@ -91,6 +98,7 @@ impl Summary {
             unidentified_ip: if who.is_none() { ip } else { None },
             user: e.db_user().map(str::to_owned),
             database: e.database().map(str::to_owned),
+            proxy: e.proxy.clone(),
         };
         let g = self.groups.entry(key).or_insert_with_key(|k| Group {
             who: k.who.clone(),
@@ -98,6 +106,7 @@ impl Summary {
             ips: BTreeSet::new(),
             user: k.user.clone(),
             database: k.database.clone(),
+            proxy: k.proxy.clone(),
             sessions: 0,
             denied: 0,
             auth_failed: 0,
@@ -123,7 +132,7 @@ impl Summary {
             g.bytes_upstream_to_client.saturating_add(e.bytes_upstream_to_client.unwrap_or(0));
     }
 
-    /// The groups, ordered by identity, node, user, database.
+    /// The groups, ordered by identity, node, user, database, tailgres node.
     pub fn groups(self) -> Vec<Group> {
         let mut all: Vec<(Key, Group)> = self.groups.into_iter().collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -141,12 +150,13 @@ impl Report for Summary {
     }
 
     fn write_table(self, out: &mut impl Write) -> io::Result<()> {
-        let t = Table::new(&[
+        let mut t = Table::new(&[
             ("WHO", false),
             ("NODE", false),
             ("IP", false),
             ("USER", false),
             ("DATABASE", false),
+            ("PROXY", false),
             ("SESSIONS", true),
             ("DENIED", true),
             ("AUTH FAILED", true),
@@ -157,6 +167,9 @@ impl Report for Summary {
         ]);
         let opt = |s: &Option<String>| s.as_deref().map_or_else(|| "-".to_string(), table::clean);
         let groups = self.groups();
+        // The tailgres node, when the records come from more than one.
+        let proxies: BTreeSet<&Option<String>> = groups.iter().map(|g| &g.proxy).collect();
+        t.show(5, proxies.len() > 1);
         let mut rows = Vec::with_capacity(groups.len());
         for g in groups {
             let ips: Vec<String> = g.ips.iter().map(IpAddr::to_string).collect();
@@ -166,6 +179,7 @@ impl Report for Summary {
                 if ips.is_empty() { "-".into() } else { ips.join(",") },
                 opt(&g.user),
                 opt(&g.database),
+                opt(&g.proxy),
                 g.sessions.to_string(),
                 g.denied.to_string(),
                 g.auth_failed.to_string(),

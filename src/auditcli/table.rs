@@ -2,7 +2,9 @@
 //!
 //! Column widths come from the first rows (up to [`SAMPLE_ROWS`], or fewer
 //! when the input pauses), so the table starts promptly and memory stays
-//! bounded; a later, wider value widens its column from then on.
+//! bounded; a later, wider value widens its column from then on. An
+//! optional column (the tailgres node) is shown only when those rows differ
+//! in it, or when told to.
 #![forbid(unsafe_code)]
 
 use super::entry::Entry;
@@ -20,6 +22,11 @@ pub struct Table {
     /// Right-aligned columns (numbers).
     right: Vec<bool>,
     widths: Vec<usize>,
+    /// Whether each column is printed; settled for optional columns when
+    /// the header is.
+    shown: Vec<bool>,
+    /// Optional columns not yet settled by [`Table::show`].
+    optional: Vec<bool>,
     pending: Vec<Vec<String>>,
     started: bool,
 }
@@ -30,8 +37,25 @@ impl Table {
             header: columns.iter().map(|c| c.0).collect(),
             right: columns.iter().map(|c| c.1).collect(),
             widths: columns.iter().map(|c| width(c.0)).collect(),
+            shown: vec![true; columns.len()],
+            optional: vec![false; columns.len()],
             pending: Vec::new(),
             started: false,
+        }
+    }
+
+    /// Makes column `i` optional: printed only if the rows sampled before
+    /// the header differ in it (unless [`Table::show`] settles it first).
+    pub fn optional(mut self, i: usize) -> Table {
+        self.optional[i] = true;
+        self
+    }
+
+    /// Settles whether optional column `i` is printed (before the header is).
+    pub fn show(&mut self, i: usize, shown: bool) {
+        if !self.started {
+            self.optional[i] = false;
+            self.shown[i] = shown;
         }
     }
 
@@ -63,6 +87,12 @@ impl Table {
     pub fn flush(&mut self, out: &mut impl Write) -> io::Result<()> {
         if !self.started && !self.pending.is_empty() {
             self.started = true;
+            for i in 0..self.optional.len() {
+                if std::mem::take(&mut self.optional[i]) {
+                    let first = &self.pending[0][i];
+                    self.shown[i] = self.pending.iter().any(|r| &r[i] != first);
+                }
+            }
             let header: Vec<String> = self.header.iter().map(|h| h.to_string()).collect();
             self.write_row(out, &header)?;
         }
@@ -79,9 +109,13 @@ impl Table {
 
     fn write_row(&self, out: &mut impl Write, cells: &[String]) -> io::Result<()> {
         let mut line = String::new();
-        let last = cells.len().saturating_sub(1);
+        let last = (0..cells.len()).rev().find(|&i| self.shown[i]).unwrap_or(0);
+        let mut first = true;
         for (i, cell) in cells.iter().enumerate() {
-            if i > 0 {
+            if !self.shown[i] {
+                continue;
+            }
+            if !std::mem::take(&mut first) {
                 line.push_str(GAP);
             }
             let pad = self.widths[i].saturating_sub(width(cell));
@@ -157,6 +191,7 @@ pub fn duration(ms: u64) -> String {
 /// The columns of the record table.
 pub const RECORD_COLUMNS: &[(&str, bool)] = &[
     ("TIME (UTC)", false),
+    ("PROXY", false),
     ("EVENT", false),
     ("WHO", false),
     ("NODE", false),
@@ -169,6 +204,15 @@ pub const RECORD_COLUMNS: &[(&str, bool)] = &[
     ("SESSION", false),
     ("DETAIL", false),
 ];
+
+/// [`RECORD_COLUMNS`]' tailgres node (the record's `node`): optional, shown
+/// when the records come from more than one node.
+pub const PROXY_COLUMN: usize = 1;
+
+/// The record table, its node column optional.
+pub fn records() -> Table {
+    Table::new(RECORD_COLUMNS).optional(PROXY_COLUMN)
+}
 
 /// One record as a row of [`RECORD_COLUMNS`].
 pub fn record_row(e: &Entry) -> Vec<String> {
@@ -218,6 +262,7 @@ pub fn record_row(e: &Entry) -> Vec<String> {
     };
     vec![
         time(e.time),
+        e.proxy.clone().unwrap_or_else(dash),
         e.event.clone(),
         e.who().unwrap_or_else(dash),
         e.node().map_or_else(dash, str::to_owned),
@@ -307,5 +352,29 @@ mod tests {
              longer  12345\n\
              wider still      7  z\n"
         );
+    }
+
+    #[test]
+    fn an_optional_column_shows_only_when_its_values_differ() {
+        let table = |rows: &[[&str; 3]], show: Option<bool>| {
+            let mut t = Table::new(&[("A", false), ("NODE", false), ("B", false)]).optional(1);
+            if let Some(s) = show {
+                t.show(1, s);
+            }
+            let mut out = Vec::new();
+            for r in rows {
+                t.row(&mut out, r.iter().map(|c| c.to_string()).collect()).unwrap();
+            }
+            t.flush(&mut out).unwrap();
+            // Settled once the header is out: a later row does not change it.
+            t.row(&mut out, vec!["z".into(), "pg-9".into(), "w".into()]).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let one = [["x", "pg-1", "y"], ["xx", "pg-1", "yy"]];
+        let two = [["x", "pg-1", "y"], ["xx", "pg-2", "yy"]];
+        assert_eq!(table(&one, None), "A   B\nx   y\nxx  yy\nz   w\n");
+        assert_eq!(table(&two, None), "A   NODE  B\nx   pg-1  y\nxx  pg-2  yy\nz   pg-9  w\n");
+        assert_eq!(table(&one, Some(true)), "A   NODE  B\nx   pg-1  y\nxx  pg-1  yy\nz   pg-9  w\n");
+        assert_eq!(table(&two, Some(false)), "A   B\nx   y\nxx  yy\nz   w\n");
     }
 }

@@ -145,3 +145,125 @@ fn table_rows_say_what_happened() {
     assert!(lines[2][col("IP")..].starts_with("100.64.0.99 "), "{out}");
     assert!(lines[2].ends_with("no such node"), "{out}");
 }
+
+/// A record of node `node` (none: from before records named it) at
+/// 14:00:`sec`, its detail `label`.
+fn at(node: Option<&str>, sec: u32, label: &str) -> String {
+    let node = node.map(|n| format!(r#","node":"{n}""#)).unwrap_or_default();
+    format!(
+        r#"{{"ts":"2026-11-23T14:00:{sec:02}.000000Z","event":"session_denied","reason":"unknown_peer","detail":"{label}","side":"client","session_id":"00000000000000b1","peer_addr":"100.64.0.99:1","peer":null,"postgres":null,"client_transport":null,"upstream":null{node}}}"#
+    )
+}
+
+/// Runs over several files (name, lines), given in this order.
+fn run_files(files: &[(&str, Vec<String>)], argv: &[&str]) -> (Outcome, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+    for (name, lines) in files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        argv.push(path.to_str().unwrap().to_owned());
+    }
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let q = Query::new(&args(&argv), now(), false).unwrap();
+    let mut out = Vec::new();
+    let outcome = run(&q, &mut out).unwrap();
+    (outcome, String::from_utf8(out).unwrap())
+}
+
+/// The details of the records printed as JSON lines.
+fn details(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["detail"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn nodes_are_merged_by_time_and_a_nodes_files_stay_in_order() {
+    let pg1 = |sec, label| at(Some("pg-1"), sec, label);
+    let pg2 = |sec, label| at(Some("pg-2"), sec, label);
+    // pg-1's rotated file, then its current one, whose clock stepped back
+    // (a01 after a04); pg-2's log between them in time.
+    let files = [
+        ("pg1.1", vec![pg1(0, "a00"), pg1(2, "a02"), "not a record".to_string()]),
+        ("pg1", vec![pg1(4, "a04"), pg1(1, "a01")]),
+        ("pg2", vec![pg2(1, "b01"), pg2(2, "b02"), pg2(3, "b03")]),
+    ];
+    let (outcome, out) = run_files(&files, &[]);
+    assert_eq!(outcome, Outcome { records: 7, malformed: 1, unreadable: 0 });
+    // Same time (14:00:02): the file given first goes first.
+    assert_eq!(details(&out), ["a00", "b01", "a02", "b02", "b03", "a04", "a01"]);
+    // Given the other way round, ties go the other way; each node's own
+    // order is kept.
+    let (_, out) = run_files(&[files[2].clone(), files[0].clone(), files[1].clone()], &[]);
+    assert_eq!(details(&out), ["a00", "b01", "b02", "a02", "b03", "a04", "a01"]);
+    // One node's files only: as given (what reading them in turn gives).
+    let (_, out) = run_files(&files[..2], &[]);
+    assert_eq!(details(&out), ["a00", "a02", "a04", "a01"]);
+    // --node, any case, globs.
+    let (_, out) = run_files(&files, &["--node", "PG-2"]);
+    assert_eq!(details(&out), ["b01", "b02", "b03"]);
+    let (_, out) = run_files(&files, &["--node", "pg-*", "--since", "2026-11-23T14:00:02Z"]);
+    assert_eq!(details(&out), ["a02", "b02", "b03", "a04"]);
+    // Logs from before records named their node are read in turn, as before.
+    let old = [("o.1", vec![at(None, 5, "o05")]), ("o", vec![at(None, 1, "o01")])];
+    let (_, out) = run_files(&old, &[]);
+    assert_eq!(details(&out), ["o05", "o01"]);
+    // An unreadable file is reported and the rest still read.
+    let (outcome, out) = run_files(&files[2..], &["/nonexistent/audit.jsonl"]);
+    assert_eq!(outcome.unreadable, 1);
+    assert_eq!(details(&out), ["b01", "b02", "b03"]);
+}
+
+#[test]
+fn the_table_shows_the_node_when_there_are_several() {
+    let files = [
+        ("pg1", vec![at(Some("pg-1"), 0, "a00"), at(Some("pg-1"), 2, "a02")]),
+        ("pg2", vec![at(Some("pg-2"), 1, "b01")]),
+    ];
+    let table = |files: &[(&str, Vec<String>)], extra: &[&str]| {
+        let mut argv = vec!["--format", "table"];
+        argv.extend_from_slice(extra);
+        let (_, out) = run_files(files, &argv);
+        out
+    };
+    let out = table(&files, &[]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("TIME (UTC)            PROXY  EVENT"), "{out}");
+    let col = lines[0].find("PROXY").unwrap();
+    let proxies: Vec<&str> = lines[1..].iter().map(|l| l[col..].split(' ').next().unwrap()).collect();
+    assert_eq!(proxies, ["pg-1", "pg-2", "pg-1"]);
+    // One node: no column (as before records named their node).
+    for out in [table(&files[..1], &[]), table(&files, &["--node", "pg-2"])] {
+        assert!(!out.contains("PROXY"), "{out}");
+        assert!(out.starts_with("TIME (UTC)            EVENT"), "{out}");
+    }
+    // Several nodes in one input (concatenated logs): the rows say so.
+    let (_, out) =
+        run_on(format!("{}\n{}\n", files[0].1[0], files[1].1[0]).as_bytes(), &["--format", "table"]);
+    assert!(out.contains("PROXY"), "{out}");
+}
+
+#[test]
+fn the_summary_counts_each_node_apart() {
+    let start = |node: &str, sec: u32| {
+        START
+            .replace("14:00:00.000000Z", &format!("14:00:{sec:02}.000000Z"))
+            .replace(r#""upstream":null}"#, &format!(r#""upstream":null,"node":"{node}"}}"#))
+    };
+    let files = [("pg1", vec![start("pg-1", 0), start("pg-1", 2)]), ("pg2", vec![start("pg-2", 1)])];
+    let (_, out) = run_files(&files, &["--summary", "--format", "json"]);
+    let groups: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(&str, &str, u64)> = groups
+        .iter()
+        .map(|g| (g["who"].as_str().unwrap(), g["proxy"].as_str().unwrap(), g["sessions"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, [("alice@example.com", "pg-1", 2), ("alice@example.com", "pg-2", 1)]);
+    let (_, out) = run_files(&files, &["--summary", "--format", "table"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let col = lines[0].find("PROXY").unwrap_or_else(|| panic!("{out}"));
+    assert!(lines[1][col..].starts_with("pg-1 "), "{out}");
+    assert!(lines[2][col..].starts_with("pg-2 "), "{out}");
+    let (_, out) = run_files(&files[..1], &["--summary", "--format", "table"]);
+    assert!(!out.contains("PROXY"), "one node, no column: {out}");
+}

@@ -3,6 +3,12 @@
 //! and names the first line that breaks them (or the rotated file that is
 //! missing).
 //!
+//! The logs of several nodes (a fleet) can be given together: every node
+//! keeps its own chain, so files are grouped by the `node` their records
+//! name and each group is put in order and checked on its own (a hash still
+//! joins a file to its predecessor whatever its group, so a node renamed
+//! between runs stays one chain).
+//!
 //! What it can show: a line edited, inserted, deleted or moved anywhere but
 //! at the very end; a rotated file missing between two given; with a
 //! signing key, any rewrite before the last checkpoint (rewriting needs the
@@ -26,7 +32,8 @@ const LONG_ABOUT: &str = "\
 Check that audit logs are whole: every record's seq follows the previous one and its prev is \
 the SHA-256 of the previous line; checkpoints carry valid Ed25519 signatures. Give the current \
 log and its rotated files in any order: they are put back in order by their chain, and a \
-missing file between two is named.
+missing file between two is named. The logs of several nodes (a fleet) may be given together: \
+each node's files (by the node their records name) are checked as a chain of their own.
 
 Exit status: 0 the logs are whole; 1 something is broken (the first broken line is named); 2 \
 bad usage, or a file could not be read.";
@@ -35,6 +42,8 @@ const EXAMPLES: &str = "\
 Examples:
   tailgres audit verify /var/log/tailgres/audit.jsonl*
   tailgres audit verify --key ed25519:3q2+7w... audit.jsonl.1 audit.jsonl
+  # A fleet: every node's logs at once, each node with its own key
+  tailgres audit verify --key ed25519:3q2+7w... --key ed25519:Zm9v... pg-1/audit.jsonl* pg-2/audit.jsonl*
   # The checkpoints shipped off the host (e.g. from the proxy's own log) show a deleted tail:
   journalctl -u tailgres -o cat | grep 'audit checkpoint' > shipped.txt
   tailgres audit verify --checkpoints shipped.txt /var/log/tailgres/audit.jsonl*";
@@ -47,9 +56,10 @@ pub struct VerifyArgs {
     #[arg(value_name = "FILE", required = true)]
     pub files: Vec<PathBuf>,
     /// The checkpoint key to trust (`ed25519:<base64>`, as `tailgres audit keygen` printed
-    /// it). Without it, the key in the logs is reported but anyone could have made it.
+    /// it); repeat it for a fleet whose nodes sign with keys of their own. Without it, the
+    /// key in the logs is reported but anyone could have made it.
     #[arg(long, value_name = "KEY")]
-    pub key: Option<String>,
+    pub key: Vec<String>,
     /// Copies of checkpoint records kept elsewhere (one per line; a prefix before the JSON,
     /// as syslog or journald adds, is fine): each must be in the logs.
     #[arg(long, value_name = "FILE")]
@@ -66,6 +76,8 @@ struct Chained {
     event: String,
     #[serde(default)]
     ts: String,
+    /// The node that wrote it; `None` in logs from before records named it.
+    node: Option<String>,
     // log_opened and checkpoint.
     signing_key: Option<String>,
     signature: Option<String>,
@@ -103,6 +115,10 @@ struct Node {
 #[derive(Debug, Clone)]
 struct Checkpoint {
     at: At,
+    /// The index of the file it is in.
+    file: usize,
+    /// The node that wrote it.
+    node: Option<String>,
     seq: u64,
     prev: Option<[u8; 32]>,
     key: String,
@@ -113,6 +129,9 @@ struct Checkpoint {
 #[derive(Debug, Default)]
 struct FileChain {
     name: String,
+    /// The node its records name (the last that names one: a file is one
+    /// node's, and the chain goes on under the name it ends with).
+    node: Option<String>,
     first: Option<Node>,
     last: Option<Node>,
     records: u64,
@@ -131,6 +150,14 @@ pub struct Report {
     pub order: Vec<String>,
     /// Signing keys seen (in order).
     pub keys: Vec<String>,
+    /// The nodes whose logs were given, each checked as a chain of its own
+    /// (`(no node)` for records from before lines named their node).
+    pub nodes: Vec<String>,
+}
+
+/// A node as reports name it.
+fn node_name(node: &Option<String>) -> &str {
+    node.as_deref().unwrap_or("(no node)")
 }
 
 impl Report {
@@ -148,6 +175,9 @@ impl Report {
         }
         for p in &self.problems {
             let _ = writeln!(s, "BROKEN: {p}");
+        }
+        if self.nodes.len() > 1 {
+            let _ = writeln!(s, "{} nodes, each its own chain: {}", self.nodes.len(), self.nodes.join(", "));
         }
         let keys = if self.keys.is_empty() { "no signing key".to_string() } else { self.keys.join(", ") };
         let _ = writeln!(
@@ -175,51 +205,62 @@ fn parse_hash(v: &serde_json::Value) -> Result<Option<[u8; 32]>, ()> {
     }
 }
 
-/// Checks `files` (name, contents) against each other; `key` pins the
-/// signing key; `shipped` holds copies of checkpoint records.
-pub fn verify<R: Read>(
-    files: Vec<(String, R)>,
-    key: Option<&str>,
-    shipped: Option<&str>,
-) -> io::Result<Report> {
+/// Checks `files` (name, contents) against each other; `keys` (if any)
+/// are the signing keys to trust; `shipped` holds copies of checkpoint
+/// records.
+pub fn verify<R: Read>(files: Vec<(String, R)>, keys: &[&str], shipped: Option<&str>) -> io::Result<Report> {
     let mut report = Report::default();
-    if let Some(k) = key {
-        if chain::parse_public_key(k).is_none() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("--key {k:?} is not ed25519:<base64 of 32 bytes>"),
-            ));
-        }
+    if let Some(k) = keys.iter().find(|k| chain::parse_public_key(k).is_none()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("--key {k:?} is not ed25519:<base64 of 32 bytes>"),
+        ));
     }
     let mut chains = Vec::new();
     let mut checkpoints = Vec::new();
-    let mut opened: Vec<(At, Option<String>)> = Vec::new();
-    for (name, r) in files {
-        chains.push(read_file(name, r, &mut report, &mut checkpoints, &mut opened)?);
+    let mut opened = Vec::new();
+    for (i, (name, r)) in files.into_iter().enumerate() {
+        chains.push(read_file(i, name, r, &mut report, &mut checkpoints, &mut opened)?);
     }
-    order_files(&chains, &mut report);
+    let nodes = Nodes::new(&chains);
+    let several = nodes.named.len() > 1;
+    // Each file's last record, by its hash: what a next file's first `prev`
+    // names. Across nodes too: a hash joins only the file that really came
+    // before (a node renamed between runs is still one chain).
+    let ends: HashMap<[u8; 32], &Node> =
+        chains.iter().filter_map(|c| c.last.as_ref().map(|n| (n.hash, n))).collect();
+    for group in &nodes.groups {
+        let files: Vec<&FileChain> =
+            chains.iter().filter(|c| c.first.is_some() && &nodes.of(&c.node) == group).collect();
+        let label = several.then(|| node_name(group));
+        order_files(&files, &ends, label, &mut report);
+    }
+    report.nodes = nodes.groups.iter().map(|n| node_name(n).to_owned()).collect();
+    let prefix =
+        |node: &Option<String>| if several { format!("node {}: ", node_name(node)) } else { String::new() };
 
-    // Signatures.
-    for (at, k) in &opened {
-        if let Some(k) = k {
-            if !report.keys.contains(k) {
-                report.keys.push(k.clone());
-                if report.keys.len() > 1 {
-                    report.notes.push(format!("{at}: the signing key changes to {k}"));
-                }
-            }
+    // Signatures: the keys each node's log_opened records name, in chain order.
+    opened
+        .sort_by(|a: &Opened, b: &Opened| nodes.of(&a.node).cmp(&nodes.of(&b.node)).then(a.seq.cmp(&b.seq)));
+    let mut current: HashMap<Option<String>, &str> = HashMap::new();
+    for o in &opened {
+        let Some(k) = o.key.as_deref() else { continue };
+        if !report.keys.iter().any(|seen| seen == k) {
+            report.keys.push(k.to_owned());
         }
-        if let (Some(pinned), Some(k)) = (key, k) {
-            if pinned != k {
-                report.problems.push(format!("{at}: signed with {k}, not the key given ({pinned})"));
-            }
+        if current.insert(nodes.of(&o.node), k).is_some_and(|before| before != k) {
+            report.notes.push(format!("{}: the signing key changes to {k}", o.at));
+        }
+        if !keys.is_empty() && !keys.contains(&k) {
+            report.problems.push(format!("{}: signed with {k}, not {}", o.at, given(keys)));
         }
     }
-    let mut by_seq: HashMap<u64, &Checkpoint> = HashMap::new();
+    // Checkpoints, by the node that wrote them and their seq (every node
+    // has a seq 5).
+    let mut by_seq: HashMap<(Option<String>, u64), &Checkpoint> = HashMap::new();
     for c in &checkpoints {
-        let trusted = key.unwrap_or(&c.key);
-        let ok = c.key == trusted
-            && c.prev.is_some_and(|p| chain::verify_checkpoint(trusted, c.seq, &p, &c.signature));
+        let trusted = keys.is_empty() || keys.contains(&c.key.as_str());
+        let ok = trusted && c.prev.is_some_and(|p| chain::verify_checkpoint(&c.key, c.seq, &p, &c.signature));
         if ok {
             report.checkpoints += 1;
         } else {
@@ -227,35 +268,101 @@ pub fn verify<R: Read>(
                 .problems
                 .push(format!("{}: checkpoint seq {}: the signature does not verify", c.at, c.seq));
         }
-        by_seq.insert(c.seq, c);
+        by_seq.insert((nodes.of(&c.node), c.seq), c);
     }
-    if key.is_none() && !report.keys.is_empty() {
+    if keys.is_empty() && !report.keys.is_empty() {
         report.notes.push(
             "signatures were checked against the key the log names; give --key to check it is yours".into(),
         );
     }
-    let last = chains.iter().filter_map(|c| c.last.as_ref()).max_by_key(|n| n.seq).cloned();
-    match (checkpoints.iter().max_by_key(|c| c.seq), &last) {
-        (Some(c), Some(l)) if l.seq > c.seq => report.notes.push(format!(
-            "{} record(s) after the last checkpoint (seq {}) are not signed yet",
-            l.seq - c.seq,
-            c.seq
-        )),
-        _ => {}
+    // Each node's last record, and what its last checkpoint leaves unsigned.
+    let mut lasts: HashMap<Option<String>, &Node> = HashMap::new();
+    for group in &nodes.groups {
+        let in_group = |file: usize| &nodes.of(&chains[file].node) == group;
+        let last = chains
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| in_group(*i))
+            .filter_map(|(_, c)| c.last.as_ref())
+            .max_by_key(|n| n.seq);
+        let Some(last) = last else { continue };
+        lasts.insert(group.clone(), last);
+        if let Some(c) = checkpoints.iter().filter(|c| in_group(c.file)).max_by_key(|c| c.seq) {
+            if last.seq > c.seq {
+                report.notes.push(format!(
+                    "{}{} record(s) after the last checkpoint (seq {}) are not signed yet",
+                    prefix(group),
+                    last.seq - c.seq,
+                    c.seq
+                ));
+            }
+        }
     }
     if let Some(text) = shipped {
-        check_shipped(text, &by_seq, key, last.as_ref(), &mut report);
+        check_shipped(text, &by_seq, &nodes, keys, &lasts, &mut report);
     }
     Ok(report)
 }
 
+/// "the key given (K)" or "any of the keys given (K1, K2)".
+fn given(keys: &[&str]) -> String {
+    match keys {
+        [k] => format!("the key given ({k})"),
+        _ => format!("any of the keys given ({})", keys.join(", ")),
+    }
+}
+
+/// The nodes whose logs were given: each is checked as a chain of its own.
+struct Nodes {
+    /// Names the files' records carry.
+    named: Vec<String>,
+    /// The groups, sorted (`None`: records from before lines named their
+    /// node, when they cannot be put with the one node given).
+    groups: Vec<Option<String>>,
+}
+
+impl Nodes {
+    fn new(chains: &[FileChain]) -> Nodes {
+        let mut named: Vec<String> = chains.iter().filter_map(|c| c.node.clone()).collect();
+        named.sort();
+        named.dedup();
+        let mut nodes = Nodes { named, groups: Vec::new() };
+        let mut groups: Vec<Option<String>> =
+            chains.iter().filter(|c| c.first.is_some()).map(|c| nodes.of(&c.node)).collect();
+        groups.sort();
+        groups.dedup();
+        nodes.groups = groups;
+        nodes
+    }
+
+    /// The group of records that name `node`. Records from before lines
+    /// named their node (an upgraded log) belong with the one node given;
+    /// with several, they are a group of their own.
+    fn of(&self, node: &Option<String>) -> Option<String> {
+        match (node, self.named.as_slice()) {
+            (None, [only]) => Some(only.clone()),
+            _ => node.clone(),
+        }
+    }
+}
+
+/// A `log_opened` record: where, whose, and the key it names.
+#[derive(Debug)]
+struct Opened {
+    at: At,
+    node: Option<String>,
+    seq: u64,
+    key: Option<String>,
+}
+
 /// Reads one file, checking its records against each other.
 fn read_file<R: Read>(
+    file: usize,
     name: String,
     r: R,
     report: &mut Report,
     checkpoints: &mut Vec<Checkpoint>,
-    opened: &mut Vec<(At, Option<String>)>,
+    opened: &mut Vec<Opened>,
 ) -> io::Result<FileChain> {
     let mut fc = FileChain { name: name.clone(), ..FileChain::default() };
     let mut lines = Lines::new(r);
@@ -322,15 +429,31 @@ fn read_file<R: Read>(
             }
             (None, None, None) => {}
         }
+        // A node's name changes only with its --hostname (between runs);
+        // the chain goes on all the same. A log from before records named
+        // their node gains one when tailgres is upgraded: nothing to say.
+        if let (Some(was), Some(now)) = (&fc.node, &rec.node) {
+            if was != now {
+                report.notes.push(format!("{at}: the records name node {now} from here on, not {was}"));
+            }
+        }
+        if rec.node.is_some() {
+            // The name the chain goes on with: the file's node.
+            fc.node = rec.node.clone();
+        }
         match rec.event.as_str() {
             "checkpoint" => checkpoints.push(Checkpoint {
                 at: at.clone(),
+                file,
+                node: rec.node.clone(),
                 seq,
                 prev,
                 key: rec.signing_key.unwrap_or_default(),
                 signature: rec.signature.unwrap_or_default(),
             }),
-            "log_opened" => opened.push((at.clone(), rec.signing_key)),
+            "log_opened" => {
+                opened.push(Opened { at: at.clone(), node: rec.node.clone(), seq, key: rec.signing_key })
+            }
             _ => {}
         }
         fc.first.get_or_insert_with(|| node.clone());
@@ -382,20 +505,27 @@ fn link(last: &Node, node: &Node, stray: Option<At>, report: &mut Report) {
     report.problems.push(problem);
 }
 
-/// Puts files in chain order and reports the joins between them.
-fn order_files(chains: &[FileChain], report: &mut Report) {
-    let mut with: Vec<&FileChain> = chains.iter().filter(|c| c.first.is_some()).collect();
+/// Puts one node's files in chain order and reports the joins between
+/// them. `ends` holds every file's last record (of every node), by hash;
+/// `label` names the node when several were given.
+fn order_files(
+    files: &[&FileChain],
+    ends: &HashMap<[u8; 32], &Node>,
+    label: Option<&str>,
+    report: &mut Report,
+) {
+    let mut with: Vec<&FileChain> = files.iter().copied().filter(|c| c.first.is_some()).collect();
     // Oldest first by their first record; the chain then says who follows whom.
     with.sort_by(|a, b| {
         let (fa, fb) = (a.first.as_ref().map(|n| &n.ts), b.first.as_ref().map(|n| &n.ts));
         fa.cmp(&fb).then_with(|| a.first.as_ref().map(|n| n.seq).cmp(&b.first.as_ref().map(|n| n.seq)))
     });
-    // Each file's last record, by its hash: what a next file's first `prev` names.
-    let ends: HashMap<[u8; 32], &Node> =
-        with.iter().filter_map(|c| c.last.as_ref().map(|n| (n.hash, n))).collect();
     for (i, c) in with.iter().enumerate() {
         let (Some(first), Some(last)) = (&c.first, &c.last) else { continue };
-        report.order.push(format!("{}: seq {}..{} ({} records)", c.name, first.seq, last.seq, c.records));
+        let node = label.map(|n| format!("node {n}: ")).unwrap_or_default();
+        report
+            .order
+            .push(format!("{node}{}: seq {}..{} ({} records)", c.name, first.seq, last.seq, c.records));
         let Some(prev) = first.prev else {
             if i > 0 {
                 report.notes.push(format!(
@@ -450,12 +580,14 @@ fn order_files(chains: &[FileChain], report: &mut Report) {
     }
 }
 
-/// Checks the shipped copies of checkpoints against the logs.
+/// Checks the shipped copies of checkpoints against the logs (each against
+/// the node that wrote it).
 fn check_shipped(
     text: &str,
-    logged: &HashMap<u64, &Checkpoint>,
-    key: Option<&str>,
-    last: Option<&Node>,
+    logged: &HashMap<(Option<String>, u64), &Checkpoint>,
+    nodes: &Nodes,
+    keys: &[&str],
+    lasts: &HashMap<Option<String>, &Node>,
     report: &mut Report,
 ) {
     let mut count = 0;
@@ -464,14 +596,18 @@ fn check_shipped(
         count += 1;
         let (Some(seq), Some(sig)) = (cp.seq, cp.signature.as_deref()) else { continue };
         let prev = cp.prev.as_ref().and_then(|p| parse_hash(p).ok().flatten());
-        let trusted = key.or(cp.signing_key.as_deref()).unwrap_or_default();
-        let valid = prev.is_some_and(|p| chain::verify_checkpoint(trusted, seq, &p, sig));
-        let at = format!("shipped checkpoint (line {}) seq {seq}", i + 1);
+        let key = cp.signing_key.as_deref().unwrap_or_default();
+        let trusted = keys.is_empty() || keys.contains(&key);
+        let valid = trusted && prev.is_some_and(|p| chain::verify_checkpoint(key, seq, &p, sig));
+        let node = nodes.of(&cp.node);
+        let whose =
+            if nodes.named.len() > 1 { format!(" of node {}", node_name(&node)) } else { String::new() };
+        let at = format!("shipped checkpoint (line {}){whose} seq {seq}", i + 1);
         if !valid {
             report.problems.push(format!("{at}: its signature does not verify"));
             continue;
         }
-        match (logged.get(&seq), last) {
+        match (logged.get(&(node.clone(), seq)), lasts.get(&node)) {
             (Some(c), _) if c.signature == sig && c.prev == prev => {}
             (Some(c), _) => report.problems.push(format!("{}: is not the checkpoint shipped as {at}", c.at)),
             (None, Some(l)) if l.seq < seq => report.problems.push(format!(
@@ -533,7 +669,8 @@ pub fn main(args: VerifyArgs) -> i32 {
         },
         None => None,
     };
-    match verify(files, args.key.as_deref(), shipped.as_deref()) {
+    let keys: Vec<&str> = args.key.iter().map(String::as_str).collect();
+    match verify(files, &keys, shipped.as_deref()) {
         Ok(report) => {
             print!("{}", report.render());
             if report.whole() {

@@ -9,6 +9,7 @@
 mod audit_check;
 mod child;
 mod fixture;
+mod fleet;
 mod follow;
 
 use child::{audit, drain, wait};
@@ -147,7 +148,7 @@ fn summary_answers_who_accessed_what_from_which_machine() {
                seen: [&str; 2],
                bytes: [u64; 2]| {
         json!({
-            "who": who, "node": node, "ips": ips, "user": user, "database": db,
+            "who": who, "node": node, "ips": ips, "user": user, "database": db, "proxy": "tailgres",
             "sessions": counts[0], "denied": counts[1], "auth_failed": counts[2],
             "first_seen": f.ts(seen[0]), "last_seen": f.ts(seen[1]),
             "bytes_client_to_upstream": bytes[0], "bytes_upstream_to_client": bytes[1],
@@ -435,6 +436,8 @@ fn help_explains_with_examples() {
         "tailgres audit --summary --since 24h /var/log/tailgres/audit.jsonl",
         "Examples:",
         "--who <PATTERN>",
+        "--node <NAME>",
+        "tailgres audit pg-1/audit.jsonl pg-2/audit.jsonl --since 1h",
         "--follow",
         "[possible values: session_start, session_denied, auth_ok, auth_failed, cancel, session_end, statement, log_opened, checkpoint]",
         "Exit status:",
