@@ -27,7 +27,12 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     // Everything that can be checked without the network, first.
     let dest =
         if cfg.audit_log == "-" { AuditDest::Stdout } else { AuditDest::File(cfg.audit_log.clone().into()) };
-    let options = AuditOptions { checkpoints: cfg.audit_checkpoints.clone(), ..AuditOptions::default() };
+    // Every line names this node (a fleet's logs are read together).
+    let options = AuditOptions {
+        checkpoints: cfg.audit_checkpoints.clone(),
+        node: cfg.hostname.clone(),
+        ..AuditOptions::default()
+    };
     let (audit, audit_task) = AuditLog::open_with(dest, options).await.context("--audit-log")?;
     let settings = Settings::from_config(&cfg)?;
     let metrics = Arc::new(Metrics::default());
@@ -115,6 +120,27 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let client_tls = Arc::new(ClientTls::new(cfg.client_tls.as_ref(), &*node, &status).await?);
     metrics.client_cert(client_tls.not_after());
     let listeners = cfg.ports().into_iter().map(|p| node.listen(p)).collect::<Result<Vec<_>, _>>()?;
+    // Cancel keys name this node by its IPv4 address (a fleet passes a
+    // cancel on to the member its key names).
+    let own_ip = status.tailscale_ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(a) => Some(*a),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let cancels = match own_ip {
+        Some(ip) => crate::cancel::CancelRegistry::new(crate::cancel::node_pid(ip)),
+        None if cfg.fleet.is_some() => anyhow::bail!("--service: this node has no tailnet IPv4 address, which a fleet's cancel keys name"),
+        None => crate::cancel::CancelRegistry::new(rand::random()),
+    };
+    let service = match &cfg.fleet {
+        Some(f) => {
+            let listener = node
+                .listen_service(&f.service, cfg.port)
+                .with_context(|| format!("--service {} (README \"Fleet\" says what the node needs)", f.service))?;
+            tracing::info!(service = %f.service, fleet_tag = %f.tag, port = cfg.port, "hosting the Tailscale Service");
+            Some(crate::server::ServiceListener { name: f.service.clone(), listener, port: cfg.port })
+        }
+        None => None,
+    };
     for r in &settings.get().routes {
         tracing::info!(route = %r.name, databases = ?r.databases, address = %format!("{}:{}", status.dns_name, r.port), upstream = %r.upstream.address(), "route");
     }
@@ -123,6 +149,8 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         client_cert: Some(client_tls.slot()),
+        cancels,
+        fleet: cfg.fleet.clone(),
         statements: crate::statements::Auditor::start(
             audit.clone(),
             cfg.audit_statement_text,
@@ -138,7 +166,7 @@ pub async fn run(cfg: Config, reread: Reread) -> Result<()> {
     });
     // Signals: the first SIGTERM/SIGINT starts the drain, a second one cuts
     // it short; SIGHUP reloads.
-    let opts = ServeOptions { max_sessions: cfg.max_sessions, grace: cfg.shutdown_grace };
+    let opts = ServeOptions { max_sessions: cfg.max_sessions, grace: cfg.shutdown_grace, service };
     let explain_socket = cfg.state_dir.join(crate::explain::SOCKET_NAME);
     let (signalled_tx, signalled) = watch::channel(0u32);
     let signal_task = {

@@ -73,12 +73,17 @@ impl VerifiedClient {
     }
 }
 
+/// Given the database's cancel key (pid, secret), the key the client is
+/// told instead (the session registers it for cancel).
+pub type IssueKey<'a> = &'a mut (dyn FnMut(u32, &[u8]) -> (u32, Vec<u8>) + Send);
+
 /// What authentication established.
 #[derive(Debug)]
 pub struct AuthOutcome {
     /// How the client was authenticated, for the audit record.
     pub method: AuthMethod,
-    /// BackendKeyData (pid, key) for cancel, when the upstream sent one.
+    /// The database's BackendKeyData (pid, key), when it sent one: what a
+    /// cancel sends it. The client was given `issue_key`'s key instead.
     pub backend_key: Option<(u32, Vec<u8>)>,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
@@ -294,6 +299,7 @@ pub async fn authenticate<C, U>(
     client_tls: bool,
     credentials: &Credentials,
     binding: Option<&[u8]>,
+    issue_key: IssueKey<'_>,
 ) -> Result<AuthOutcome, AuthError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -432,9 +438,12 @@ where
                 if m.body.len() < 8 || m.body.len() > 4 + pgwire::MAX_CANCEL_KEY {
                     return Err(AuthError::UpstreamProtocol("malformed BackendKeyData".into()));
                 }
-                let pid = u32::from_be_bytes(m.body[..4].try_into().unwrap());
-                backend_key = Some((pid, m.body[4..].to_vec()));
-                x.hold_client(&m.to_bytes()).await?;
+                let (pid, key) = m.body.split_at(4);
+                let pid = u32::from_be_bytes(pid.try_into().unwrap_or_default());
+                let (client_pid, client_key) = issue_key(pid, key);
+                backend_key = Some((pid, key.to_vec()));
+                let body = [&client_pid.to_be_bytes()[..], &client_key].concat();
+                x.hold_client(&pgwire::message_bytes(b'K', &body)).await?;
             }
             b'Z' => {
                 x.send_client(&m.to_bytes()).await?;
@@ -670,7 +679,9 @@ mod tests {
         U: AsyncRead + AsyncWrite + Unpin,
     {
         let startup = Startup { version: pgwire::PROTOCOL_3_0, params: vec![("user".into(), "u".into())] };
-        authenticate(client, upstream, &startup, true, &Credentials::Client(AuthMode::PasswordRelay), None)
+        // The client is given the database's key, reversed.
+        let mut issue = |pid: u32, key: &[u8]| (pid, key.iter().rev().copied().collect());
+        authenticate(client, upstream, &startup, true, &Credentials::Client(AuthMode::PasswordRelay), None, &mut issue)
             .await
     }
 
@@ -716,7 +727,10 @@ mod tests {
         let out = relay(&mut client, &mut upstream).await.unwrap();
         assert_eq!(out.method, AuthMethod::Trust);
         assert_eq!(out.backend_key, Some((42, vec![1, 2, 3, 4])));
-        assert_eq!(client.0, vec![from_db.clone()], "one write of exactly what the database sent");
+        let mut to_client = from_db.clone();
+        let k = to_client.len() - 6 - 4;
+        to_client[k..k + 4].copy_from_slice(&[4, 3, 2, 1]);
+        assert_eq!(client.0, vec![to_client], "one write of what the database sent, with the key tailgres issued");
         assert_eq!(out.upstream_to_client, from_db.len() as u64);
     }
 

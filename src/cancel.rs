@@ -1,13 +1,19 @@
 //! Identity-bound cancel (docs/postgres-protocol.md, "Cancel").
 //!
-//! The client learned the upstream's (pid, key) from BackendKeyData relayed
-//! through us. We remember which live session and which tailnet node own
-//! each pair; a CancelRequest is forwarded only when the pair is live and it
-//! comes from that same node.
+//! The database's (pid, key) never leaves tailgres: the client is given a
+//! key of tailgres's own, whose pid names this node (its tailnet IPv4
+//! address as a number) and whose secret is random, as long as the
+//! database's. We remember which live session, which tailnet node and which
+//! database key belong to each issued key; a CancelRequest is forwarded only
+//! when the key is live and the request comes from that same node. In a
+//! fleet (several nodes behind one Tailscale Service), a cancel that lands on
+//! another node names its owner by the pid and is forwarded there (see
+//! `session::Session::cancel`).
 #![forbid(unsafe_code)]
 
 use crate::upstream::UpstreamTls;
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
@@ -18,12 +24,14 @@ pub struct CancelOwner {
     /// The database the session runs on (with several routes, a cancel
     /// must reach the same one).
     pub upstream: Arc<UpstreamTls>,
+    /// The key the database gave (what a cancel sends it).
+    pub backend: BackendKey,
 }
 
 /// Why a cancel was or was not forwarded (audit `reason`).
 #[derive(Debug, Clone)]
 pub enum CancelDecision {
-    Forward { target_session_id: String, upstream: Arc<UpstreamTls> },
+    Forward { target_session_id: String, upstream: Arc<UpstreamTls>, backend: BackendKey },
     UnknownKey,
     OtherNode { target_session_id: String },
 }
@@ -38,39 +46,90 @@ impl CancelDecision {
     }
 }
 
-/// A backend's (pid, secret key) as BackendKeyData announced it.
-type BackendKey = (u32, Vec<u8>);
+/// A (pid, secret key) as BackendKeyData carries it.
+pub type BackendKey = (u32, Vec<u8>);
 
-/// Live (pid, key) pairs of relayed sessions.
-#[derive(Debug, Default, Clone)]
+/// The pid tailgres gives clients of the node at `ip`.
+pub fn node_pid(ip: Ipv4Addr) -> u32 {
+    u32::from(ip)
+}
+
+/// The node a key's pid names.
+pub fn pid_node(pid: u32) -> Ipv4Addr {
+    Ipv4Addr::from(pid)
+}
+
+/// The keys issued to live sessions.
+#[derive(Debug, Clone)]
 pub struct CancelRegistry {
-    inner: Arc<Mutex<HashMap<BackendKey, CancelOwner>>>,
+    /// The pid of every key this node issues.
+    pid: u32,
+    inner: Arc<Mutex<HashMap<Vec<u8>, CancelOwner>>>,
+}
+
+impl Default for CancelRegistry {
+    /// A registry for the in-memory tailnet's node (100.100.100.100).
+    fn default() -> Self {
+        CancelRegistry::new(node_pid(Ipv4Addr::new(100, 100, 100, 100)))
+    }
 }
 
 /// Removes the entry when the session ends (drop guard).
 pub struct Registration {
     registry: CancelRegistry,
-    key: BackendKey,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registration") // the key is a secret
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.registry.lock().remove(&self.key);
     }
 }
 
 impl CancelRegistry {
-    pub fn register(&self, pid: u32, key: Vec<u8>, owner: CancelOwner) -> Registration {
-        let k = (pid, key);
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone(), owner);
-        Registration { registry: self.clone(), key: k }
+    pub fn new(pid: u32) -> Self {
+        CancelRegistry { pid, inner: Default::default() }
+    }
+
+    /// The pid this node's keys carry.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, CancelOwner>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Issues the key a session's client is given: this node's pid and a
+    /// random secret as long as the database's (so it fits the protocol
+    /// version the two agreed), unique among live sessions.
+    pub fn issue(&self, owner: CancelOwner) -> (BackendKey, Registration) {
+        let len = owner.backend.1.len();
+        let mut map = self.lock();
+        let key = loop {
+            let key: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+            if !map.contains_key(&key) {
+                break key;
+            }
+        };
+        map.insert(key.clone(), owner);
+        ((self.pid, key.clone()), Registration { registry: self.clone(), key })
     }
 
     /// Decides on a cancel from tailnet node `node`. Compares the whole key
     /// (a guessed pid alone is worth nothing).
     pub fn decide(&self, pid: u32, key: &[u8], node: &str) -> CancelDecision {
-        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&(pid, key.to_vec())) {
+        if pid != self.pid {
+            return CancelDecision::UnknownKey;
+        }
+        let map = self.lock();
+        match map.get(key) {
             None => CancelDecision::UnknownKey,
             Some(o) if o.node != node => {
                 CancelDecision::OtherNode { target_session_id: o.session_id.clone() }
@@ -78,12 +137,13 @@ impl CancelRegistry {
             Some(o) => CancelDecision::Forward {
                 target_session_id: o.session_id.clone(),
                 upstream: o.upstream.clone(),
+                backend: o.backend.clone(),
             },
         }
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -108,20 +168,28 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
         };
         let upstream = Arc::new(UpstreamTls::new(&upstream).unwrap());
-        let owner = CancelOwner { session_id: "s1".into(), node: "nA".into(), upstream };
-        let reg = r.register(10, vec![1, 2, 3, 4], owner);
+        let owner = CancelOwner { session_id: "s1".into(), node: "nA".into(), upstream, backend: (77, vec![9; 4]) };
+        let ((pid, key), reg) = r.issue(owner);
+        assert_eq!(pid_node(pid), Ipv4Addr::new(100, 100, 100, 100), "the pid names this node");
+        assert_eq!(key.len(), 4, "as long as the database's key");
+        assert_ne!(key, vec![9; 4], "the database's key stays inside");
+        let mut wrong = key.clone();
+        wrong[3] ^= 1;
+        let longer = [key.clone(), vec![0]].concat();
         let cases: &[(u32, &[u8], &str, &str)] = &[
-            (10, &[1, 2, 3, 4], "nA", "forwarded"),
-            (10, &[1, 2, 3, 4], "nB", "other_node"),
-            (10, &[1, 2, 3, 5], "nA", "unknown_key"),
-            (11, &[1, 2, 3, 4], "nA", "unknown_key"),
-            (10, &[1, 2, 3, 4, 0], "nA", "unknown_key"),
+            (pid, &key, "nA", "forwarded"),
+            (pid, &key, "nB", "other_node"),
+            (pid, &wrong, "nA", "unknown_key"),
+            (pid + 1, &key, "nA", "unknown_key"),
+            (pid, &longer, "nA", "unknown_key"),
         ];
         for (pid, key, node, want) in cases {
             assert_eq!(r.decide(*pid, key, node).reason(), *want, "{pid} {key:?} {node}");
         }
+        let CancelDecision::Forward { backend, .. } = r.decide(pid, &key, "nA") else { panic!() };
+        assert_eq!(backend, (77, vec![9; 4]), "the database's key is what reaches the database");
         drop(reg);
-        assert_eq!(r.decide(10, &[1, 2, 3, 4], "nA").reason(), "unknown_key");
+        assert_eq!(r.decide(pid, &key, "nA").reason(), "unknown_key");
         assert!(r.is_empty());
     }
 }

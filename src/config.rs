@@ -72,6 +72,14 @@ pub struct Args {
     /// Tailnet port to accept PostgreSQL connections on.
     #[arg(long, env = "TAILGRES_PORT")]
     pub port: Option<u16>,
+    /// Also serve this Tailscale Service (svc:NAME) on --port, as one of a
+    /// fleet of tailgres nodes (the node must be tagged; see README "Fleet").
+    #[arg(long, env = "TAILGRES_SERVICE", value_name = "svc:NAME")]
+    pub service: Option<String>,
+    /// The tag every fleet member carries: only nodes with it may forward a
+    /// cancel to this one, and cancels are forwarded only to them.
+    #[arg(long, env = "TAILGRES_FLEET_TAG", value_name = "tag:NAME")]
+    pub fleet_tag: Option<String>,
     /// Where tsnet's verbose log goes: "stderr" or a file (default: off).
     #[arg(long, env = "TAILGRES_TSNET_LOG", value_name = "stderr|FILE")]
     pub tsnet_log: Option<String>,
@@ -287,6 +295,15 @@ pub enum StatementText {
     Raw,
 }
 
+/// A fleet member's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// The Tailscale Service served, `svc:NAME`.
+    pub service: String,
+    /// The tag that makes a node a fleet member.
+    pub tag: String,
+}
+
 /// Validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -299,6 +316,8 @@ pub struct Config {
     pub ephemeral: bool,
     pub advertise_tags: Vec<String>,
     pub port: u16,
+    /// `--service` and `--fleet-tag`: this node is one of a fleet.
+    pub fleet: Option<Fleet>,
     pub tsnet_log: Option<String>,
     pub tailscale_log_upload: bool,
     pub audit_log: String,
@@ -379,6 +398,8 @@ impl Args {
             auth_key_file,
             ephemeral,
             port,
+            service,
+            fleet_tag,
             tsnet_log,
             tailscale_log_upload,
             audit_log,
@@ -578,6 +599,34 @@ impl Args {
                 return Err(err("--advertise-tags", format!("{t:?} is not a tag (tag:name)")));
             }
         }
+        let fleet = match (self.service, self.fleet_tag) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(err("--fleet-tag", "set, but no --service: a fleet tag names the members of a Service's fleet")),
+            (Some(_), None) => {
+                return Err(err("--service", "needs --fleet-tag: the tag of the fleet's members (cancels are forwarded only between them)"))
+            }
+            (Some(service), Some(tag)) => {
+                let name = service.strip_prefix("svc:").unwrap_or("");
+                let label_ok = !name.is_empty()
+                    && name.len() <= 63
+                    && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !name.starts_with('-')
+                    && !name.ends_with('-');
+                if !label_ok {
+                    return Err(err("--service", format!("{service:?} is not a Service name (svc: then a lower-case DNS label)")));
+                }
+                if name.eq_ignore_ascii_case(&hostname) {
+                    return Err(err(
+                        "--service",
+                        format!("the Service's name {name:?} is this node's --hostname: the two MagicDNS names would collide; give the node its own name"),
+                    ));
+                }
+                if !tag.starts_with("tag:") || tag.len() == 4 {
+                    return Err(err("--fleet-tag", format!("{tag:?} is not a tag (tag:name)")));
+                }
+                Some(Fleet { service, tag })
+            }
+        };
         if let Some(u) = &self.control_url {
             if !(u.starts_with("https://") || u.starts_with("http://")) {
                 return Err(err("--control-url", format!("{u:?} is not an http(s) URL")));
@@ -659,6 +708,7 @@ impl Args {
             ephemeral: self.ephemeral.unwrap_or(false),
             advertise_tags: self.advertise_tags,
             port,
+            fleet,
             tsnet_log: self.tsnet_log,
             tailscale_log_upload: self.tailscale_log_upload.unwrap_or(false),
             audit_log,
@@ -1004,6 +1054,15 @@ verifier-user = "billing_lookup"
             (&["--upstream=db:5432", "--audit-log=-", "--handshake-timeout=soon"], "--handshake-timeout"),
             (&["--upstream=db:5432", "--audit-log=-", "--advertise-tags=db"], "--advertise-tags"),
             (&["--upstream=db:5432", "--audit-log=-", "--control-url=ftp://x"], "--control-url"),
+            (&["--upstream=db:5432", "--audit-log=-", "--service=svc:db"], "--service"),
+            (&["--upstream=db:5432", "--audit-log=-", "--fleet-tag=tag:pg"], "--fleet-tag"),
+            (&["--upstream=db:5432", "--audit-log=-", "--service=db", "--fleet-tag=tag:pg"], "--service"),
+            (&["--upstream=db:5432", "--audit-log=-", "--service=svc:Bad_Name", "--fleet-tag=tag:pg"], "--service"),
+            (&["--upstream=db:5432", "--audit-log=-", "--service=svc:db", "--fleet-tag=pg"], "--fleet-tag"),
+            (
+                &["--upstream=db:5432", "--audit-log=-", "--hostname=pg", "--service=svc:pg", "--fleet-tag=tag:pg"],
+                "--service",
+            ),
             (
                 &["--upstream=db:5432", "--audit-log=-", "--upstream-server-name=a b"],
                 "--upstream-server-name",
@@ -1147,6 +1206,10 @@ identity-ca-key = "/other.key"
         assert_eq!(c.hostname, "tailgres");
         assert_eq!(c.routes[0].auth, AuthMode::PasswordRelay);
         assert!(!c.tailscale_log_upload);
+        assert_eq!(c.fleet, None);
+        let c = parse(&["--upstream=db:5432", "--audit-log=-", "--hostname=pg-1", "--service=svc:pg", "--fleet-tag=tag:pg"])
+            .unwrap();
+        assert_eq!(c.fleet, Some(Fleet { service: "svc:pg".into(), tag: "tag:pg".into() }));
 
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t.toml");

@@ -46,6 +46,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Writes the statement records of the sessions that have them.
     pub statements: crate::statements::Auditor,
+    /// This node is one of a fleet (`--service`, `--fleet-tag`).
+    pub fleet: Option<crate::config::Fleet>,
 }
 
 /// See [`Shared::refusers`].
@@ -81,6 +83,7 @@ impl Shared {
                 Default::default(),
                 tokio::runtime::Handle::current(),
             ),
+            fleet: None,
         }
     }
 

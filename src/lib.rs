@@ -19,7 +19,9 @@
 //! Around them: [`config`] (flags, env, TOML), [`settings`] (what SIGHUP
 //! reloads), [`app`] (the process: drain, reload), [`cancel`] (identity-bound
 //! cancel), [`live`] (revocation), [`client_tls`], [`health`] and [`metrics`]
-//! (/healthz, /readyz, /metrics), [`pgwire`] and [`stream`].
+//! (/healthz, /readyz, /metrics), [`pgwire`] and [`stream`]; for fleet mode
+//! (a Tailscale Service), [`proxy_header`] (the PROXY v2 header of
+//! Tailscale's forwarder) and [`sys::peer_is_own_socket`].
 //! Operator commands beside the proxy: [`explain`] (asks the running proxy
 //! about a peer) and [`auditcli`] (`tailgres audit`: reads the audit log back).
 //! The tailnet is reached only through the [`tailnet::Tailnet`] trait: the
@@ -38,6 +40,7 @@ pub mod client_tls;
 pub mod config;
 pub mod context;
 pub mod explain;
+pub mod fleet;
 pub mod health;
 pub mod identity_login;
 pub mod live;
@@ -45,10 +48,12 @@ pub mod lookup;
 pub mod metrics;
 pub mod negotiate;
 pub mod pgwire;
+pub mod proxy_header;
 pub mod refusal;
 pub mod relay;
 pub mod scram;
 pub mod server;
+pub mod service;
 pub mod session;
 pub mod settings;
 pub mod signals;

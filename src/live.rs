@@ -42,6 +42,9 @@ pub struct LiveInfo {
     pub via_grant: bool,
     /// Logged in by identity: revoked once no grant allows that.
     pub identity_login: bool,
+    /// Came through the Tailscale Service (`--service`), not to the node's
+    /// own address: it ends when the node withdraws from the Service.
+    pub via_service: bool,
 }
 
 struct Entry {

@@ -312,6 +312,7 @@ fn error_kind(r: DenyReason) -> Option<&'static str> {
         UpstreamUnreachable | UpstreamTimeout => "upstream_connect",
         IdentityCertificateFailed => "identity_certificate",
         VerifierLookupFailed => "verifier_lookup",
+        ServiceConnectionRefused => "service_connection",
     })
 }
 

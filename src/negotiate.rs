@@ -86,11 +86,15 @@ impl Startup {
     }
 }
 
-/// A CancelRequest as the client sent it.
+/// A CancelRequest as the client sent it, or as a fleet member passed it on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelRequest {
     pub pid: u32,
     pub key: Vec<u8>,
+    /// A fleet cancel: the address of the client that sent it to the
+    /// member that passed it on (who that member is, is checked before
+    /// this is believed).
+    pub on_behalf_of: Option<std::net::SocketAddr>,
 }
 
 pub enum Negotiated<S> {
@@ -308,7 +312,24 @@ async fn read_packets<S: AsyncRead + AsyncWrite + Unpin>(
                 return refuse(s, "invalid length of cancel request").await;
             }
             let pid = u32::from_be_bytes(rest[..4].try_into().unwrap());
-            Ok(Step::Cancel(CancelRequest { pid, key: rest[4..].to_vec() }))
+            Ok(Step::Cancel(CancelRequest { pid, key: rest[4..].to_vec(), on_behalf_of: None }))
+        }
+        pgwire::FLEET_CANCEL_REQUEST => {
+            // pid (4) + the client's address (16 + 2) + key (4..=256)
+            if rest.len() < 4 + 18 + 4 || rest.len() > 4 + 18 + pgwire::MAX_CANCEL_KEY {
+                return refuse(s, "invalid length of fleet cancel request").await;
+            }
+            let (pid, rest) = rest.split_at(4);
+            let (ip, rest) = rest.split_at(16);
+            let (port, key) = rest.split_at(2);
+            let ip = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(ip).unwrap_or_default());
+            let ip = ip.to_ipv4_mapped().map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4);
+            let port = u16::from_be_bytes([port[0], port[1]]);
+            Ok(Step::Cancel(CancelRequest {
+                pid: u32::from_be_bytes(pid.try_into().unwrap_or_default()),
+                key: key.to_vec(),
+                on_behalf_of: Some(std::net::SocketAddr::new(ip, port)),
+            }))
         }
         v if v >> 16 == 3 => match parse_params(rest) {
             Ok(params) => {

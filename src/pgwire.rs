@@ -15,6 +15,10 @@ pub const SSL_REQUEST_PACKET: [u8; 8] = {
 };
 pub const GSSENC_REQUEST: u32 = 80877104;
 pub const CANCEL_REQUEST: u32 = 80877102;
+/// A cancel one tailgres fleet member passes to another, on behalf of the
+/// client that sent it (1234/5700: not a PostgreSQL code; only tailgres
+/// sends or accepts it, and only from a fleet member).
+pub const FLEET_CANCEL_REQUEST: u32 = (1234 << 16) | 5700;
 /// Protocol 3.0 and 3.2 (PostgreSQL 18) startup versions.
 pub const PROTOCOL_3_0: u32 = 196608;
 pub const PROTOCOL_3_2: u32 = 196610;
@@ -169,6 +173,24 @@ pub fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&((12 + key.len()) as u32).to_be_bytes());
     out.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
     out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// A fleet cancel: pid, the client's address (16 bytes, IPv4 as
+/// ::ffff:a.b.c.d; then the port), then the key.
+pub fn fleet_cancel_request(pid: u32, key: &[u8], client: std::net::SocketAddr) -> Vec<u8> {
+    let ip = match client.ip() {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+        std::net::IpAddr::V6(a) => a,
+    };
+    let len = 8 + 4 + 18 + key.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(&FLEET_CANCEL_REQUEST.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(&ip.octets());
+    out.extend_from_slice(&client.port().to_be_bytes());
     out.extend_from_slice(key);
     out
 }

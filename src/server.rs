@@ -7,6 +7,7 @@
 use crate::audit::{DenyReason, Event, Record};
 use crate::context::Shared;
 use crate::pgwire::sqlstate;
+use crate::service::{self, Client};
 use crate::session;
 use crate::tailnet::{Listener, Tailnet, TailnetError};
 use std::future::Future;
@@ -26,7 +27,23 @@ pub struct ServeOptions {
     pub max_sessions: usize,
     /// How long running sessions may go on after shutdown is signalled.
     pub grace: Duration,
+    /// The Tailscale Service this node serves (`--service`), if any.
+    pub service: Option<ServiceListener>,
 }
+
+/// A Tailscale Service's loopback listener ([`Tailnet::listen_service`]).
+pub struct ServiceListener {
+    /// `svc:NAME`.
+    pub name: String,
+    pub listener: std::net::TcpListener,
+    /// The Service's port (sessions see it as their local port).
+    pub port: u16,
+}
+
+/// What a session that came through the Service is told when the node
+/// withdraws from it.
+pub const LEAVING_SERVICE: &str =
+    "terminating connection: this tailgres node is leaving the Service; connect again to reach another";
 
 /// Serves until `shutdown` resolves, then stops accepting at once, lets
 /// running sessions finish for `opts.grace` (cut short when `force`
@@ -50,6 +67,19 @@ pub async fn serve<T: Tailnet>(
         tracing::info!(port = l.port(), max_sessions = opts.max_sessions, "accepting on the tailnet");
         acceptors.spawn(accept_loop(l, conn_tx.clone(), shared.clone()));
     }
+    let mut service = None;
+    if let Some(s) = opts.service {
+        let listener = s.listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(s.listener));
+        match listener {
+            Ok(l) => {
+                let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(service = %s.name, port = s.port, local = %local, "serving the Tailscale Service");
+                let task = tokio::spawn(service::accept_loop(l, s.port, conn_tx.clone(), shared.clone()));
+                service = Some((s.name, task));
+            }
+            Err(e) => tracing::error!(service = %s.name, error = %e, "the Service's listener cannot be used"),
+        }
+    }
     drop(conn_tx);
     tokio::pin!(shutdown);
     loop {
@@ -63,8 +93,9 @@ pub async fn serve<T: Tailnet>(
                 let (tailnet, shared) = (tailnet.clone(), shared.clone());
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
+                        let via_service = matches!(stream, Client::Service(_));
                         tasks.spawn(async move {
-                            session::run(stream, addr, port, &*tailnet, &shared).await;
+                            session::run(stream, addr, port, via_service, &*tailnet, &shared).await;
                             drop(permit);
                         });
                     }
@@ -108,6 +139,11 @@ pub async fn serve<T: Tailnet>(
     // Stop accepting at once: the listeners close, so new dials are refused.
     acceptors.abort_all();
     while acceptors.join_next().await.is_some() {}
+    if let Some((name, task)) = service.take() {
+        task.abort();
+        let _ = task.await;
+        leave_service(&*tailnet, &shared, &name).await;
+    }
     drop(conns);
     let live = tasks.len();
     tracing::info!(live, grace = ?opts.grace, "shutting down: no new sessions; running ones may finish");
@@ -133,10 +169,49 @@ pub async fn serve<T: Tailnet>(
     let _ = stop_sessions.send(true);
 }
 
+/// Leaves the Service: ends the sessions that came through it, then
+/// withdraws (the caller has stopped accepting its connections).
+///
+/// A Service's address is routed to one host per client: once the control
+/// server moves this node's clients to the other hosts (a moment after the
+/// withdrawal), their packets for the Service go there, and every
+/// connection they still had here stalls. So those sessions end first,
+/// with FATAL 57P01 and their queries cancelled (`session_end` reason
+/// `shutdown`), while the client can still hear it and reconnect; sessions
+/// on the node's own address keep the grace. A connection that still
+/// reaches this node before its client moves is refused at once (nothing
+/// accepts it), so the client retries and lands on another host.
+async fn leave_service<T: Tailnet>(tailnet: &T, shared: &Shared, name: &str) {
+    let mut ended = 0;
+    for s in shared.live.snapshot().into_iter().filter(|s| s.via_service) {
+        let stop = crate::relay::Stop {
+            reason: crate::audit::EndReason::Shutdown,
+            client_message: LEAVING_SERVICE.into(),
+            detail: Some(format!("this node left {name}: its clients move to the other hosts")),
+        };
+        ended += usize::from(shared.live.end(&s.session_id, stop));
+    }
+    // Their FATALs go out before the withdrawal moves the clients away
+    // (bounded: a client that does not read is cut by the relay's own
+    // write grace).
+    let gone = async {
+        while shared.live.snapshot().iter().any(|s| s.via_service) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), gone).await;
+    tracing::info!(service = %name, ended, "shutting down: withdrawing the Service so new sessions go to other hosts");
+    match tokio::time::timeout(Duration::from_secs(5), tailnet.withdraw_service(name)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "withdrawing the Service failed"),
+        Err(_) => tracing::error!(service = %name, "withdrawing the Service timed out"),
+    }
+}
+
 /// Accepts on one listener until it closes; never exits on a transient error.
 async fn accept_loop<L: Listener>(
     listener: L,
-    out: mpsc::Sender<(L::Conn, std::net::SocketAddr, u16)>,
+    out: mpsc::Sender<(Client<L::Conn>, std::net::SocketAddr, u16)>,
     shared: Arc<Shared>,
 ) {
     let mut backoff = MIN_BACKOFF;
@@ -145,7 +220,7 @@ async fn accept_loop<L: Listener>(
         match listener.accept().await {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
-                if out.send((stream, addr, port)).await.is_err() {
+                if out.send((Client::Tailnet(stream), addr, port)).await.is_err() {
                     return;
                 }
             }

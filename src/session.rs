@@ -15,7 +15,7 @@ use crate::context::Shared;
 use crate::identity_login::{Holder, IdentityCa};
 use crate::lookup::{Origin, VerifierSource};
 use crate::metrics::Stage;
-use crate::negotiate::{self, Negotiated, Startup};
+use crate::negotiate::{self, CancelRequest, Negotiated, Startup};
 use crate::pgwire::{self, sqlstate};
 use crate::refusal::{Outcome, Refusal};
 use crate::relay;
@@ -35,7 +35,8 @@ use tracing::Instrument;
 /// Runs one session to its end. Never panics on peer input; every outcome
 /// is audited (or, if the audit log itself fails, logged as an error).
 /// `local_port` is the tailnet port the peer dialled (it selects routes).
-pub async fn run<S, T>(stream: S, peer_addr: SocketAddr, local_port: u16, tailnet: &T, shared: &Shared)
+/// `via_service`: the connection came through the Tailscale Service.
+pub async fn run<S, T>(stream: S, peer_addr: SocketAddr, local_port: u16, via_service: bool, tailnet: &T, shared: &Shared)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + relay::HandOff,
     T: Tailnet,
@@ -50,6 +51,7 @@ where
         started: Instant::now(),
         start_requested: false,
         finished: AtomicBool::new(false),
+        via_service,
     }
     .run(stream, local_port, tailnet)
     .instrument(span)
@@ -69,6 +71,8 @@ struct Session<'a> {
     /// A session_denied or session_end was handed to the audit log: the
     /// session's last record, so nothing may write another.
     finished: AtomicBool,
+    /// Came through the Tailscale Service.
+    via_service: bool,
 }
 
 /// When the proxy ends its sessions, how long admission may go on to end
@@ -110,6 +114,8 @@ struct Parts {
     audit_statements: bool,
     /// The identity's session slot (its grant's limit), held to the end.
     _slot: crate::authorize::Slot,
+    /// The cancel key the client was given, live until the session ends.
+    _cancel: Option<crate::cancel::Registration>,
 }
 
 /// Writes one audit record, timing it.
@@ -254,9 +260,11 @@ impl Session<'_> {
         };
 
         // Refusals by identity alone, before the client's startup is read.
-        if let Some(Decision::Deny { detail, client_message }) =
-            self.settings.policy.decide_identity(&identity, self.shared.grant_use.get())
-        {
+        // (Not for a fleet member, which may pass on a cancel: a session it
+        // asks for is decided at stage 4, which checks the identity again.)
+        let member = crate::fleet::is_member(self.shared.fleet.as_ref(), &identity);
+        let denied = if member { None } else { self.settings.policy.decide_identity(&identity, self.shared.grant_use.get()) };
+        if let Some(Decision::Deny { detail, client_message }) = denied {
             let r = Refusal::denied(DenyReason::NotAuthorized, detail)
                 .telling(sqlstate::INVALID_AUTHORIZATION, client_message);
             self.refuse_unnegotiated(stream, r).await;
@@ -285,7 +293,7 @@ impl Session<'_> {
             }
             Ok(Ok(Negotiated::Cancel { mut stream, request, transport })) => {
                 self.base.client_transport = Some(transport);
-                self.cancel(request.pid, &request.key, &identity).await;
+                self.cancel(request, &identity, local_port, tailnet).await;
                 // As PostgreSQL does once the cancel is handled: close, with
                 // a TLS close_notify where the client came over TLS.
                 close(&mut stream).await;
@@ -472,6 +480,20 @@ impl Session<'_> {
         // not hold an upstream connection open)
         let handshake_timeout = settings.handshake_timeout;
         let began = Instant::now();
+        // The client's cancel key is tailgres's own; the database's stays
+        // with the registration, which is what a cancel finds.
+        let mut cancel = None;
+        let mut issue_key = |pid: u32, key: &[u8]| {
+            let owner = CancelOwner {
+                session_id: self.base.session_id.clone(),
+                node: identity.stable_id.clone(),
+                upstream: route.upstream.clone(),
+                backend: (pid, key.to_vec()),
+            };
+            let (issued, registration) = self.shared.cancels.issue(owner);
+            cancel = Some(registration);
+            issued
+        };
         let auth = tokio::time::timeout(
             handshake_timeout,
             authenticate::authenticate(
@@ -481,6 +503,7 @@ impl Session<'_> {
                 transport.is_tls(),
                 &credentials,
                 upstream.channel_binding.as_deref(),
+                &mut issue_key,
             ),
         )
         .await;
@@ -526,6 +549,7 @@ impl Session<'_> {
             identity_login,
             audit_statements,
             _slot: slot,
+            _cancel: cancel,
         })
     }
 
@@ -677,19 +701,11 @@ impl Session<'_> {
                     identity_login,
                     audit_statements,
                     _slot,
+                    _cancel,
                 },
         } = a;
         let peer_addr = self.base.peer_addr;
         let settings = &self.settings;
-        // Only now may a cancel for this session be forwarded.
-        let _registration = out.backend_key.clone().map(|(pid, key)| {
-            let owner = CancelOwner {
-                session_id: self.base.session_id.clone(),
-                node: identity.stable_id.clone(),
-                upstream: upstream_tls.clone(),
-            };
-            self.shared.cancels.register(pid, key, owner)
-        });
 
         // 7. relay, until either side ends it, the proxy shuts down, or the
         // tailnet takes this peer's access away.
@@ -702,6 +718,7 @@ impl Session<'_> {
             replication,
             via_grant,
             identity_login,
+            via_service: self.via_service,
         });
         let stop = {
             let rx = self.shared.shutdown.clone();
@@ -809,16 +826,60 @@ impl Session<'_> {
         Ok(relay)
     }
 
+    /// A CancelRequest: handled here when this node issued the key; in a
+    /// fleet, passed on to the member whose key it is; and one a member
+    /// passed on is believed only from a member, and then is the client's.
+    async fn cancel<T: Tailnet>(&mut self, request: CancelRequest, identity: &PeerIdentity, port: u16, tailnet: &T) {
+        let fleet = self.shared.fleet.as_ref();
+        let event = match (request.on_behalf_of, fleet) {
+            (Some(client_addr), Some(_)) if crate::fleet::is_member(fleet, identity) => {
+                // The record is the client's, as if it had come here; the
+                // member that passed it on is its fleet_peer.
+                let via = identity.node_name.clone();
+                match tailnet.whois(client_addr).await {
+                    Ok(client) => {
+                        self.base.peer_addr = client_addr;
+                        self.base.peer = Some(audit_peer(&client, client_addr));
+                        Event::cancel_via(self.cancel_here(request.pid, &request.key, &client).await, via)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, client = %client_addr, "a fleet cancel for an unknown client");
+                        Event::cancel_via(audit::CancelOutcome::UnknownKey, via)
+                    }
+                }
+            }
+            (Some(client_addr), _) => {
+                tracing::warn!(node = %identity.node_name, claimed_client = %client_addr,
+                    "a fleet cancel from a node that is not a fleet member: refused");
+                Event::cancel(audit::CancelOutcome::NotFleetMember)
+            }
+            (None, Some(f)) if request.pid != self.shared.cancels.pid() => {
+                let client = self.base.peer_addr;
+                let (outcome, member) =
+                    crate::fleet::pass_cancel(tailnet, f, request.pid, &request.key, client, port).await;
+                match member {
+                    Some(m) => Event::cancel_via(outcome, m),
+                    None => Event::cancel(outcome),
+                }
+            }
+            (None, _) => Event::cancel(self.cancel_here(request.pid, &request.key, identity).await),
+        };
+        if let Event::Cancel(c) = &event {
+            tracing::info!(reason = c.outcome.reason(), fleet_peer = ?c.fleet_peer, "cancel request");
+        }
+        self.audit(event).await;
+    }
+
     /// Identity-bound cancel: forwarded over a new verified TLS connection
     /// only for a live session of the same tailnet node.
-    async fn cancel(&self, pid: u32, key: &[u8], identity: &PeerIdentity) {
-        let outcome = match self.shared.cancels.decide(pid, key, &identity.stable_id) {
+    async fn cancel_here(&self, pid: u32, key: &[u8], identity: &PeerIdentity) -> audit::CancelOutcome {
+        match self.shared.cancels.decide(pid, key, &identity.stable_id) {
             CancelDecision::UnknownKey => audit::CancelOutcome::UnknownKey,
             CancelDecision::OtherNode { target_session_id } => {
                 audit::CancelOutcome::OtherNode { target_session_id }
             }
-            CancelDecision::Forward { target_session_id, upstream } => {
-                match self.forward_cancel(&upstream, pid, key).await {
+            CancelDecision::Forward { target_session_id, upstream, backend: (pid, key) } => {
+                match self.forward_cancel(&upstream, pid, &key).await {
                     Ok(()) => audit::CancelOutcome::Forwarded { target_session_id },
                     Err(e) => {
                         self.shared.metrics.error("cancel_forward");
@@ -827,9 +888,7 @@ impl Session<'_> {
                     }
                 }
             }
-        };
-        tracing::info!(reason = outcome.reason(), "cancel request");
-        self.audit(Event::Cancel(outcome)).await;
+        }
     }
 
     async fn forward_cancel(

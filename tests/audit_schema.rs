@@ -27,10 +27,15 @@ fn all_events() -> Vec<Event> {
         events.push(Event::auth_failed(method, SqlState::parse("28P01"), "password authentication failed"));
         events.push(Event::auth_failed(method, None, "upstream closed during authentication"));
     }
-    events.push(Event::Cancel(CancelOutcome::Forwarded { target_session_id: new_session_id() }));
-    events.push(Event::Cancel(CancelOutcome::UnknownKey));
-    events.push(Event::Cancel(CancelOutcome::OtherNode { target_session_id: new_session_id() }));
-    events.push(Event::Cancel(CancelOutcome::UpstreamError { target_session_id: new_session_id() }));
+    events.push(Event::cancel(CancelOutcome::Forwarded { target_session_id: new_session_id() }));
+    events.push(Event::cancel(CancelOutcome::UnknownKey));
+    events.push(Event::cancel(CancelOutcome::OtherNode { target_session_id: new_session_id() }));
+    events.push(Event::cancel(CancelOutcome::UpstreamError { target_session_id: new_session_id() }));
+    for o in [CancelOutcome::ToPeer, CancelOutcome::PeerUnreachable] {
+        events.push(Event::cancel_via(o, "pg-2.tail-lab.ts.net"));
+    }
+    events.push(Event::cancel(CancelOutcome::NotFleetMember));
+    events.push(Event::cancel_via(CancelOutcome::Forwarded { target_session_id: new_session_id() }, "pg-1.tail-lab.ts.net"));
     for reason in EndReason::ALL {
         for detail in [None, Some("connection reset by peer".to_string())] {
             events.push(Event::SessionEnd(SessionEnd {
@@ -135,33 +140,35 @@ fn all_records() -> Vec<Record> {
 
 /// The records, written by the real writer (signing a checkpoint every 7
 /// records) to a file, read back validated: every line, the writer's own
-/// `log_opened` and `checkpoint` records included.
-async fn written(records: &[Record]) -> Vec<Value> {
+/// `log_opened` and `checkpoint` records included; and the file's text.
+async fn written(records: &[Record]) -> (Vec<Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     let signer = std::sync::Arc::new(chain::Signer::generate(&dir.path().join("key.pem")).unwrap());
     let checkpoints = Checkpoints { signer, every: 7, interval: Duration::from_secs(3600) };
-    let options = AuditOptions { checkpoints: Some(checkpoints), ..AuditOptions::default() };
+    let options =
+        AuditOptions { checkpoints: Some(checkpoints), node: "pg-1".into(), ..AuditOptions::default() };
     let (log, writer) = AuditLog::open_with(AuditDest::File(path.clone()), options).await.unwrap();
     for r in records {
         log.record(r).await.unwrap();
     }
     log.close().await;
     writer.await.unwrap();
-    audit_check::validate_all_lines(&path)
+    (audit_check::validate_all_lines(&path), std::fs::read_to_string(&path).unwrap())
 }
 
-/// `values` as a chained log's lines: `seq` and `prev` replaced by what the
-/// writer would stamp, in order.
+/// `values` as a chained log's lines: `node`, `seq` and `prev` replaced by
+/// what the writer would stamp (keeping the node), in order.
 fn stamped(values: &[Value]) -> Vec<String> {
     let mut head = None;
     values
         .iter()
         .map(|v| {
             let mut v = v.clone();
+            let node = v.as_object_mut().unwrap().remove("node").unwrap();
             v.as_object_mut().unwrap().remove("seq");
             v.as_object_mut().unwrap().remove("prev");
-            let (line, link) = chain::stamp(&serde_json::to_vec(&v).unwrap(), head);
+            let (line, link) = chain::stamp(&serde_json::to_vec(&v).unwrap(), node.as_str().unwrap(), head);
             head = Some(link);
             String::from_utf8(line).unwrap().trim_end().to_owned()
         })
@@ -171,14 +178,15 @@ fn stamped(values: &[Value]) -> Vec<String> {
 #[tokio::test]
 async fn every_record_kind_written_by_the_writer_validates() {
     let records = all_records();
-    let all = written(&records).await;
+    let (all, text) = written(&records).await;
     let lines: Vec<Value> = all.iter().filter(|v| !audit_check::is_log_record(v)).cloned().collect();
     assert_eq!(lines.len(), records.len());
     for (record, line) in records.iter().zip(&lines) {
         // What reached the file is exactly what the record serializes to,
-        // then its place in the chain.
+        // then the node that wrote it and its place in the chain.
         let mut line = line.clone();
         let chain = line.as_object_mut().unwrap();
+        assert_eq!(chain.remove("node").unwrap(), "pg-1");
         assert!(chain.remove("seq").unwrap().is_u64());
         assert!(chain.remove("prev").unwrap().is_string());
         assert_eq!(line, serde_json::to_value(record).unwrap());
@@ -199,6 +207,14 @@ async fn every_record_kind_written_by_the_writer_validates() {
         ]
     );
     assert_eq!(all[0]["event"], "log_opened");
+    assert!(all.iter().all(|l| l["node"] == "pg-1"), "every line names the node, the log's own too");
+    // The node comes before the chain fields (the line reads "who wrote
+    // it, where in the chain").
+    for line in text.lines() {
+        let at = |field: &str| line.rfind(field).unwrap_or_else(|| panic!("no {field} in {line}"));
+        let (node, seq, prev) = (at(r#","node":"pg-1","#), at(r#","seq":"#), at(r#","prev":"#));
+        assert!(node < seq && seq < prev && !line[prev + 1..].contains(','), "{line}");
+    }
     assert_eq!(all.last().unwrap()["event"], "checkpoint", "close signs the tail");
     // Both the null and the filled shapes are covered.
     for part in ["peer", "postgres", "client_transport", "upstream"] {
@@ -233,6 +249,7 @@ fn samples() -> Vec<Value> {
             }),
         ])
         .map(|mut v| {
+            v["node"] = json!("pg-1");
             v["seq"] = json!(7);
             v["prev"] = json!(chain::hex(&prev));
             v
@@ -341,6 +358,14 @@ fn malformed_values_are_rejected() {
         ("session_start", "seq", json!("7")),
         ("session_start", "prev", json!("AB".repeat(32))),
         ("session_start", "prev", json!("ab")),
+        ("session_start", "node", json!("pg_1")),
+        ("session_start", "node", json!("")),
+        ("session_start", "node", json!("-pg")),
+        ("session_start", "node", json!("pg-1.tail1234.ts.net")),
+        ("session_start", "node", json!("p".repeat(64))),
+        ("session_start", "node", json!(null)),
+        ("log_opened", "node", json!(1)),
+        ("checkpoint", "node", json!(null)),
         ("log_opened", "reason", json!("crash")),
         ("log_opened", "signing_key", json!("ed25519:short")),
         ("log_opened", "pid", json!(0)),

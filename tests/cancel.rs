@@ -189,7 +189,10 @@ async fn cancel_with_a_wrong_key_does_nothing() {
     let backend_pid: i32 = client.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
     let token = client.cancel_token();
     let right = cancel_bytes(&token).await;
-    assert_eq!(right[8..12], backend_pid.to_be_bytes(), "the proxy relays the upstream's BackendKeyData");
+    // The client's key is tailgres's own: its pid names the proxy's node (a
+    // tailnet IPv4 address), and the database's key never leaves tailgres.
+    assert_ne!(right[8..12], backend_pid.to_be_bytes(), "the database's pid reached the client");
+    assert_eq!(right[8], 100, "the key's pid is the node's tailnet address: {:?}", &right[8..12]);
     let sid = session_id(&lab, app).await;
     let query = start_sleep(&lab, client, app).await;
 

@@ -553,11 +553,18 @@ async fn exchange(c: Case) -> Ran {
         c.client_tls,
         &credentials(&c),
         c.binding.as_deref(),
+        &mut |pid, key| issued(pid, key),
     )
     .await;
     drop(proxy_client);
     drop(proxy_upstream);
     Ran { result, startup, to_client: client.await.expect("client"), db: db.await.expect("database") }
+}
+
+/// The cancel key the client is given for the database's (what the
+/// session's registry would issue, made recognisable).
+fn issued(pid: u32, key: &[u8]) -> (u32, Vec<u8>) {
+    (!pid, key.iter().map(|b| !b).collect())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -659,9 +666,16 @@ fn check(c: &Case, ran: &Ran) -> Result<(), String> {
             if relayed && !ran.db.proved_verifier {
                 return Err(format!("{:?}: accepted a database that never proved the verifier", out.method));
             }
-            if let Some((_, key)) = &out.backend_key {
+            if let Some((pid, key)) = &out.backend_key {
                 if key.is_empty() || key.len() > pgwire::MAX_CANCEL_KEY {
                     return Err(format!("cancel key of {} bytes", key.len()));
+                }
+                // The client got the issued key, never the database's.
+                let (ipid, ikey) = issued(*pid, key);
+                let want = [&ipid.to_be_bytes()[..], &ikey].concat();
+                let keys: Vec<&Vec<u8>> = to_client.iter().filter(|(t, _)| *t == b'K').map(|(_, b)| b).collect();
+                if keys.last() != Some(&&want) {
+                    return Err(format!("the client's BackendKeyData {keys:?}, not the issued {want:?}"));
                 }
             }
         }

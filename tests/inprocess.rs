@@ -687,3 +687,190 @@ async fn readiness_hides_the_login_url_and_watches_the_audit_log() {
     let (ready, body) = health.readiness(true).await;
     assert!(!ready && body["audit"]["ok"] == false, "{body}");
 }
+
+// ---- a fleet: the Service's connections and cancels across members ----
+
+fn fleet() -> Option<tailgres::config::Fleet> {
+    Some(tailgres::config::Fleet { service: "svc:pg".into(), tag: "tag:pg".into() })
+}
+
+/// A fleet member's identity as its peers see it.
+fn member(n: u8, tags: &[&str]) -> (std::net::IpAddr, tailgres::tailnet::PeerIdentity) {
+    let (_, mut id) = person(0, "tagged-devices", vec![]);
+    let ip = std::net::IpAddr::from([100, 100, 0, n]);
+    id.stable_id = format!("nPG{n}");
+    id.node_name = format!("pg-{n}.example.ts.net");
+    id.tags = tags.iter().map(|t| t.to_string()).collect();
+    id.addresses = vec![ip];
+    (ip, id)
+}
+
+/// Runs `script` (bash) in a child process: a local process that is not
+/// tailgres.
+async fn from_another_process(script: &str) {
+    let st = tokio::process::Command::new("bash").arg("-c").arg(script).status().await.unwrap();
+    assert!(st.success(), "{script}");
+}
+
+/// The Service's loopback listener takes a session only from this process
+/// (tsnet's forwarder runs in it) and only behind a valid PROXY v2 header
+/// naming a tailnet client; the session is then that client's.
+#[tokio::test]
+async fn service_connections_prove_where_they_come_from() {
+    let w = World::start(Options { fleet: fleet(), ..Default::default() }).await;
+    let alice = w.join(person(1, "alice@example.com", vec![])).await;
+    let service = w.service_addr.expect("the Service's listener");
+    let node: std::net::SocketAddr = "100.100.100.100:5432".parse().unwrap();
+    let client = std::net::SocketAddr::new(alice, 40001);
+
+    // As the forwarder sends it: the session is alice's.
+    let mut s = tokio::net::TcpStream::connect(service).await.unwrap();
+    s.write_all(&tailgres::proxy_header::encode(client, node, &[])).await.unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user("alice").dbname("app").password("pw").application_name("via-service");
+    let (c, conn) = within("login through the Service", cfg.connect_raw(s, tokio_postgres::NoTls)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    c.simple_query("select 1").await.unwrap();
+    let r = w.record("session_start", |r| r["event"] == "session_start").await;
+    assert_eq!(r["peer_addr"], "100.64.0.1:40001", "the header's client: {r}");
+    assert_eq!(r["peer"]["user_login"], "alice@example.com", "{r}");
+    drop(c);
+    let _ = conn.await;
+
+    // A valid header forged by another local process.
+    let hex = |b: &[u8]| b.iter().map(|b| format!("\\x{b:02x}")).collect::<String>();
+    from_another_process(&format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{}; printf '{}{}' >&3; sleep 0.5",
+        service.port(),
+        hex(&tailgres::proxy_header::encode(client, node, &[])),
+        hex(&startup("alice", "app")),
+    ))
+    .await;
+    let r = w.denied("service_connection_refused").await;
+    assert!(r["detail"].as_str().unwrap().contains("another local process"), "{r}");
+
+    // From this process, but no header, a header naming an address outside
+    // the tailnet, and an unfinished one.
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (startup("alice", "app"), "PROXY protocol"),
+        (tailgres::proxy_header::encode("192.168.1.5:40002".parse().unwrap(), node, &[]), "not a tailnet address"),
+        (tailgres::proxy_header::encode(client, node, &[])[..20].to_vec(), "PROXY protocol header"),
+    ];
+    for (bytes, why) in &cases {
+        let mut s = tokio::net::TcpStream::connect(service).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = within("the refused connection closes", s.read_to_end(&mut rest)).await;
+        assert!(rest.is_empty(), "{why}: answered {rest:?}");
+    }
+    // (Their records are folded into the next one from 127.0.0.1, a
+    // second later at the earliest; the metric counts each.)
+    let counted = "tailgres_sessions_total{event=\"session_denied\",reason=\"service_connection_refused\"} 4";
+    within("four refusals counted", async {
+        while !w.metrics().contains(counted) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let r = w.denied("service_connection_refused").await;
+    assert_eq!(r["side"], "client", "{r}");
+    assert!(r["peer"].is_null(), "nothing about a refused connection is trusted: {r}");
+    assert!(r["peer_addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+    // Records come at most once a second per address (127.0.0.1 here):
+    // the rest are counted into the next record, none is a session.
+    let starts = w.records().into_iter().filter(|r| r["event"] == "session_start").count();
+    assert_eq!(starts, 1, "only the forwarder's connection became a session");
+    assert!(!w.records().iter().any(|r| r["peer_addr"] == "192.168.1.5:40002"));
+}
+
+/// A cancel that lands on the wrong member of a fleet is passed on to the
+/// member whose key it is, which applies the identity check and cancels;
+/// a non-member passing a cancel on is refused.
+#[tokio::test]
+async fn a_cancel_on_the_wrong_member_reaches_the_right_one() {
+    let ip = |n| std::net::Ipv4Addr::new(100, 100, 0, n);
+    let a = World::start(Options { fleet: fleet(), node_ip: ip(1), ..Default::default() }).await;
+    let b = World::start(Options { fleet: fleet(), node_ip: ip(2), ..Default::default() }).await;
+    let alice = person(1, "alice@example.com", vec![]);
+    for (w, other) in [(&a, 2), (&b, 1)] {
+        w.join(alice.clone()).await;
+        w.join(member(other, &["tag:pg"])).await;
+    }
+    // A reaches B's port 5432 as 100.100.0.1.
+    a.tailnet.link("100.100.0.2:5432".parse().unwrap(), b.tailnet.clone(), ip(1).into());
+
+    let (client, conn) = b.connect(alice.0, "alice").await.unwrap();
+    let sid = b.record("alice's session", |r| r["event"] == "auth_ok").await["session_id"].clone();
+    let token = client.cancel_token();
+    // The Service sends the cancel to A.
+    token.cancel_query_raw(a.dial(alice.0).await, tokio_postgres::NoTls).await.unwrap();
+    let at_a = a.record("A's cancel", |r| r["event"] == "cancel").await;
+    assert_eq!((&at_a["reason"], &at_a["fleet_peer"]), (&json!("to_peer"), &json!("pg-2.example.ts.net")), "{at_a}");
+    assert_eq!(at_a["peer"]["user_login"], "alice@example.com", "{at_a}");
+    let at_b = b.record("B's cancel", |r| r["event"] == "cancel").await;
+    assert_eq!((&at_b["reason"], &at_b["target_session_id"]), (&json!("forwarded"), &sid), "{at_b}");
+    assert_eq!(at_b["fleet_peer"], "pg-1.example.ts.net", "{at_b}");
+    assert_eq!(at_b["peer"]["user_login"], "alice@example.com", "the record is the client's: {at_b}");
+    assert_eq!(at_b["peer_addr"].as_str().unwrap().split(':').next(), Some("100.64.0.1"), "{at_b}");
+    within("B's database gets the cancel", async {
+        while b.db.cancels.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let (db_pid, _) = b.db.cancels.lock().unwrap()[0].clone();
+    assert!(db_pid > 1000, "the database's own pid reached it, not the node's ({db_pid})");
+    assert!(a.db.cancels.lock().unwrap().is_empty(), "A's database got nothing");
+
+    // bob (no fleet tag) passes alice's key on to B as if he were a member.
+    let bob = b.join(person(3, "bob@example.com", vec![])).await;
+    let mut s = b.dial(bob).await;
+    let bytes = {
+        // The key alice's client holds, from her BackendKeyData.
+        let mut raw = Vec::new();
+        token.cancel_query_raw(RawCancel(&mut raw), tokio_postgres::NoTls).await.unwrap();
+        raw
+    };
+    let (pid, key) = (u32::from_be_bytes(bytes[8..12].try_into().unwrap()), &bytes[12..]);
+    assert_eq!(std::net::Ipv4Addr::from(pid), ip(2), "the client's key names its node");
+    s.write_all(&pgwire::fleet_cancel_request(pid, key, std::net::SocketAddr::new(alice.0, 1))).await.unwrap();
+    let r = b.record("bob's fleet cancel", |r| r["reason"] == "not_fleet_member").await;
+    assert_eq!(r["peer"]["user_login"], "bob@example.com", "{r}");
+    assert_eq!(b.db.cancels.lock().unwrap().len(), 1, "bob's cancel reached nobody");
+    drop(client);
+    conn.abort();
+}
+
+/// Collects what a client writes (a CancelRequest) and reads nothing.
+struct RawCancel<'a>(&'a mut Vec<u8>);
+
+impl tokio::io::AsyncRead for RawCancel<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(())) // end of stream: the server closed
+    }
+}
+
+impl tokio::io::AsyncWrite for RawCancel<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().0.extend_from_slice(b);
+        std::task::Poll::Ready(Ok(b.len()))
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

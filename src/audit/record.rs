@@ -113,8 +113,9 @@ pub enum Event {
     },
     /// The upstream (or the proxy's relay of it) rejected authentication.
     AuthFailed(AuthFailure),
-    /// A CancelRequest arrived on this connection.
-    Cancel(CancelOutcome),
+    /// A CancelRequest arrived on this connection (or was passed on by a
+    /// fleet member).
+    Cancel(Cancel),
     /// A relayed session ended.
     SessionEnd(SessionEnd),
     /// A statement the session ran (statement audit, opt-in).
@@ -133,6 +134,17 @@ impl Event {
             Event::SessionEnd(_) => "session_end",
             Event::Statement(_) => "statement",
         }
+    }
+
+    /// A cancel handled here, from the client that sent it.
+    pub fn cancel(outcome: CancelOutcome) -> Event {
+        Event::Cancel(Cancel { outcome, fleet_peer: None })
+    }
+
+    /// A cancel that went through the fleet member `peer`: the one this
+    /// node passed it to, or the one that passed it here.
+    pub fn cancel_via(outcome: CancelOutcome, peer: impl Into<String>) -> Event {
+        Event::Cancel(Cancel { outcome, fleet_peer: Some(peer.into()) })
     }
 
     pub fn denied(reason: DenyReason, detail: impl Into<String>) -> Event {
@@ -353,12 +365,16 @@ pub enum DenyReason {
     /// (the database unreachable, the lookup role refused, the query
     /// failed).
     VerifierLookupFailed,
+    /// A connection on the Tailscale Service's loopback listener that did
+    /// not come from this node's own forwarder, or without a valid PROXY
+    /// protocol v2 header naming a tailnet client: never trusted.
+    ServiceConnectionRefused,
 }
 
 impl DenyReason {
     /// Every reason, in declaration order (tests cover each one against
     /// the schema, so the two cannot drift apart).
-    pub const ALL: [DenyReason; 23] = [
+    pub const ALL: [DenyReason; 24] = [
         DenyReason::UnknownPeer,
         DenyReason::WhoisFailed,
         DenyReason::AuditUnavailable,
@@ -382,6 +398,7 @@ impl DenyReason {
         DenyReason::IdentityCertificateFailed,
         DenyReason::PasswordFailed,
         DenyReason::VerifierLookupFailed,
+        DenyReason::ServiceConnectionRefused,
     ];
 
     /// The name it is serialized as (the audit record's and the metrics'
@@ -411,6 +428,7 @@ impl DenyReason {
             DenyReason::IdentityCertificateFailed => "identity_certificate_failed",
             DenyReason::PasswordFailed => "password_failed",
             DenyReason::VerifierLookupFailed => "verifier_lookup_failed",
+            DenyReason::ServiceConnectionRefused => "service_connection_refused",
         }
     }
 
@@ -419,7 +437,7 @@ impl DenyReason {
         use DenyReason::*;
         match self {
             UnknownPeer | ProtocolError | HandshakeTimeout | NotAuthorized | NoRoute | ClientClosed
-            | ClientTlsFailed | TooManyHandshakes | PasswordFailed => Side::Client,
+            | ClientTlsFailed | TooManyHandshakes | PasswordFailed | ServiceConnectionRefused => Side::Client,
             UpstreamUntrustedCertificate
             | UpstreamNameMismatch
             | UpstreamCertificateExpired
@@ -548,6 +566,21 @@ pub enum CancelOutcome {
     OtherNode { target_session_id: String },
     /// The key was valid but the upstream could not be reached.
     UpstreamError { target_session_id: String },
+    /// The key names another fleet member: passed on to it (its own record
+    /// says what became of it).
+    ToPeer,
+    /// The key names another fleet member, which could not be reached.
+    PeerUnreachable,
+    /// A cancel passed on by a node that is not a fleet member: refused.
+    NotFleetMember,
+}
+
+/// A cancel's record: what became of it and, in a fleet, the member it went
+/// through (`fleet_peer`, null otherwise).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cancel {
+    pub outcome: CancelOutcome,
+    pub fleet_peer: Option<String>,
 }
 
 impl CancelOutcome {
@@ -560,7 +593,10 @@ impl CancelOutcome {
             CancelOutcome::Forwarded { target_session_id }
             | CancelOutcome::OtherNode { target_session_id }
             | CancelOutcome::UpstreamError { target_session_id } => Some(target_session_id),
-            CancelOutcome::UnknownKey => None,
+            CancelOutcome::UnknownKey
+            | CancelOutcome::ToPeer
+            | CancelOutcome::PeerUnreachable
+            | CancelOutcome::NotFleetMember => None,
         }
     }
 
@@ -570,16 +606,21 @@ impl CancelOutcome {
             CancelOutcome::UnknownKey => "unknown_key",
             CancelOutcome::OtherNode { .. } => "other_node",
             CancelOutcome::UpstreamError { .. } => "upstream_error",
+            CancelOutcome::ToPeer => "to_peer",
+            CancelOutcome::PeerUnreachable => "peer_unreachable",
+            CancelOutcome::NotFleetMember => "not_fleet_member",
         }
     }
 }
 
-impl Serialize for CancelOutcome {
+impl Serialize for Cancel {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("CancelOutcome", 3)?;
-        st.serialize_field("forwarded", &self.forwarded())?;
-        st.serialize_field("target_session_id", &self.target_session_id())?;
-        st.serialize_field("reason", self.reason())?;
+        let o = &self.outcome;
+        let mut st = s.serialize_struct("Cancel", 4)?;
+        st.serialize_field("forwarded", &o.forwarded())?;
+        st.serialize_field("target_session_id", &o.target_session_id())?;
+        st.serialize_field("reason", o.reason())?;
+        st.serialize_field("fleet_peer", &self.fleet_peer)?;
         st.end()
     }
 }
@@ -881,14 +922,19 @@ mod tests {
                        "detail": "bad password"}),
             ),
             (
-                Event::Cancel(CancelOutcome::UnknownKey),
+                Event::cancel(CancelOutcome::UnknownKey),
                 json!({"event": "cancel", "forwarded": false, "target_session_id": null,
-                       "reason": "unknown_key"}),
+                       "reason": "unknown_key", "fleet_peer": null}),
             ),
             (
-                Event::Cancel(CancelOutcome::Forwarded { target_session_id: "00000000000000ff".into() }),
+                Event::cancel(CancelOutcome::Forwarded { target_session_id: "00000000000000ff".into() }),
                 json!({"event": "cancel", "forwarded": true,
-                       "target_session_id": "00000000000000ff", "reason": "forwarded"}),
+                       "target_session_id": "00000000000000ff", "reason": "forwarded", "fleet_peer": null}),
+            ),
+            (
+                Event::cancel_via(CancelOutcome::ToPeer, "pg-2.example.ts.net"),
+                json!({"event": "cancel", "forwarded": false, "target_session_id": null,
+                       "reason": "to_peer", "fleet_peer": "pg-2.example.ts.net"}),
             ),
             (
                 Event::SessionEnd(SessionEnd {

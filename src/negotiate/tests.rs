@@ -142,11 +142,27 @@ async fn cancel_requests_for_both_key_sizes() {
         assert!(reply.is_empty(), "a cancel gets no answer");
         match res {
             Ok(Negotiated::Cancel { request, transport, .. }) => {
-                assert_eq!(request, CancelRequest { pid: 4242, key: key.clone() });
+                assert_eq!(request, CancelRequest { pid: 4242, key: key.clone(), on_behalf_of: None });
                 assert_eq!(transport, ClientTransport::Plaintext);
             }
             _ => panic!("key of {} bytes not accepted", key.len()),
         }
+    }
+}
+
+#[tokio::test]
+async fn fleet_cancels_carry_the_clients_address() {
+    let clients: [std::net::SocketAddr; 2] = ["100.64.0.7:40001".parse().unwrap(), "[fd7a:115c:a1e0::7]:40002".parse().unwrap()];
+    for (client, key) in clients.into_iter().zip([vec![1u8, 2, 3, 4], vec![7u8; 256]]) {
+        let (res, reply) = run(pgwire::fleet_cancel_request(0x6440_0001, &key, client), None).await;
+        assert!(reply.is_empty(), "a cancel gets no answer");
+        let Ok(Negotiated::Cancel { request, .. }) = res else { panic!("{client}: not accepted") };
+        assert_eq!(request, CancelRequest { pid: 0x6440_0001, key, on_behalf_of: Some(client) });
+    }
+    for bad in [3usize, 257] {
+        let p = pgwire::fleet_cancel_request(1, &vec![0; bad], clients[0]);
+        let (res, _) = run(p, None).await;
+        assert!(res.is_err(), "a fleet cancel with a {bad}-byte key");
     }
 }
 

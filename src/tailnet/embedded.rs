@@ -156,6 +156,27 @@ impl Tailnet for EmbeddedNode {
         TailnetListener::new(fd, port)
     }
 
+    fn listen_service(&self, name: &str, port: u16) -> Result<std::net::TcpListener, TailnetError> {
+        let fd = self
+            .handle
+            .listen_service(name, port)
+            .map_err(|reason| TailnetError::Service { name: name.into(), reason })?;
+        Ok(std::net::TcpListener::from(fd))
+    }
+
+    async fn withdraw_service(&self, name: &str) -> Result<(), TailnetError> {
+        let (h, n) = (self.handle.clone(), name.to_string());
+        blocking(move || h.withdraw_service(&n))
+            .await
+            .map_err(|reason| TailnetError::Service { name: name.into(), reason })
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<TailnetConn, TailnetError> {
+        let h = self.handle.clone();
+        let id = blocking(move || h.dial(addr)).await.map_err(|reason| TailnetError::Dial { addr, reason })?;
+        TailnetConn::attach(id).map_err(|e| TailnetError::Dial { addr, reason: e.to_string() })
+    }
+
     async fn whois(&self, addr: SocketAddr) -> Result<PeerIdentity, TailnetError> {
         let js = self
             .handle

@@ -139,6 +139,38 @@ impl Handle {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// Makes the node a host of the Tailscale Service `name` on `port`; the
+    /// loopback listener its connections arrive on (behind a PROXY v2
+    /// header), as a duplicate the caller owns.
+    pub fn listen_service(&self, name: &str, port: u16) -> Result<OwnedFd, String> {
+        let name = cstring(name)?;
+        let mut fd: c_int = -1;
+        // SAFETY: name outlives the call; fd is written on success.
+        check(|e, n| unsafe {
+            bindings::tsffi_listen_service(self.0, name.as_ptr() as *mut c_char, port, &mut fd, e, n)
+        })?;
+        // SAFETY: on success the shim hands us a fresh descriptor we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Stops advertising the Service (blocks on a serve-config change).
+    pub fn withdraw_service(&self, name: &str) -> Result<(), String> {
+        let name = cstring(name)?;
+        // SAFETY: name outlives the call.
+        check(|e, n| unsafe { bindings::tsffi_withdraw_service(self.0, name.as_ptr() as *mut c_char, e, n) })
+            .map(drop)
+    }
+
+    /// Dials `addr` over the tailnet (blocks, at most 10 s); the new
+    /// connection's id, to attach.
+    pub fn dial(&self, addr: std::net::SocketAddr) -> Result<u64, String> {
+        let addr = cstring(&addr.to_string())?;
+        let mut id: std::os::raw::c_ulonglong = 0;
+        // SAFETY: addr outlives the call; id is written on success.
+        check(|e, n| unsafe { bindings::tsffi_dial(self.0, addr.as_ptr() as *mut c_char, &mut id, e, n) })?;
+        Ok(id)
+    }
+
     /// The peer's identity as JSON; `None` when no tailnet node has the
     /// address. The address crosses as a value (16 bytes and a port).
     pub fn whois_json(&self, addr: std::net::SocketAddr) -> Result<Option<String>, String> {

@@ -38,6 +38,11 @@ struct State {
     next_port: u16,
     /// While set, the node "needs a login" at this URL.
     login_url: Option<String>,
+    /// Services served (`listen_service`), and whether still advertised.
+    services: HashMap<String, bool>,
+    /// Where a dial to an address goes: another in-memory node, dialled
+    /// from our address there.
+    links: HashMap<SocketAddr, (std::sync::Arc<MemoryTailnet>, IpAddr)>,
 }
 
 impl MemoryTailnet {
@@ -73,6 +78,17 @@ impl MemoryTailnet {
     /// is running).
     pub fn need_login(&self, url: Option<&str>) {
         self.state().login_url = url.map(str::to_string);
+    }
+
+    /// Makes a dial to `addr` reach `other`'s listener on that port, as
+    /// the peer `from` (two in-process nodes of one fleet).
+    pub fn link(&self, addr: SocketAddr, other: std::sync::Arc<MemoryTailnet>, from: IpAddr) {
+        self.state().links.insert(addr, (other, from));
+    }
+
+    /// Whether the Service `name` is served and still advertised.
+    pub fn advertises(&self, name: &str) -> bool {
+        self.state().services.get(name).copied().unwrap_or(false)
     }
 
     /// Announces the whole peer table, as a node's first netmap does.
@@ -186,6 +202,35 @@ impl Tailnet for MemoryTailnet {
         }
         s.listeners.insert(port, tx);
         Ok(MemoryListener { port, conns: tokio::sync::Mutex::new(rx) })
+    }
+
+    /// A real loopback listener: tests connect to it as tsnet's forwarder
+    /// would (or as a local process forging a header would).
+    fn listen_service(&self, name: &str, _port: u16) -> Result<std::net::TcpListener, TailnetError> {
+        let service = |reason: String| TailnetError::Service { name: name.into(), reason };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| service(e.to_string()))?;
+        if self.state().services.insert(name.into(), true).is_some() {
+            return Err(service("already served".into()));
+        }
+        Ok(l)
+    }
+
+    async fn withdraw_service(&self, name: &str) -> Result<(), TailnetError> {
+        match self.state().services.get_mut(name) {
+            Some(advertised) => {
+                *advertised = false;
+                Ok(())
+            }
+            None => Err(TailnetError::Service { name: name.into(), reason: "not served".into() }),
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<DuplexStream, TailnetError> {
+        let link = self.state().links.get(&addr).cloned();
+        let Some((other, from)) = link else {
+            return Err(TailnetError::Dial { addr, reason: "no route to that peer".into() });
+        };
+        other.dial(from, addr.port()).await.map_err(|e| TailnetError::Dial { addr, reason: e.to_string() })
     }
 
     async fn whois(&self, addr: SocketAddr) -> Result<PeerIdentity, TailnetError> {

@@ -153,6 +153,10 @@ pub enum TailnetError {
     Listen { addr: String, reason: String },
     #[error("accepting a tailnet connection: {0}")]
     Accept(#[source] std::io::Error),
+    #[error("serving the Tailscale Service {name}: {reason}")]
+    Service { name: String, reason: String },
+    #[error("dialing {addr} over the tailnet: {reason}")]
+    Dial { addr: SocketAddr, reason: String },
     /// No tailnet node has the address: the peer is unknown.
     #[error("no tailnet node has the address {addr}")]
     UnknownPeer { addr: SocketAddr },
@@ -179,6 +183,15 @@ pub trait Tailnet: Send + Sync + 'static {
     fn status(&self) -> impl Future<Output = Result<Status, TailnetError>> + Send;
     /// Listens on a TCP port of our tailnet addresses.
     fn listen(&self, port: u16) -> Result<Self::Listener, TailnetError>;
+    /// Serves the Tailscale Service `name` ("svc:db") on `port`: the node
+    /// advertises it, and its connections arrive on the returned loopback
+    /// listener behind a PROXY protocol v2 header. Anything local can
+    /// connect there too: the caller decides what a connection is.
+    fn listen_service(&self, name: &str, port: u16) -> Result<std::net::TcpListener, TailnetError>;
+    /// Stops advertising the Service: new connections go to other hosts.
+    fn withdraw_service(&self, name: &str) -> impl Future<Output = Result<(), TailnetError>> + Send;
+    /// Connects to a peer over the tailnet.
+    fn dial(&self, addr: SocketAddr) -> impl Future<Output = Result<Self::Conn, TailnetError>> + Send;
     /// Identifies the peer at `addr` (the accepted connection's remote).
     fn whois(&self, addr: SocketAddr) -> impl Future<Output = Result<PeerIdentity, TailnetError>> + Send;
     fn cert_pair(&self, domain: &str) -> impl Future<Output = Result<CertPair, TailnetError>> + Send;

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use tailgres::audit::{
-    AuditDest, AuditLog, AuthMethod, CancelOutcome, ClientTransport, DenyReason, EndReason, Event, Peer,
-    PostgresInfo, ProtocolVersion, Record, SessionEnd, SqlState, TlsVersion, UpstreamInfo,
+    AuditDest, AuditLog, AuditOptions, AuthMethod, CancelOutcome, ClientTransport, DenyReason, EndReason,
+    Event, Peer, PostgresInfo, ProtocolVersion, Record, SessionEnd, SqlState, TlsVersion, UpstreamInfo,
 };
 
 const MIN: u64 = 60;
@@ -133,7 +133,7 @@ fn records(now: SystemTime) -> Vec<(&'static str, Record)> {
     let c3 = Record::new(
         sid(0x3c),
         v4("100.64.0.7"),
-        Event::Cancel(CancelOutcome::Forwarded { target_session_id: sid(3) }),
+        Event::cancel(CancelOutcome::Forwarded { target_session_id: sid(3) }),
     )
     .with_peer(ci);
     // bob, refused the payroll database; the detail carries a terminal
@@ -245,4 +245,103 @@ pub fn fixture() -> Fixture {
 
 pub fn path(f: &Fixture) -> &str {
     f.path.to_str().unwrap()
+}
+
+/// A fleet of two nodes behind one Service, each with its own log, written
+/// by the real writer: pg-1 (rotated once) and pg-2, their records
+/// interleaved in time.
+pub struct Fleet {
+    _dir: tempfile::TempDir,
+    /// pg-1's rotated file, pg-1's current file, pg-2's file.
+    pub files: [PathBuf; 3],
+    /// Every session record of all three files and its label, in time order.
+    pub lines: Vec<(String, &'static str)>,
+}
+
+/// The fixture's sessions that pg-1 served, before and after its rotation;
+/// pg-2 served the rest.
+const PG1_ROTATED: &[&str] = &["u1.denied", "s1.start", "s1.auth_ok", "s1.end"];
+const PG1_CURRENT: &[&str] = &["s3.start", "s3.auth_ok", "c3.cancel", "s3.end"];
+
+impl Fleet {
+    pub fn label(&self, line: &str) -> &'static str {
+        self.lines.iter().find(|(l, _)| l == line).unwrap_or_else(|| panic!("not a fleet line: {line}")).1
+    }
+
+    /// The labels of `stdout`'s lines, which must all be lines of the files.
+    pub fn labels(&self, stdout: &str) -> Vec<&'static str> {
+        stdout.lines().map(|l| self.label(l)).collect()
+    }
+
+    /// Every label, in time order.
+    pub fn all(&self) -> Vec<&'static str> {
+        self.lines.iter().map(|(_, l)| *l).collect()
+    }
+
+    /// The node that wrote the record labelled `label`.
+    pub fn node(label: &str) -> &'static str {
+        if PG1_ROTATED.contains(&label) || PG1_CURRENT.contains(&label) {
+            "pg-1"
+        } else {
+            "pg-2"
+        }
+    }
+
+    pub fn paths(&self) -> Vec<&str> {
+        self.files.iter().map(|p| p.to_str().unwrap()).collect()
+    }
+}
+
+pub fn fleet() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    for node in ["pg-1", "pg-2"] {
+        std::fs::create_dir(dir.path().join(node)).unwrap();
+    }
+    let files = [
+        dir.path().join("pg-1/audit.jsonl.1"),
+        dir.path().join("pg-1/audit.jsonl"),
+        dir.path().join("pg-2/audit.jsonl"),
+    ];
+    let labelled = records(SystemTime::now());
+    let of = |node: &'static str| labelled.iter().filter(move |(l, _)| Fleet::node(l) == node);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let open = |node: &str, path: &PathBuf| {
+            let options = AuditOptions { node: node.into(), ..AuditOptions::default() };
+            AuditLog::open_with(AuditDest::File(path.clone()), options)
+        };
+        // pg-2's log is begun first: files are not ordered by when they
+        // were written.
+        let (log, writer) = open("pg-2", &files[2]).await.unwrap();
+        for (_, r) in of("pg-2") {
+            log.record(r).await.unwrap();
+        }
+        log.close().await;
+        writer.await.unwrap();
+        // pg-1, its log rotated (renamed, then SIGHUP) before s3.
+        let (log, writer) = open("pg-1", &files[1]).await.unwrap();
+        for (label, r) in of("pg-1") {
+            if *label == PG1_CURRENT[0] {
+                std::fs::rename(&files[1], &files[0]).unwrap();
+                log.reopen();
+            }
+            log.record(r).await.unwrap();
+        }
+        log.close().await;
+        writer.await.unwrap();
+    });
+    // What the proxy writes, the schema accepts; each file is one chain.
+    let mut lines = Vec::new();
+    for (path, labels) in
+        files.iter().zip([PG1_ROTATED.to_vec(), PG1_CURRENT.to_vec(), of("pg-2").map(|(l, _)| *l).collect()])
+    {
+        let values = audit_check::validate_lines(path);
+        assert_eq!(values.len(), labels.len(), "{}", path.display());
+        let text = std::fs::read_to_string(path).unwrap();
+        let records = text.lines().filter(|l| !audit_check::is_log_record(&serde_json::from_str(l).unwrap()));
+        lines.extend(records.zip(labels).map(|(t, l)| (t.to_owned(), l)));
+    }
+    let when = |label: &str| labelled.iter().position(|(l, _)| *l == label).unwrap();
+    lines.sort_by_key(|(_, l)| when(l));
+    Fleet { _dir: dir, files, lines }
 }

@@ -29,6 +29,8 @@ pub struct LabOptions<'a> {
     pub audit_log: Option<PathBuf>,
     /// Extra tailgres arguments.
     pub tailgres_args: Vec<&'a str>,
+    /// A fleet of this many nodes behind the Service svc:pg (0: one proxy).
+    pub fleet: u8,
 }
 
 impl LabUp {
@@ -59,6 +61,9 @@ impl LabUp {
         }
         if let Some(a) = &o.audit_log {
             cmd.arg(format!("--audit-log={}", a.display()));
+        }
+        if o.fleet > 0 {
+            cmd.arg(format!("--fleet={}", o.fleet));
         }
         if !o.tailgres_args.is_empty() {
             cmd.arg("--").args(&o.tailgres_args);

@@ -447,6 +447,10 @@ pub struct Options {
     pub verifier: bool,
     /// `--audit-statements`.
     pub audit_statements: bool,
+    /// `--service` and `--fleet-tag`: a fleet member serving the Service.
+    pub fleet: Option<tailgres::config::Fleet>,
+    /// This node's tailnet IPv4 address (what its cancel keys name).
+    pub node_ip: std::net::Ipv4Addr,
 }
 
 impl Default for Options {
@@ -465,6 +469,8 @@ impl Default for Options {
             identity_login: None,
             verifier: false,
             audit_statements: false,
+            fleet: None,
+            node_ip: std::net::Ipv4Addr::new(100, 100, 100, 100),
         }
     }
 }
@@ -474,6 +480,8 @@ pub struct World {
     pub shared: Arc<Shared>,
     pub db: FakeDb,
     pub audit_path: PathBuf,
+    /// The Service's loopback listener (with `Options::fleet`).
+    pub service_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -571,28 +579,38 @@ impl World {
         client_tls.alpn_protocols = vec![b"postgresql".to_vec()];
         let tailnet = Arc::new(MemoryTailnet::new());
         let (stop_tx, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared::new(
-            SettingsCell::new(settings),
-            Some(TlsAcceptor::from(Arc::new(client_tls))),
-            audit,
-            Arc::new(Metrics::default()),
-            stop_rx,
-        ));
+        let shared = Arc::new(Shared {
+            cancels: tailgres::cancel::CancelRegistry::new(tailgres::cancel::node_pid(o.node_ip)),
+            fleet: o.fleet.clone(),
+            ..Shared::new(
+                SettingsCell::new(settings),
+                Some(TlsAcceptor::from(Arc::new(client_tls))),
+                audit,
+                Arc::new(Metrics::default()),
+                stop_rx,
+            )
+        });
         tokio::spawn(tailgres::live::follow(tailnet.clone(), shared.live_view()));
         let listener = tailnet.listen(PORT).unwrap();
+        let service = o.fleet.as_ref().map(|f| server::ServiceListener {
+            name: f.service.clone(),
+            listener: tailnet.listen_service(&f.service, PORT).unwrap(),
+            port: PORT,
+        });
+        let service_addr = service.as_ref().map(|s| s.listener.local_addr().unwrap());
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let served = tokio::spawn(server::serve(
             vec![listener],
             tailnet.clone(),
             shared.clone(),
             stop_tx,
-            ServeOptions { max_sessions: o.max_sessions, grace: o.grace },
+            ServeOptions { max_sessions: o.max_sessions, grace: o.grace, service },
             async move {
                 let _ = shutdown_rx.await;
             },
             std::future::pending::<()>(),
         ));
-        World { tailnet, shared, db, audit_path, shutdown: Some(shutdown_tx), served, _dir: dir }
+        World { tailnet, shared, db, audit_path, service_addr, shutdown: Some(shutdown_tx), served, _dir: dir }
     }
 
     /// Adds a peer and lets tailgres read the netmap (so it knows whether

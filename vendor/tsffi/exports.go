@@ -105,6 +105,46 @@ func tsffi_listen(h C.int, network, addr *C.char, outFD *C.int, errbuf *C.char, 
 	return 0
 }
 
+//export tsffi_listen_service
+func tsffi_listen_service(h C.int, name *C.char, port C.ushort, outFD *C.int, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	fd := -1
+	if err == nil {
+		fd, err = n.listenService(C.GoString(name), uint16(port))
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*outFD = C.int(fd)
+	return 0
+}
+
+//export tsffi_withdraw_service
+func tsffi_withdraw_service(h C.int, name *C.char, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	if err == nil {
+		err = n.withdrawService(C.GoString(name))
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	return 0
+}
+
+//export tsffi_dial
+func tsffi_dial(h C.int, addr *C.char, outConn *C.ulonglong, errbuf *C.char, errlen C.size_t) C.int {
+	n, err := lookup(h)
+	var id uint64
+	if err == nil {
+		id, err = n.dial(C.GoString(addr))
+	}
+	if err != nil {
+		return fail(err, errbuf, errlen)
+	}
+	*outConn = C.ulonglong(id)
+	return 0
+}
+
 //export tsffi_whois
 func tsffi_whois(h C.int, ip *C.uchar, port C.ushort, out **C.char, errbuf *C.char, errlen C.size_t) C.int {
 	n, err := lookup(h)

@@ -42,6 +42,8 @@ type node struct {
 	closed  bool
 	lc      *local.Client
 	lastErr string // the backend's latest error message (bad auth key, ...)
+	// services this node hosts (listenService), by name.
+	services map[string]*tsnet.ServiceListener
 }
 
 // callTimeout bounds each in-process LocalAPI call so a wedged backend

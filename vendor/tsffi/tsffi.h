@@ -65,6 +65,25 @@ int tsffi_listen(int node, char *network, char *addr, int *out_fd,
                  char *err, size_t errlen);
 #define TSFFI_ANNOUNCE_LEN 26
 
+/* tsffi_listen_service makes the node a host of the Tailscale Service
+ * name ("svc:db") on TCP port (tsnet ListenService; the node must be
+ * tagged). tsnet forwards each Service connection to a loopback TCP
+ * listener behind a PROXY protocol v2 header; *out_fd is a duplicate of
+ * that listening socket, which the caller accepts on. Any local process
+ * can reach it: the caller must check where each connection comes from. */
+int tsffi_listen_service(int node, char *name, unsigned short port, int *out_fd,
+                         char *err, size_t errlen);
+
+/* tsffi_withdraw_service stops advertising the Service (new connections go
+ * to other hosts) and closes tsnet's listener; the caller closes its fd. */
+int tsffi_withdraw_service(int node, char *name, char *err, size_t errlen);
+
+/* tsffi_dial connects to a tailnet peer ("100.64.0.7:5432", at most 10 s)
+ * and returns a connection id, used as an accepted one is (attach, read,
+ * write, close). */
+int tsffi_dial(int node, char *addr, unsigned long long *out_conn,
+               char *err, size_t errlen);
+
 /* A tailnet connection is read and written without blocking, straight
  * from the node's TCP/IP stack (no socket in between). When a call returns
  * -EAGAIN, wake(ctx, events) follows once the connection may have changed:

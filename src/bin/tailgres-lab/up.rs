@@ -58,6 +58,12 @@ pub struct UpArgs {
     /// The proxy's audit log (default: DIR/audit.jsonl).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// Run a fleet of N tailgres nodes (pg-1 .. pg-N, tagged tag:pg) behind
+    /// the Tailscale Service svc:pg instead of one proxy; clients reach the
+    /// Service by its name (pg.<suffix>). Each node has its own audit log
+    /// (DIR/audit-pg-I.jsonl), and a node that exits does not stop the lab.
+    #[arg(long, default_value_t = 0, conflicts_with = "audit_log")]
+    pub fleet: u8,
     /// The tailgres binary (default: next to this one).
     #[arg(long)]
     pub tailgres: Option<PathBuf>,
@@ -160,6 +166,55 @@ fn require_loopback_only_namespace() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fleet's Service and the tag its nodes carry.
+const FLEET_SERVICE: &str = "svc:pg";
+const FLEET_TAG: &str = "tag:pg";
+
+/// Fails when a proxy exited during start or time ran out; else waits a
+/// moment before the next check.
+async fn waiting_or_bail(proxies: &mut [(String, Proc, PathBuf)], deadline: Instant) -> anyhow::Result<()> {
+    for (name, p, _) in proxies.iter_mut() {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            bail!("tailgres {name} exited ({status}) during start; its log:\n{}", tail(&p.stderr));
+        }
+    }
+    if Instant::now() > deadline {
+        let logs: Vec<String> = proxies.iter().map(|(n, p, _)| format!("{n}:\n{}", tail(&p.stderr))).collect();
+        bail!("tailgres did not answer through the tailnet in time; its log:\n{}", logs.join("\n"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// One HTTP/1.1 request to the lab's admin API (loopback): status and body.
+async fn http(base: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = TcpStream::connect(host).await.with_context(|| format!("admin API at {host}"))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await?;
+    let code = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, mut body) = resp.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or_default();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        // size CRLF data CRLF ... 0 CRLF CRLF
+        let (mut rest, mut joined) = (body.as_str(), String::new());
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            joined.push_str(&tail[..n]);
+            rest = tail[n..].trim_start_matches("\r\n");
+        }
+        body = joined;
+    }
+    Ok((code, body))
+}
+
 /// Connects through a forward and sends an SSLRequest; the proxy answers
 /// with one byte once the whole path (client node, tailnet, proxy) works.
 async fn probe(forward: &str) -> bool {
@@ -218,31 +273,54 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => sibling_binary("tailgres")?,
     };
-    let mut cmd = Command::new(&tailgres);
-    cmd.arg(format!("--upstream={up_addr}"))
-        .arg(format!("--hostname={PROXY_HOSTNAME}"))
-        .arg(format!("--state-dir={}", dir.join("proxy-state").display()))
-        .arg(format!("--control-url={control_url}"))
-        .arg(format!("--audit-log={}", audit_log.display()));
-    if let Some(ca) = &up_ca {
-        cmd.arg(format!("--upstream-ca={}", ca.display()));
+    let names: Vec<String> = if a.fleet == 0 {
+        vec![PROXY_HOSTNAME.to_string()]
+    } else {
+        // The Service first: its hosts are recognised as they advertise it.
+        let (code, body) = http(&admin_url, "PUT", &format!("/services/{FLEET_SERVICE}"), r#"{"ports":[5432]}"#).await?;
+        anyhow::ensure!(code == 200, "defining {FLEET_SERVICE} in the lab's control: {code} {body}");
+        (1..=a.fleet).map(|i| format!("{PROXY_HOSTNAME}-{i}")).collect()
+    };
+    let mut proxies = Vec::new();
+    for name in &names {
+        let (state, log) = if a.fleet == 0 {
+            (dir.join("proxy-state"), audit_log.clone())
+        } else {
+            (dir.join(format!("state-{name}")), dir.join(format!("audit-{name}.jsonl")))
+        };
+        let mut cmd = Command::new(&tailgres);
+        cmd.arg(format!("--upstream={up_addr}"))
+            .arg(format!("--hostname={name}"))
+            .arg(format!("--state-dir={}", state.display()))
+            .arg(format!("--control-url={control_url}"))
+            .arg(format!("--audit-log={}", log.display()));
+        if a.fleet > 0 {
+            cmd.arg(format!("--advertise-tags={FLEET_TAG}"))
+                .arg(format!("--service={FLEET_SERVICE}"))
+                .arg(format!("--fleet-tag={FLEET_TAG}"));
+        }
+        if let Some(ca) = &up_ca {
+            cmd.arg(format!("--upstream-ca={}", ca.display()));
+        }
+        if let Some(n) = &up_name {
+            cmd.arg(format!("--upstream-server-name={n}"));
+        }
+        if let (true, Some(p)) = (a.identity_login, &pg) {
+            cmd.arg("--login=identity")
+                .arg(format!("--identity-ca-cert={}", p.identity_ca_file.display()))
+                .arg(format!("--identity-ca-key={}", p.identity_key_file.display()));
+        }
+        if a.scram_verifier {
+            let file = dir.join("verifier-password");
+            std::fs::write(&file, crate::pg::VERIFIER_PASSWORD)?;
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            cmd.arg("--auth=scram-verifier").arg(format!("--verifier-password-file={}", file.display()));
+        }
+        cmd.args(&a.tailgres_args);
+        let log_name = if a.fleet == 0 { "tailgres".to_string() } else { format!("tailgres-{name}") };
+        let (proc, _) = Proc::spawn(&log_name, cmd, &dir, false).await?;
+        proxies.push((name.clone(), proc, log));
     }
-    if let Some(n) = &up_name {
-        cmd.arg(format!("--upstream-server-name={n}"));
-    }
-    if let (true, Some(p)) = (a.identity_login, &pg) {
-        cmd.arg("--login=identity")
-            .arg(format!("--identity-ca-cert={}", p.identity_ca_file.display()))
-            .arg(format!("--identity-ca-key={}", p.identity_key_file.display()));
-    }
-    if a.scram_verifier {
-        let file = dir.join("verifier-password");
-        std::fs::write(&file, crate::pg::VERIFIER_PASSWORD)?;
-        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        cmd.arg("--auth=scram-verifier").arg(format!("--verifier-password-file={}", file.display()));
-    }
-    cmd.args(&a.tailgres_args);
-    let (proxy, _) = Proc::spawn("tailgres", cmd, &dir, false).await?;
 
     // 4. Client nodes, each forwarding a loopback port to the proxy.
     let specs = if a.clients.is_empty() { vec!["laptop".to_string()] } else { a.clients.clone() };
@@ -265,34 +343,66 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         if !tags.is_empty() {
             cmd.arg(format!("--advertise-tags={tags}"));
         }
+        if a.fleet > 0 {
+            // Also each node's own address: a cancel can be sent to a
+            // member other than the one the Service chose.
+            for n in &names {
+                cmd.arg(format!("--forward=127.0.0.1:0={n}.{suffix}:5432"));
+            }
+        }
         let (p, ready) = Proc::spawn(&format!("client-{name}"), cmd, &dir, true).await?;
         let forward = ready["forwards"][0]["listen"].as_str().context("forward")?.to_string();
+        let node_forwards: serde_json::Map<String, Value> = names
+            .iter()
+            .enumerate()
+            .filter(|_| a.fleet > 0)
+            .map(|(i, n)| (n.clone(), ready["forwards"][i + 1]["listen"].clone()))
+            .collect();
         client_json.push(json!({
             "name": name,
             "tags": if tags.is_empty() { vec![] } else { tags.split(',').collect::<Vec<_>>() },
             "tailnet_name": ready["name"],
             "tailnet_ips": ready["ips"],
             "forward": forward,
+            "node_forwards": node_forwards,
         }));
         clients.push(p);
     }
 
-    // 5. Ready when the proxy answers through the first client's forward.
+    // 5. Ready when the proxy answers through the first client's forward
+    // (a fleet: when every node hosts the Service and every client's
+    // forward answers).
     let first = client_json[0]["forward"].as_str().unwrap().to_string();
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut proxy = proxy;
+    let forwards: Vec<String> = if a.fleet == 0 {
+        vec![first.clone()]
+    } else {
+        client_json.iter().map(|c| c["forward"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    let mut waiting = forwards.clone();
     loop {
-        if probe(&first).await {
+        if a.fleet > 0 && waiting.len() == forwards.len() {
+            let (_, svc) = http(&admin_url, "GET", &format!("/services/{FLEET_SERVICE}"), "").await?;
+            let hosts = serde_json::from_str::<Value>(&svc).ok().and_then(|v| v["hosts"].as_array().map(Vec::len));
+            if hosts != Some(usize::from(a.fleet)) {
+                waiting_or_bail(&mut proxies, deadline).await?;
+                continue;
+            }
+        }
+        let mut still = Vec::new();
+        for f in &waiting {
+            if !probe(f).await {
+                still.push(f.clone());
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
             break;
         }
-        if let Ok(Some(status)) = proxy.child.try_wait() {
-            bail!("tailgres exited ({status}) during start; its log:\n{}", tail(&proxy.stderr));
-        }
-        if Instant::now() > deadline {
-            bail!("tailgres did not answer through the tailnet in time; its log:\n{}", tail(&proxy.stderr));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        waiting_or_bail(&mut proxies, deadline).await?;
     }
+    let (_, proxy, audit_log) = proxies.remove(0);
+    let mut proxy = proxy;
 
     // The probe leaves one record (a client that hung up during negotiation).
     // It is the lab's, not the user's: once it is written, rotate it away as
@@ -300,7 +410,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     // log that the demo and the tests read starts with their own sessions.
     // A log that was there before (a restart onto it) keeps the record: its
     // earlier lines are not the lab's to move.
-    if new_log {
+    if new_log && a.fleet == 0 {
         let deadline = Instant::now() + Duration::from_secs(10);
         // The probe's own record, not just the log_opened line heading the file.
         let probed = |b: &[u8]| b.windows(16).any(|w| w == b"\"session_denied\"");
@@ -332,12 +442,21 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         "admin_url": admin_url,
         "magic_dns_suffix": suffix,
         "proxy": {
-            "hostname": PROXY_HOSTNAME,
-            "name": format!("{PROXY_HOSTNAME}.{suffix}"),
+            "hostname": names[0],
+            "name": format!("{}.{suffix}", names[0]),
             "log": proxy.stderr,
             "pid": proxy.child.id(),
         },
         "audit_log": audit_log,
+        "fleet": if a.fleet == 0 { Value::Null } else { json!({
+            "service": FLEET_SERVICE,
+            "dns_name": format!("{PROXY_HOSTNAME}.{suffix}"),
+            "tag": FLEET_TAG,
+            "nodes": std::iter::once((names[0].clone(), proxy.stderr.clone(), proxy.child.id(), audit_log.clone()))
+                .chain(proxies.iter().map(|(n, p, l)| (n.clone(), p.stderr.clone(), p.child.id(), l.clone())))
+                .map(|(n, log, pid, audit)| json!({"hostname": n, "name": format!("{n}.{suffix}"), "log": log, "pid": pid, "audit_log": audit}))
+                .collect::<Vec<_>>(),
+        }) },
         "clients": client_json,
         "upstream": {
             "address": up_addr,
@@ -365,10 +484,12 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
 
     // 6. Run until stopped, or until a child dies.
     let mut control = control;
+    let fleet = a.fleet > 0;
     let reason = tokio::select! {
         _ = int.recv() => None,
         _ = term.recv() => None,
-        s = proxy.child.wait() => {
+        // (A fleet's nodes may be stopped by the tests: the lab goes on.)
+        s = proxy.child.wait(), if !fleet => {
             // Tests that stop tailgres themselves read how it ended here.
             let code = s.as_ref().ok().and_then(|s| s.code()).map_or("signal".to_string(), |c| c.to_string());
             let _ = std::fs::write(dir.join("tailgres.exit"), code);
@@ -381,6 +502,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         c.stop().await;
     }
     proxy.stop().await;
+    for (_, p, _) in proxies {
+        p.stop().await;
+    }
     if let Some(p) = pg {
         p.stop().await;
     }
