@@ -288,9 +288,11 @@ func (m *mapManager) planServices(snap syncSnapshot, nodes []*tailcfg.Node) *ser
 		for _, n := range live {
 			if !advertised[n.ID].Contains(s.Name) {
 				if approved[n.ID].Contains(s.Name) {
-					// Withdrawn: still accepts what reaches it, gets no clients.
+					// Withdrawn: keeps the capability (it still accepts
+					// what was routed to it) but gets no clients, and is
+					// routed to a host like any client (its netstack lets
+					// packets for a Service it does not advertise through).
 					plan.hosting[n.ID] = append(plan.hosting[n.ID], s)
-					continue
 				}
 				clients = append(clients, n.ID)
 				continue
