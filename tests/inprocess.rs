@@ -784,6 +784,53 @@ async fn service_connections_prove_where_they_come_from() {
     assert!(!w.records().iter().any(|r| r["peer_addr"] == "192.168.1.5:40002"));
 }
 
+/// Shutdown on a Service host: the sessions that came through the Service
+/// end first, told why, then the node withdraws; a session on the node's
+/// own address keeps the grace.
+#[tokio::test]
+async fn a_service_host_ends_its_service_sessions_then_withdraws() {
+    let mut w = World::start(Options { fleet: fleet(), grace: Duration::from_secs(2), ..Default::default() }).await;
+    let alice = w.join(person(1, "alice@example.com", vec![])).await;
+    let node: std::net::SocketAddr = "100.100.100.100:5432".parse().unwrap();
+    let mut s = tokio::net::TcpStream::connect(w.service_addr.unwrap()).await.unwrap();
+    s.write_all(&tailgres::proxy_header::encode(std::net::SocketAddr::new(alice, 40001), node, &[])).await.unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user("alice").dbname("app").password("pw").application_name("via-service");
+    let (via_service, conn) = cfg.connect_raw(s, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let (direct, direct_conn) = w.connect(alice, "alice").await.unwrap();
+    w.wait_active(2).await;
+    assert!(w.tailnet.advertises("svc:pg"));
+
+    let shutdown = tokio::spawn(async move {
+        w.shut_down().await;
+        w
+    });
+    let e = within("the Service session ends", async {
+        loop {
+            if let Err(e) = via_service.simple_query("select 1").await {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("leaving the Service"), "{e:?}");
+    // Meanwhile the direct session still works (its grace runs).
+    direct.simple_query("select 1").await.expect("the direct session keeps its grace");
+    let w = shutdown.await.unwrap();
+    assert!(!w.tailnet.advertises("svc:pg"), "the node withdrew");
+    let ends: Vec<Value> = w.records().into_iter().filter(|r| r["event"] == "session_end").collect();
+    let via = ends.iter().find(|r| r["postgres"]["application_name"] == "via-service").expect("its end");
+    assert_eq!(via["reason"], "shutdown", "{via}");
+    assert!(via["detail"].as_str().unwrap_or("").contains("left svc:pg"), "{via}");
+    let other = ends.iter().find(|r| r["postgres"]["application_name"] == "inprocess").expect("its end");
+    assert!(other["duration_ms"].as_u64().unwrap() >= 1500, "the direct session had its grace: {other}");
+    let _ = conn.await;
+    direct_conn.abort();
+}
+
 /// A cancel that lands on the wrong member of a fleet is passed on to the
 /// member whose key it is, which applies the identity check and cancels;
 /// a non-member passing a cancel on is refused.
