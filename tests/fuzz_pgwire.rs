@@ -13,46 +13,12 @@ mod fuzz;
 use fuzz::*;
 use proptest::prelude::*;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tailgres::pgwire;
 use tailgres::scram;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::AsyncReadExt;
 
 const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/regressions/fuzz_pgwire.txt");
 
-/// A reader that hands out its data in the given pieces (and an empty
-/// read only at the end), like a socket.
-struct Pieces {
-    chunks: std::collections::VecDeque<Vec<u8>>,
-}
-
-impl AsyncRead for Pieces {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if let Some(front) = self.chunks.front_mut() {
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            front.drain(..n);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Pieces {
-    fn new(data: &[u8], splits: &[usize]) -> Pieces {
-        Pieces { chunks: split_at_points(data, splits).into() }
-    }
-    fn rest(&self) -> Vec<u8> {
-        self.chunks.iter().flatten().copied().collect()
-    }
-}
 
 #[derive(Debug, PartialEq)]
 enum Framed {

@@ -20,15 +20,11 @@ mod fuzz;
 
 use fuzz::*;
 use proptest::prelude::*;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tailgres::proxy_header::{
     self, encode, parse, read_header, Parsed, ProxyHeader, ProxyHeaderError, MAX_BODY, SIGNATURE, TLV_CRC32C,
 };
-use tokio::io::{AsyncRead, ReadBuf};
 
 const REGRESSIONS: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz/regressions/fuzz_proxy_header.txt");
@@ -292,29 +288,6 @@ fn crc_soup() -> impl Strategy<Value = Vec<u8>> {
 
 // ---------------------------------------------------------------- harness
 
-/// A reader that hands out its data in the given pieces (an empty read
-/// only at the end), counting what was taken.
-struct Pieces {
-    chunks: std::collections::VecDeque<Vec<u8>>,
-}
-
-impl AsyncRead for Pieces {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if let Some(front) = self.chunks.front_mut() {
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            front.drain(..n);
-            if front.is_empty() {
-                self.chunks.pop_front();
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
 
 /// `parse` on every prefix of `b` agrees with the model; while it needs
 /// more it asks for more than it has and never past the header.
@@ -364,10 +337,10 @@ fn every_prefix(b: &[u8]) -> Result<(), TestCaseError> {
 /// `read_header` over `b` in pieces agrees with the model on the whole,
 /// and leaves exactly what follows the header.
 fn over_a_stream(b: &[u8], splits: &[usize]) -> Result<(), TestCaseError> {
-    let mut r = Pieces { chunks: split_at_points(b, splits).into() };
+    let mut r = Pieces::new(b, splits);
     let got = run(|| format!("read_header of {}", preview(b)), read_header(&mut r, Duration::from_secs(5)))
         .map_err(TestCaseError::fail)?;
-    let rest: Vec<u8> = r.chunks.iter().flatten().copied().collect();
+    let rest = r.rest();
     let taken = b.len() - rest.len();
     match (got, model(b)) {
         (Ok(h), Model::Header(m)) => {

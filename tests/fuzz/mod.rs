@@ -221,3 +221,39 @@ pub fn mutate(data: &mut Vec<u8>, m: &Mutation) {
         _ => {}
     }
 }
+
+/// A reader that hands out its data in the given pieces (and an empty
+/// read only at the end), like a socket.
+pub struct Pieces {
+    chunks: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl Pieces {
+    /// `data` cut at `splits` (see [`split_at_points`]).
+    pub fn new(data: &[u8], splits: &[usize]) -> Pieces {
+        Pieces { chunks: split_at_points(data, splits).into() }
+    }
+
+    /// What has not been read yet.
+    pub fn rest(&self) -> Vec<u8> {
+        self.chunks.iter().flatten().copied().collect()
+    }
+}
+
+impl tokio::io::AsyncRead for Pieces {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(front) = self.chunks.front_mut() {
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.drain(..n);
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
