@@ -1204,6 +1204,7 @@ identity-ca-key = "/other.key"
         let c = parse(&["--upstream=db.internal:5432", "--audit-log=-"]).unwrap();
         assert_eq!(c.port, 5432);
         assert_eq!(c.hostname, "tailgres");
+        assert_eq!(c.hostname, crate::audit::DEFAULT_NODE, "the audit log's default node is the default hostname");
         assert_eq!(c.routes[0].auth, AuthMode::PasswordRelay);
         assert!(!c.tailscale_log_upload);
         assert_eq!(c.fleet, None);

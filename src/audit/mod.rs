@@ -83,7 +83,7 @@ pub struct AuditOptions {
 }
 
 /// [`AuditOptions::node`] by default: the default `--hostname`.
-pub const DEFAULT_NODE: &str = crate::config::DEFAULT_HOSTNAME;
+pub const DEFAULT_NODE: &str = "tailgres";
 
 impl Default for AuditOptions {
     fn default() -> Self {
