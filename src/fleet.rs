@@ -25,7 +25,7 @@ const PASS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether `id` is a member of `fleet` (carries its tag).
 pub fn is_member(fleet: Option<&Fleet>, id: &PeerIdentity) -> bool {
-    fleet.is_some_and(|f| id.tags.iter().any(|t| *t == f.tag))
+    fleet.is_some_and(|f| id.tags.contains(&f.tag))
 }
 
 /// Passes the cancel from `client` for key (`pid`, `key`) on to the member
