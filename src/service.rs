@@ -14,7 +14,7 @@
 use crate::audit::{DenyReason, Event, Record};
 use crate::context::Shared;
 use crate::proxy_header;
-use crate::relay::{self, HandOff, Relay};
+use crate::relay::{HandOff, Relay};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -83,17 +83,14 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Client<C> {
     }
 }
 
-/// A Service connection's data phase runs on tokio (`relay::drive`): it is
-/// a host socket, not a netstack endpoint the node's goroutines could read.
+/// A Service connection is a host socket: the tailnet moves its bytes as
+/// it can (the embedded node's goroutines read it like the database's
+/// socket; see [`HandOff::hand_off_socket`]).
 impl<C: HandOff> HandOff for Client<C> {
     fn hand_off(self, upstream: std::net::TcpStream, relay: Arc<Relay>) -> io::Result<()> {
         match self {
             Client::Tailnet(c) => c.hand_off(upstream, relay),
-            Client::Service(s) => {
-                let upstream = TcpStream::from_std(upstream)?;
-                tokio::spawn(relay::drive(s, upstream, relay));
-                Ok(())
-            }
+            Client::Service(s) => C::hand_off_socket(s, upstream, relay),
         }
     }
 }

@@ -154,6 +154,11 @@ async fn a_fleet_behind_one_service() {
         let app = format!("fleet-{i}");
         let s = connect(&lab, i, &app).await;
         s.0.simple_query("select 1").await.unwrap();
+        // Some megabytes each way through the node's relay for Service sockets.
+        let big: String = s.0.query_one("select repeat('x', 3000000)", &[]).await.unwrap().get(0);
+        assert_eq!(big.len(), 3_000_000);
+        let back: i32 = s.0.query_one("select length($1::text)", &[&big]).await.unwrap().get(0);
+        assert_eq!(back, 3_000_000);
         landed.push(node_of(&nodes, &app).await);
         sessions.push(s);
     }

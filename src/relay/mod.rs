@@ -616,6 +616,19 @@ pub trait HandOff: Sized {
     /// `upstream` (the database's TCP connection), and `relay` decides.
     /// On error, both connections are closed and the relay never ran.
     fn hand_off(self, upstream: std::net::TcpStream, relay: Arc<Relay>) -> io::Result<()>;
+
+    /// The same for a client that is a host socket (a Tailscale Service's
+    /// connection) on this kind of tailnet. By default tokio tasks move
+    /// the bytes.
+    fn hand_off_socket(
+        client: tokio::net::TcpStream,
+        upstream: std::net::TcpStream,
+        relay: Arc<Relay>,
+    ) -> io::Result<()> {
+        let upstream = tokio::net::TcpStream::from_std(upstream)?;
+        tokio::spawn(drive(client, upstream, relay));
+        Ok(())
+    }
 }
 
 /// Waits for the relay to end, until either side ends it, `stop` resolves,

@@ -164,4 +164,16 @@ impl crate::relay::HandOff for TailnetConn {
     fn hand_off(self, upstream: std::net::TcpStream, relay: Arc<crate::relay::Relay>) -> io::Result<()> {
         self.conn.relay(upstream.into(), relay)
     }
+
+    /// A Service connection: the node's goroutines read it as they read
+    /// the database's socket, so its data phase runs where a direct
+    /// session's does.
+    fn hand_off_socket(
+        client: tokio::net::TcpStream,
+        upstream: std::net::TcpStream,
+        relay: Arc<crate::relay::Relay>,
+    ) -> io::Result<()> {
+        let client = client.into_std()?;
+        ffi::relay_sockets(client.into(), upstream.into(), relay)
+    }
 }

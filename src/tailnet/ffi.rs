@@ -391,6 +391,35 @@ const _: () = {
     assert!(bindings::TSFFI_RELAY_END == relay::END);
 };
 
+/// Hands a client that is a host socket and the database's socket to the
+/// node, whose goroutines move the bytes from now on, `relay` deciding
+/// (tsffi.h's tsffi_relay_start_sockets).
+pub fn relay_sockets(client: OwnedFd, upstream: OwnedFd, relay: Arc<Relay>) -> std::io::Result<()> {
+    let ctx = Arc::into_raw(relay.clone());
+    let grace = c_uint::try_from(relay::STOP_WRITE_GRACE.as_millis()).unwrap_or(c_uint::MAX);
+    let mut id: std::os::raw::c_ulonglong = 0;
+    // SAFETY: as in Conn::relay; the node takes both descriptors over,
+    // even on failure, and writes id on success.
+    let ret = unsafe {
+        bindings::tsffi_relay_start_sockets(
+            client.into_raw_fd(),
+            upstream.into_raw_fd(),
+            std::ptr::addr_of!(RELAY_OPS).cast_mut(),
+            ctx as *mut c_void,
+            grace,
+            &mut id,
+        )
+    };
+    if ret < 0 {
+        // SAFETY: not started, so the node never saw ctx.
+        drop(unsafe { Arc::from_raw(ctx) });
+        return Err(errno(ret.into()));
+    }
+    // SAFETY: a plain call; an id whose relay is over is ignored.
+    relay.set_kick(Box::new(move || unsafe { bindings::tsffi_relay_kick(id) }));
+    Ok(())
+}
+
 impl<W: Wake> Conn<W> {
     /// Hands the connection and the database's socket to the node, whose
     /// goroutines move the bytes from now on, `relay` deciding (tsffi.h).

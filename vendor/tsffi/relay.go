@@ -81,9 +81,13 @@ func putBuf(b *[]byte) {
 
 type relay struct {
 	id  uint64
-	tc  *tconn
+	tc  *tconn // the client as a netstack endpoint; nil when cl is set
 	up  *net.TCPConn
 	raw syscall.RawConn
+	// cl is the client as a host socket (a Tailscale Service's connection,
+	// handed over on loopback), read like the database's.
+	cl    *net.TCPConn
+	clRaw syscall.RawConn
 
 	ops   *C.tsffi_relay_ops
 	ctx   unsafe.Pointer
@@ -145,6 +149,59 @@ func tsffi_relay_start(id C.ulonglong, fd C.int, ops *C.tsffi_relay_ops, ctx uns
 	return 0
 }
 
+// tcpOf adopts a socket descriptor (a dup is kept; fd is closed).
+func tcpOf(fd C.int) (*net.TCPConn, syscall.RawConn, syscall.Errno) {
+	f := os.NewFile(uintptr(fd), "socket")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, nil, syscall.EBADF
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, nil, syscall.ENOTSOCK
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		c.Close()
+		return nil, nil, syscall.ENOTSOCK
+	}
+	return tc, raw, 0
+}
+
+//export tsffi_relay_start_sockets
+func tsffi_relay_start_sockets(clientFD, upstreamFD C.int, ops *C.tsffi_relay_ops, ctx unsafe.Pointer, graceMS C.uint, outID *C.ulonglong) C.int {
+	cl, clRaw, e1 := tcpOf(clientFD)
+	up, raw, e2 := tcpOf(upstreamFD)
+	if e1 != 0 || e2 != 0 {
+		if cl != nil {
+			cl.Close()
+		}
+		if up != nil {
+			up.Close()
+		}
+		if e1 != 0 {
+			return -C.int(e1)
+		}
+		return -C.int(e2)
+	}
+	id := nextConnID.Add(1)
+	r := &relay{
+		id: id, up: up, raw: raw, cl: cl, clRaw: clRaw,
+		ops: ops, ctx: ctx, grace: time.Duration(graceMS) * time.Millisecond,
+		stopped: make(chan struct{}), graceOver: make(chan struct{}),
+	}
+	// Not the netstack's idle/reading dance: a reader goroutine per side.
+	r.client.Store(clientReading)
+	r.readers.Store(2)
+	relays.Store(id, r)
+	*outID = C.ulonglong(id)
+	go r.readSocket(sideClient, r.clRaw)
+	go r.readSocket(sideUpstream, r.raw)
+	return 0
+}
+
 //export tsffi_relay_kick
 func tsffi_relay_kick(id C.ulonglong) {
 	if v, ok := relays.Load(uint64(id)); ok {
@@ -179,6 +236,10 @@ func (r *relay) windDown() {
 		close(r.stopped)
 		r.up.SetReadDeadline(time.Unix(1, 0))
 		r.up.SetWriteDeadline(time.Now().Add(r.grace))
+		if r.cl != nil {
+			r.cl.SetReadDeadline(time.Unix(1, 0))
+			r.cl.SetWriteDeadline(time.Now().Add(r.grace))
+		}
 		time.AfterFunc(r.grace, func() { close(r.graceOver) })
 	})
 	// A client side with no reader running ends here (outside Do: this may
@@ -277,18 +338,21 @@ func (r *relay) clientOver() {
 	}
 }
 
-// readUpstream reads the database's socket through Go's netpoller; the
-// buffer is taken only once the socket is readable.
-func (r *relay) readUpstream() {
+// readUpstream reads the database's socket.
+func (r *relay) readUpstream() { r.readSocket(sideUpstream, r.raw) }
+
+// readSocket reads side's socket through Go's netpoller; the buffer is
+// taken only once the socket is readable.
+func (r *relay) readSocket(side C.int, raw syscall.RawConn) {
 	defer r.readerDone()
-	if !r.act(sideUpstream, C.relay_begin(r.ops, r.ctx, sideUpstream)) {
+	if !r.act(side, C.relay_begin(r.ops, r.ctx, side)) {
 		return
 	}
 	for {
 		var bp *[]byte
 		var n int
 		var rerr error
-		err := r.raw.Read(func(fd uintptr) bool {
+		err := raw.Read(func(fd uintptr) bool {
 			bp = getBuf()
 			for {
 				n, rerr = syscall.Read(int(fd), (*bp)[:relayRead])
@@ -312,18 +376,18 @@ func (r *relay) readUpstream() {
 		var bits C.uint
 		switch {
 		case err != nil:
-			bits = C.relay_failed(r.ops, r.ctx, sideUpstream, 0, C.int(errnoOf(err)))
+			bits = C.relay_failed(r.ops, r.ctx, side, 0, C.int(errnoOf(err)))
 		case rerr != nil:
-			bits = C.relay_failed(r.ops, r.ctx, sideUpstream, 0, C.int(errnoOf(rerr)))
+			bits = C.relay_failed(r.ops, r.ctx, side, 0, C.int(errnoOf(rerr)))
 		case n == 0:
-			bits = r.input(sideUpstream, nil)
+			bits = r.input(side, nil)
 		default:
-			bits = r.input(sideUpstream, (*bp)[:n])
+			bits = r.input(side, (*bp)[:n])
 		}
 		if bp != nil {
 			putBuf(bp)
 		}
-		if !r.act(sideUpstream, bits) {
+		if !r.act(side, bits) {
 			return
 		}
 	}
@@ -392,8 +456,12 @@ func (r *relay) flush(side C.int) C.uint {
 }
 
 func (r *relay) write(side C.int, b []byte) error {
-	if side == sideUpstream {
+	switch {
+	case side == sideUpstream:
 		_, err := r.up.Write(b)
+		return err
+	case r.cl != nil:
+		_, err := r.cl.Write(b)
 		return err
 	}
 	return r.writeClient(b)
@@ -440,9 +508,12 @@ func (r *relay) closeWrite(side C.int) {
 	if r.dead[side].Load() {
 		return
 	}
-	if side == sideUpstream {
+	switch {
+	case side == sideUpstream:
 		r.up.CloseWrite()
-	} else {
+	case r.cl != nil:
+		r.cl.CloseWrite()
+	default:
 		r.tc.ep.Shutdown(tcpip.ShutdownWrite)
 	}
 }
@@ -459,7 +530,11 @@ func (r *relay) readerDone() {
 		r.flush(side)
 		r.closeWrite(side)
 	}
-	r.tc.close(r.id, false, false)
+	if r.cl != nil {
+		r.cl.Close()
+	} else {
+		r.tc.close(r.id, false, false)
+	}
 	r.up.Close()
 	relays.Delete(r.id)
 	C.relay_done(r.ops, r.ctx)

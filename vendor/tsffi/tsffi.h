@@ -166,6 +166,14 @@ typedef struct tsffi_relay_ops {
 int tsffi_relay_start(unsigned long long conn, int upstream_fd, tsffi_relay_ops *ops,
                       void *ctx, unsigned int grace_ms);
 
+/* tsffi_relay_start_sockets is tsffi_relay_start for a client that is a
+ * host TCP socket (a Tailscale Service's connection, handed over on
+ * loopback) rather than a tailnet connection: the node takes both
+ * descriptors over (closing them even on failure), reads each with one
+ * goroutine, and returns the relay's id (for tsffi_relay_kick) in *out_id. */
+int tsffi_relay_start_sockets(int client_fd, int upstream_fd, tsffi_relay_ops *ops,
+                              void *ctx, unsigned int grace_ms, unsigned long long *out_id);
+
 /* tsffi_relay_kick starts a relay's wind-down (the engine has decided to
  * stop it); unknown ids are ignored. */
 void tsffi_relay_kick(unsigned long long conn);
