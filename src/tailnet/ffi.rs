@@ -391,25 +391,18 @@ const _: () = {
     assert!(bindings::TSFFI_RELAY_END == relay::END);
 };
 
-/// Hands a client that is a host socket and the database's socket to the
-/// node, whose goroutines move the bytes from now on, `relay` deciding
-/// (tsffi.h's tsffi_relay_start_sockets).
-pub fn relay_sockets(client: OwnedFd, upstream: OwnedFd, relay: Arc<Relay>) -> std::io::Result<()> {
+/// Starts a relay: `start` makes one of tsffi's relay_start calls with the
+/// ops, the ctx and the grace it is given, and returns the call's result
+/// and the relay's id (for its kick). ctx is the `Arc<Relay>` leaked for the
+/// node, released here if the relay did not start (the node then never saw
+/// it) and by `relay_done` otherwise.
+fn start_relay(
+    relay: Arc<Relay>,
+    start: impl FnOnce(*mut bindings::tsffi_relay_ops, *mut c_void, c_uint) -> (c_int, u64),
+) -> std::io::Result<()> {
     let ctx = Arc::into_raw(relay.clone());
     let grace = c_uint::try_from(relay::STOP_WRITE_GRACE.as_millis()).unwrap_or(c_uint::MAX);
-    let mut id: std::os::raw::c_ulonglong = 0;
-    // SAFETY: as in Conn::relay; the node takes both descriptors over,
-    // even on failure, and writes id on success.
-    let ret = unsafe {
-        bindings::tsffi_relay_start_sockets(
-            client.into_raw_fd(),
-            upstream.into_raw_fd(),
-            std::ptr::addr_of!(RELAY_OPS).cast_mut(),
-            ctx as *mut c_void,
-            grace,
-            &mut id,
-        )
-    };
+    let (ret, id) = start(std::ptr::addr_of!(RELAY_OPS).cast_mut(), ctx as *mut c_void, grace);
     if ret < 0 {
         // SAFETY: not started, so the node never saw ctx.
         drop(unsafe { Arc::from_raw(ctx) });
@@ -420,32 +413,40 @@ pub fn relay_sockets(client: OwnedFd, upstream: OwnedFd, relay: Arc<Relay>) -> s
     Ok(())
 }
 
+/// Hands a client that is a host socket and the database's socket to the
+/// node, whose goroutines move the bytes from now on, `relay` deciding
+/// (tsffi.h's tsffi_relay_start_sockets).
+pub fn relay_sockets(client: OwnedFd, upstream: OwnedFd, relay: Arc<Relay>) -> std::io::Result<()> {
+    start_relay(relay, |ops, ctx, grace| {
+        let mut id: std::os::raw::c_ulonglong = 0;
+        // SAFETY: RELAY_OPS lives forever and its callbacks match
+        // tsffi_relay_ops; ctx stays valid until relay_done releases it.
+        // The node takes both descriptors over, even on failure, and
+        // writes id on success.
+        let ret = unsafe {
+            bindings::tsffi_relay_start_sockets(
+                client.into_raw_fd(),
+                upstream.into_raw_fd(),
+                ops,
+                ctx,
+                grace,
+                &mut id,
+            )
+        };
+        (ret, id)
+    })
+}
+
 impl<W: Wake> Conn<W> {
     /// Hands the connection and the database's socket to the node, whose
     /// goroutines move the bytes from now on, `relay` deciding (tsffi.h).
     pub fn relay(self, upstream: OwnedFd, relay: Arc<Relay>) -> std::io::Result<()> {
-        let ctx = Arc::into_raw(relay.clone());
-        let grace = c_uint::try_from(relay::STOP_WRITE_GRACE.as_millis()).unwrap_or(c_uint::MAX);
-        // SAFETY: RELAY_OPS lives forever and its callbacks match
-        // tsffi_relay_ops; ctx stays valid until relay_done releases it.
-        // The node takes the descriptor over, even on failure.
-        let ret = unsafe {
-            bindings::tsffi_relay_start(
-                self.id,
-                upstream.into_raw_fd(),
-                std::ptr::addr_of!(RELAY_OPS).cast_mut(),
-                ctx as *mut c_void,
-                grace,
-            )
-        };
-        if ret < 0 {
-            // SAFETY: not started, so the node never saw ctx.
-            drop(unsafe { Arc::from_raw(ctx) });
-            return Err(errno(ret.into()));
-        }
         let id = self.id;
-        // SAFETY: a plain call; an id whose relay is over is ignored.
-        relay.set_kick(Box::new(move || unsafe { bindings::tsffi_relay_kick(id) }));
+        start_relay(relay, |ops, ctx, grace| {
+            // SAFETY: as in relay_sockets; the node takes the descriptor
+            // over, even on failure.
+            (unsafe { bindings::tsffi_relay_start(id, upstream.into_raw_fd(), ops, ctx, grace) }, id)
+        })?;
         // The node owns the connection now and will never wake us again:
         // release the wake ctx without closing the connection.
         let this = std::mem::ManuallyDrop::new(self);
