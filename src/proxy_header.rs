@@ -168,19 +168,28 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
         return Ok(Parsed::NeedMore { at_least: total });
     };
     let body = &header[FIXED_LEN..];
-    let (source, destination) = if need == TCP4_BLOCK {
-        let ip = |at: usize| IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&body[at..at + 4]).unwrap()));
-        (SocketAddr::new(ip(0), port(body, 8)), SocketAddr::new(ip(4), port(body, 10)))
+    let addresses = if need == TCP4_BLOCK {
+        address_block::<4>(body).map(|(s, d, sp, dp)| ((Ipv4Addr::from(s).into(), sp), (Ipv4Addr::from(d).into(), dp)))
     } else {
-        let ip = |at: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&body[at..at + 16]).unwrap()));
-        (SocketAddr::new(ip(0), port(body, 32)), SocketAddr::new(ip(16), port(body, 34)))
+        address_block::<16>(body).map(|(s, d, sp, dp)| ((Ipv6Addr::from(s).into(), sp), (Ipv6Addr::from(d).into(), dp)))
     };
+    // (`len >= need` above: the block is always there.)
+    let Some(((s, sp), (d, dp))) = addresses else {
+        return Err(ProxyHeaderError::Truncated { family, len, need });
+    };
+    let (source, destination) = (SocketAddr::new(s, sp), SocketAddr::new(d, dp));
     check_tlvs(header, FIXED_LEN + need)?;
     Ok(Parsed::Header(ProxyHeader { source, destination, len: total }))
 }
 
-fn port(body: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([body[at], body[at + 1]])
+/// An address block of `N`-byte addresses: source, destination, then their
+/// ports.
+fn address_block<const N: usize>(body: &[u8]) -> Option<([u8; N], [u8; N], u16, u16)> {
+    let (s, rest) = body.split_first_chunk::<N>()?;
+    let (d, rest) = rest.split_first_chunk::<N>()?;
+    let (sp, rest) = rest.split_first_chunk::<2>()?;
+    let (dp, _) = rest.split_first_chunk::<2>()?;
+    Some((*s, *d, u16::from_be_bytes(*sp), u16::from_be_bytes(*dp)))
 }
 
 /// Walks the TLVs of `header` from `at` to its end: each must lie inside
@@ -216,7 +225,11 @@ fn check_tlvs(header: &[u8], mut at: usize) -> Result<(), ProxyHeaderError> {
         at += 3 + len;
     }
     if let Some(v) = crc_at {
-        let declared = u32::from_be_bytes(header[v..v + 4].try_into().unwrap());
+        // (Its length was checked to be 4 above.)
+        let Some(&declared) = header[v..].first_chunk::<4>() else {
+            return Err(tlv_err(v - 3, "CRC32C value cut short".into()));
+        };
+        let declared = u32::from_be_bytes(declared);
         // The CRC of the whole header with the CRC field itself zeroed.
         let crc = crc32c_update(!0, &header[..v]);
         let crc = crc32c_update(crc, &[0; 4]);
