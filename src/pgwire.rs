@@ -147,22 +147,33 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Re
     Ok(Message { tag, body })
 }
 
+/// The fields of an ErrorResponse/NoticeResponse body, in order, up to the
+/// terminating zero: (type, value, whether the value's own terminator was
+/// there — a body cut short ends in a value without one).
+pub fn fields(body: &[u8]) -> impl Iterator<Item = (u8, &[u8], bool)> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let (&tag, tail) = rest.split_first()?;
+        if tag == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == 0);
+        let value = &tail[..end.unwrap_or(tail.len())];
+        rest = end.map_or(&[][..], |e| &tail[e + 1..]);
+        Some((tag, value, end.is_some()))
+    })
+}
+
 /// Fields of an ErrorResponse/NoticeResponse body: (code, message).
 pub fn error_fields(body: &[u8]) -> (Option<String>, Option<String>) {
     let (mut code, mut msg) = (None, None);
-    let mut rest = body;
-    while let Some((&tag, tail)) = rest.split_first() {
-        if tag == 0 {
-            break;
-        }
-        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        let val = String::from_utf8_lossy(&tail[..end]).into_owned();
+    for (tag, value, _) in fields(body) {
+        let val = String::from_utf8_lossy(value).into_owned();
         match tag {
             b'C' => code = Some(val),
             b'M' => msg = Some(val),
             _ => {}
         }
-        rest = tail.get(end + 1..).unwrap_or(&[]);
     }
     (code, msg)
 }

@@ -202,21 +202,16 @@ impl Frames {
 /// PANIC: the non-localized `V` field when there is one, else `S`.
 fn fatal_severity(body: &[u8]) -> bool {
     let mut severity = None;
-    let mut rest = body;
-    while let [code, tail @ ..] = rest {
-        if *code == 0 {
-            break;
-        }
-        let Some(end) = tail.iter().position(|&b| b == 0) else { break };
+    // (A value cut off by the kept head is not read.)
+    for (code, value, _) in pgwire::fields(body).take_while(|&(_, _, whole)| whole) {
         match code {
             b'V' => {
-                severity = Some(&tail[..end]);
+                severity = Some(value);
                 break;
             }
-            b'S' => severity = Some(&tail[..end]),
+            b'S' => severity = Some(value),
             _ => {}
         }
-        rest = &tail[end + 1..];
     }
     matches!(severity, Some(b"FATAL" | b"PANIC"))
 }
