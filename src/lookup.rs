@@ -43,7 +43,7 @@ pub const REUSE_IDLE: Duration = Duration::from_secs(60);
 
 /// The kept lookup connection, logged in as the lookup role.
 struct Conn {
-    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    stream: tokio_rustls::client::TlsStream<crate::upstream::Socket>,
     last_used: Instant,
 }
 

@@ -60,7 +60,7 @@ pub async fn serve<T: Tailnet>(
     force: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(opts.max_sessions));
-    let mut tasks = JoinSet::new();
+    let mut tasks = Sessions { tokio: JoinSet::new(), node: tailnet.session_tasks() };
     let (conn_tx, mut conns) = mpsc::channel(64);
     let mut acceptors = JoinSet::new();
     for l in listeners {
@@ -94,7 +94,9 @@ pub async fn serve<T: Tailnet>(
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let via_service = matches!(stream, Client::Service(_));
-                        tasks.spawn(async move {
+                        // A Service connection is a host socket, served by
+                        // tokio's reactor: its session stays on tokio.
+                        tasks.spawn(!via_service, async move {
                             session::run(stream, addr, port, via_service, &*tailnet, &shared).await;
                             drop(permit);
                         });
@@ -108,7 +110,7 @@ pub async fn serve<T: Tailnet>(
                         let refuser = shared.refusers.clone().try_acquire_owned().ok();
                         let limit = opts.max_sessions;
                         if due.is_some() || refuser.is_some() {
-                            tasks.spawn(async move {
+                            tasks.tokio.spawn(async move {
                                 if let Some(more) = due {
                                     let mut d = format!("session limit (--max-sessions {limit}) reached");
                                     if more > 0 {
@@ -127,7 +129,7 @@ pub async fn serve<T: Tailnet>(
                     }
                 }
             },
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+            Some(done) = tasks.tokio.join_next(), if !tasks.tokio.is_empty() => {
                 if let Err(e) = done {
                     if e.is_panic() {
                         tracing::error!(error = %e, "a session task panicked");
@@ -149,7 +151,7 @@ pub async fn serve<T: Tailnet>(
     tracing::info!(live, grace = ?opts.grace, "shutting down: no new sessions; running ones may finish");
     tokio::pin!(force);
     let finished = tokio::select! {
-        r = tokio::time::timeout(opts.grace, async { while tasks.join_next().await.is_some() {} }) => r.is_ok(),
+        r = tokio::time::timeout(opts.grace, tasks.all_done()) => r.is_ok(),
         _ = &mut force => {
             tracing::warn!("second signal: ending sessions now");
             false
@@ -158,15 +160,51 @@ pub async fn serve<T: Tailnet>(
     if !finished {
         tracing::info!(left = tasks.len(), "ending the remaining sessions");
         let _ = stop_sessions.send(true);
-        let ended =
-            tokio::time::timeout(END_WAIT, async { while tasks.join_next().await.is_some() {} }).await;
+        let ended = tokio::time::timeout(END_WAIT, tasks.all_done()).await;
         if ended.is_err() {
             tracing::warn!(left = tasks.len(), "sessions did not end in time; aborting them");
             tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
+            tasks.all_done().await;
         }
     }
     let _ = stop_sessions.send(true);
+}
+
+/// The running sessions (and refusals): on tokio, or polled on the
+/// tailnet node's scheduler (`Tailnet::session_tasks`).
+struct Sessions {
+    tokio: JoinSet<()>,
+    node: Option<crate::tailnet::NodeTasks>,
+}
+
+impl Sessions {
+    /// Starts a session, on the node when `on_node` and the tailnet has one.
+    fn spawn(&mut self, on_node: bool, session: impl Future<Output = ()> + Send + 'static) {
+        match &self.node {
+            Some(node) if on_node => node.spawn(session),
+            _ => {
+                self.tokio.spawn(session);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.tokio.len() + self.node.as_ref().map_or(0, |n| n.len())
+    }
+
+    async fn all_done(&mut self) {
+        while self.tokio.join_next().await.is_some() {}
+        if let Some(node) = &self.node {
+            node.all_done().await;
+        }
+    }
+
+    fn abort_all(&mut self) {
+        self.tokio.abort_all();
+        if let Some(node) = &self.node {
+            node.abort_all();
+        }
+    }
 }
 
 /// Leaves the Service: ends the sessions that came through it, then

@@ -96,7 +96,7 @@ struct Admitted<S> {
 
 /// What admission established besides the client's connection.
 struct Parts {
-    upstream: Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    upstream: Box<tokio_rustls::client::TlsStream<crate::upstream::Socket>>,
     identity: PeerIdentity,
     startup: Startup,
     /// The route's upstream (cancels go there too).
@@ -804,7 +804,7 @@ impl Session<'_> {
     /// state (and anything read but not yet relayed) moves with it.
     fn hand_off<S: relay::HandOff>(
         client: ClientStream<S>,
-        upstream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        upstream: tokio_rustls::client::TlsStream<crate::upstream::Socket>,
         statements: Option<crate::statements::Sink>,
     ) -> std::io::Result<Arc<relay::Relay>> {
         let (client, client_tls) = match client {

@@ -60,10 +60,92 @@ pub struct UpstreamTls {
     connect_timeout: Duration,
 }
 
+/// The database's socket: in tokio's reactor, or, for a session the
+/// tailnet node polls on its own scheduler, in the node's netpoller (then
+/// the session's waits for the database stay on that scheduler too).
+#[derive(Debug)]
+pub enum Socket {
+    Tokio(TcpStream),
+    Node(crate::tailnet::NodeSocket),
+}
+
+impl Socket {
+    /// Connects where the caller runs (see [`crate::tailnet::on_node`]).
+    pub async fn connect(addr: std::net::SocketAddr) -> io::Result<Socket> {
+        if crate::tailnet::on_node() {
+            return crate::tailnet::NodeSocket::connect(addr).await.map(Socket::Node);
+        }
+        TcpStream::connect(addr).await.map(Socket::Tokio)
+    }
+
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        match self {
+            Socket::Tokio(s) => s.set_nodelay(on),
+            Socket::Node(s) => s.set_nodelay(on),
+        }
+    }
+
+    /// The plain (blocking-mode unchanged) socket, out of either poller.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        match self {
+            Socket::Tokio(s) => s.into_std(),
+            Socket::Node(s) => Ok(s.into_std()),
+        }
+    }
+}
+
+macro_rules! socket_delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Socket::Tokio($s) => $e,
+            Socket::Node($s) => $e,
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for Socket {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        socket_delegate!(self, s => std::pin::Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Socket {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        socket_delegate!(self, s => std::pin::Pin::new(s).poll_write(cx, b))
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        socket_delegate!(self, s => std::pin::Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        socket_delegate!(self, s => std::pin::Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        socket_delegate!(self, s => std::pin::Pin::new(s).poll_shutdown(cx))
+    }
+}
+
 /// A verified TLS connection to the database, before the StartupMessage.
 #[derive(Debug)]
 pub struct Upstream {
-    pub stream: tokio_rustls::client::TlsStream<TcpStream>,
+    pub stream: tokio_rustls::client::TlsStream<Socket>,
     pub facts: UpstreamFacts,
     /// tls-server-end-point channel binding data (RFC 5929) for SCRAM-PLUS, or
     /// None when the certificate's signature has no single hash (then SCRAM
@@ -446,7 +528,7 @@ impl UpstreamTls {
     }
 
     /// Resolves `addr` and tries each address in turn, like libpq does.
-    async fn dial(&self, deadline: Instant) -> Result<(TcpStream, std::net::SocketAddr), UpstreamError> {
+    async fn dial(&self, deadline: Instant) -> Result<(Socket, std::net::SocketAddr), UpstreamError> {
         let resolve_err = |source| UpstreamError::Resolve { addr: self.addr.clone(), source };
         let addrs: Vec<_> = self
             .within(deadline, Phase::Resolve, &self.addr, tokio::net::lookup_host(self.addr.as_str()))
@@ -458,7 +540,7 @@ impl UpstreamTls {
             return Err(resolve_err(last));
         }
         for a in addrs {
-            match self.within(deadline, Phase::Dial, &a.to_string(), TcpStream::connect(a)).await? {
+            match self.within(deadline, Phase::Dial, &a.to_string(), Socket::connect(a)).await? {
                 Ok(tcp) => {
                     // Postgres messages are small and latency-bound.
                     tcp.set_nodelay(true).map_err(|source| UpstreamError::Io {

@@ -6,85 +6,13 @@
 #![forbid(unsafe_code)]
 
 use super::ffi;
+use super::wakers::Wakers;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// One direction's waiting task and a count of the node's wake-ups.
-#[derive(Debug, Default)]
-struct Slot {
-    waker: Mutex<Option<Waker>>,
-    /// Bumped by every wake-up for this direction, before the waker is
-    /// taken: an operation that saw -EAGAIN retries only if it changed.
-    wakes: AtomicU64,
-}
-
-impl Slot {
-    fn arm(&self, w: &Waker) {
-        let mut g = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        match &*g {
-            Some(old) if old.will_wake(w) => {}
-            _ => *g = Some(w.clone()),
-        }
-    }
-
-    fn fire(&self) {
-        self.wakes.fetch_add(1, Ordering::AcqRel);
-        let w = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-
-    /// Runs `op` (`None`: nothing to do yet) until it is ready or nothing
-    /// has changed since it last found nothing to do. A wake-up that lands
-    /// between the call into the node and arming the waker bumps `wakes`,
-    /// so it is never lost; and no second call into the node is made just
-    /// to be sure.
-    fn poll<T>(
-        &self,
-        cx: &mut Context<'_>,
-        mut op: impl FnMut() -> io::Result<Option<T>>,
-    ) -> Poll<io::Result<T>> {
-        loop {
-            let seen = self.wakes.load(Ordering::Acquire);
-            if let Some(v) = op().transpose() {
-                return Poll::Ready(v);
-            }
-            if self.park(cx, seen) {
-                return Poll::Pending;
-            }
-        }
-    }
-
-    /// Arms the waker; true if no wake-up came since the count was `seen`
-    /// (the task may then wait), false if one did (look again).
-    fn park(&self, cx: &mut Context<'_>, seen: u64) -> bool {
-        self.arm(cx.waker());
-        self.wakes.load(Ordering::Acquire) == seen
-    }
-}
-
-/// The wakers of the task reading and of the task writing (one each).
-#[derive(Debug, Default)]
-struct Wakers {
-    read: Slot,
-    write: Slot,
-}
-
-impl ffi::Wake for Wakers {
-    fn wake(&self, readable: bool, writable: bool) {
-        if readable {
-            self.read.fire();
-        }
-        if writable {
-            self.write.fire();
-        }
-    }
-}
 
 /// An accepted tailnet connection. Dropping it closes it.
 #[derive(Debug)]

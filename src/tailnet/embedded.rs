@@ -204,6 +204,11 @@ impl Tailnet for EmbeddedNode {
         let h = self.handle.clone();
         blocking(move || h.close()).await;
     }
+
+    /// Sessions run on the node's goroutines (see `task`).
+    fn session_tasks(&self) -> Option<super::NodeTasks> {
+        Some(super::NodeTasks::new())
+    }
 }
 
 /// Bytes of one announcement (tsffi.h's TSFFI_ANNOUNCE_LEN).

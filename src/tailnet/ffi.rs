@@ -459,6 +459,91 @@ impl<W: Wake> Conn<W> {
     }
 }
 
+/// A socket of ours in the node's netpoller (tsffi_fd_watch): the node
+/// calls `wake` when the socket may be ready. Dropping it ends the watch.
+#[derive(Debug)]
+pub struct FdWatch<W: Wake> {
+    id: u64,
+    /// The reference the shim holds as the callback's ctx; released on
+    /// drop, after tsffi_fd_unwatch.
+    ctx: *const W,
+}
+
+// SAFETY: the id is a plain number and ctx points at a Send + Sync W.
+unsafe impl<W: Wake> Send for FdWatch<W> {}
+unsafe impl<W: Wake> Sync for FdWatch<W> {}
+
+impl<W: Wake> FdWatch<W> {
+    pub fn new(fd: std::os::fd::BorrowedFd<'_>, wake: Arc<W>) -> std::io::Result<FdWatch<W>> {
+        use std::os::fd::AsRawFd;
+        let ctx = Arc::into_raw(wake);
+        let mut id: std::os::raw::c_ulonglong = 0;
+        // SAFETY: the trampoline matches tsffi_wake_fn and ctx stays valid
+        // until Drop; the shim duplicates fd and writes id on success.
+        let ret = unsafe { bindings::tsffi_fd_watch(fd.as_raw_fd(), Some(wake_trampoline::<W>), ctx as *mut _, &mut id) };
+        if ret < 0 {
+            // SAFETY: not registered, so the shim never saw ctx.
+            drop(unsafe { Arc::from_raw(ctx) });
+            return Err(errno(ret.into()));
+        }
+        Ok(FdWatch { id, ctx })
+    }
+
+    /// Has wake called once the socket may be readable and/or writable.
+    pub fn wait(&self, readable: bool, writable: bool) -> std::io::Result<()> {
+        let events = if readable { bindings::TSFFI_READABLE } else { 0 } | if writable { bindings::TSFFI_WRITABLE } else { 0 };
+        // SAFETY: a plain call on our id.
+        let ret = unsafe { bindings::tsffi_fd_wait(self.id, events) };
+        if ret < 0 {
+            return Err(errno(ret.into()));
+        }
+        Ok(())
+    }
+}
+
+impl<W: Wake> Drop for FdWatch<W> {
+    fn drop(&mut self) {
+        // SAFETY: when it returns the callback is done with ctx for good.
+        unsafe { bindings::tsffi_fd_unwatch(self.id) };
+        // SAFETY: ctx came from Arc::into_raw in new, released once, here.
+        drop(unsafe { Arc::from_raw(self.ctx) });
+    }
+}
+
+/// A task the node polls on one of its goroutines (tsffi_task_start).
+pub trait PollTask: Send + Sync + 'static {
+    /// Polls the task once; true when it is over.
+    fn poll_task(self: &Arc<Self>) -> bool;
+}
+
+/// The poll callback; ctx is the `Arc<T>` [`task_start`] leaked, released
+/// here once the task is over (tsffi.h: ctx is never used again then).
+extern "C" fn poll_trampoline<T: PollTask>(ctx: *mut c_void) -> c_int {
+    // SAFETY: ctx came from Arc::into_raw in task_start and is released
+    // only below, when this returns nonzero for the last time.
+    let task = std::mem::ManuallyDrop::new(unsafe { Arc::from_raw(ctx as *const T) });
+    if task.poll_task() {
+        drop(std::mem::ManuallyDrop::into_inner(task));
+        1
+    } else {
+        0
+    }
+}
+
+/// Starts polling `task` on a goroutine; `id` must not be another running
+/// task's.
+pub fn task_start<T: PollTask>(id: u64, task: Arc<T>) {
+    let ctx = Arc::into_raw(task) as *mut c_void;
+    // SAFETY: the trampoline matches tsffi_poll_fn and owns ctx from now on.
+    unsafe { bindings::tsffi_task_start(id, Some(poll_trampoline::<T>), ctx) }
+}
+
+/// Has the node poll task `id` again (ignored once it is over).
+pub fn task_wake(id: u64) {
+    // SAFETY: a plain call, valid for any id, from any thread.
+    unsafe { bindings::tsffi_task_wake(id) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

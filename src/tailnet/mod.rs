@@ -13,11 +13,16 @@ mod embedded;
 mod ffi;
 mod identity;
 pub mod memory;
+mod socket;
+mod task;
+mod wakers;
 
 pub use conn::TailnetConn;
 pub use directory::Directory;
 pub use embedded::{EmbeddedNode, NetmapWatch, TailnetListener};
 pub use identity::PeerIdentity;
+pub use socket::NodeSocket;
+pub use task::{on_node, NodeTasks};
 
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -197,6 +202,12 @@ pub trait Tailnet: Send + Sync + 'static {
     fn cert_pair(&self, domain: &str) -> impl Future<Output = Result<CertPair, TailnetError>> + Send;
     fn watch(&self) -> Result<Self::Watch, TailnetError>;
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    /// Where sessions on this tailnet's connections run: `Some` for a
+    /// node that polls them on its own scheduler ([`NodeTasks`]), `None`
+    /// for tokio.
+    fn session_tasks(&self) -> Option<NodeTasks> {
+        None
+    }
 }
 
 /// Connections accepted on one tailnet port.

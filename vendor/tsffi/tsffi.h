@@ -178,6 +178,32 @@ int tsffi_relay_start_sockets(int client_fd, int upstream_fd, tsffi_relay_ops *o
  * stop it); unknown ids are ignored. */
 void tsffi_relay_kick(unsigned long long conn);
 
+/* Tasks. tsffi_task_start polls the caller's task on a goroutine of the
+ * node's scheduler: poll(ctx) runs at once, and again after each
+ * tsffi_task_wake(id) (wakes while a poll runs, or before the next one,
+ * make one more poll), until it returns nonzero; then the task is over and
+ * ctx is never used again. poll runs on one of the node's threads and may
+ * call into tsffi (including tsffi_task_wake); it should not block for
+ * long. id is the caller's, unique among running tasks. tsffi_task_wake
+ * may be called from any thread, at any time; an id with no running task
+ * is ignored. */
+typedef int (*tsffi_poll_fn)(void *ctx);
+void tsffi_task_start(unsigned long long id, tsffi_poll_fn poll, void *ctx);
+void tsffi_task_wake(unsigned long long id);
+
+/* Watched sockets. tsffi_fd_watch puts a duplicate of the caller's socket
+ * fd into the node's netpoller; the caller keeps fd, reads and writes it
+ * without blocking, and when a call would block, tsffi_fd_wait(id, events)
+ * has wake(ctx, events) called (on one of the node's threads, the same
+ * rules as tsffi_conn_attach's callback) once the socket may be ready for
+ * events (TSFFI_READABLE, TSFFI_WRITABLE), has failed or hung up. A wait
+ * already under way for an event is not started twice; wake may be called
+ * spuriously. tsffi_fd_unwatch(id) ends it: when it returns, wake is never
+ * called again with ctx (fd stays open). Return 0 or -errno. */
+int tsffi_fd_watch(int fd, tsffi_wake_fn wake, void *ctx, unsigned long long *out_id);
+int tsffi_fd_wait(unsigned long long id, unsigned int events);
+void tsffi_fd_unwatch(unsigned long long id);
+
 /* tsffi_whois identifies the tailnet peer at ip (16 bytes, network order;
  * IPv4 as ::ffff:a.b.c.d) and port straight from the
  * node's backend (no LocalAPI request; the same lookup and capability map
