@@ -207,7 +207,7 @@ impl Tailnet for EmbeddedNode {
 
     /// Sessions run on the node's goroutines (see `task`).
     fn session_tasks(&self) -> Option<super::NodeTasks> {
-        Some(super::NodeTasks::new())
+        Some(super::NodeTasks::with_current_runtime())
     }
 }
 
