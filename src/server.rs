@@ -62,10 +62,28 @@ pub async fn serve<T: Tailnet>(
     let permits = Arc::new(Semaphore::new(opts.max_sessions));
     let mut tasks = Sessions { tokio: JoinSet::new(), node: tailnet.session_tasks() };
     let (conn_tx, mut conns) = mpsc::channel(64);
+    // On a node that runs sessions itself, the accept loops run there too
+    // and start each session they can take a permit for, so a new
+    // connection never waits on a tokio worker; the rest (and every
+    // connection of a tailnet without) go through the loop below.
     let mut acceptors = JoinSet::new();
+    let node_acceptors = tailnet.session_tasks();
     for l in listeners {
         tracing::info!(port = l.port(), max_sessions = opts.max_sessions, "accepting on the tailnet");
-        acceptors.spawn(accept_loop(l, conn_tx.clone(), shared.clone()));
+        match (&node_acceptors, &tasks.node) {
+            (Some(on_node), Some(sessions)) => {
+                let direct = Direct {
+                    sessions: sessions.clone(),
+                    permits: permits.clone(),
+                    tailnet: tailnet.clone(),
+                    shared: shared.clone(),
+                };
+                on_node.spawn(accept_loop::<T>(l, conn_tx.clone(), shared.clone(), Some(direct)));
+            }
+            _ => {
+                acceptors.spawn(accept_loop::<T>(l, conn_tx.clone(), shared.clone(), None));
+            }
+        }
     }
     let mut service = None;
     if let Some(s) = opts.service {
@@ -141,6 +159,10 @@ pub async fn serve<T: Tailnet>(
     // Stop accepting at once: the listeners close, so new dials are refused.
     acceptors.abort_all();
     while acceptors.join_next().await.is_some() {}
+    if let Some(on_node) = &node_acceptors {
+        on_node.abort_all();
+        on_node.all_done().await;
+    }
     if let Some((name, task)) = service.take() {
         task.abort();
         let _ = task.await;
@@ -247,10 +269,33 @@ async fn leave_service<T: Tailnet>(tailnet: &T, shared: &Shared, name: &str) {
 }
 
 /// Accepts on one listener until it closes; never exits on a transient error.
-async fn accept_loop<L: Listener>(
-    listener: L,
-    out: mpsc::Sender<(Client<L::Conn>, std::net::SocketAddr, u16)>,
+/// What an accept loop on the node needs to start a session itself.
+struct Direct<T: Tailnet> {
+    sessions: crate::tailnet::NodeTasks,
+    permits: Arc<Semaphore>,
+    tailnet: Arc<T>,
     shared: Arc<Shared>,
+}
+
+impl<T: Tailnet> Direct<T> {
+    /// Starts the session on the node if a permit is free; otherwise
+    /// gives the connection back (for the serve loop's refusal).
+    fn start(&self, stream: T::Conn, addr: std::net::SocketAddr, port: u16) -> Option<T::Conn> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else { return Some(stream) };
+        let (tailnet, shared) = (self.tailnet.clone(), self.shared.clone());
+        self.sessions.spawn(async move {
+            session::run(Client::Tailnet(stream), addr, port, false, &*tailnet, &shared).await;
+            drop(permit);
+        });
+        None
+    }
+}
+
+async fn accept_loop<T: Tailnet>(
+    listener: T::Listener,
+    out: mpsc::Sender<(Client<T::Conn>, std::net::SocketAddr, u16)>,
+    shared: Arc<Shared>,
+    direct: Option<Direct<T>>,
 ) {
     let mut backoff = MIN_BACKOFF;
     let port = listener.port();
@@ -258,6 +303,13 @@ async fn accept_loop<L: Listener>(
         match listener.accept().await {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
+                let stream = match &direct {
+                    Some(d) => match d.start(stream, addr, port) {
+                        None => continue,
+                        Some(stream) => stream,
+                    },
+                    None => stream,
+                };
                 if out.send((Client::Tailnet(stream), addr, port)).await.is_err() {
                     return;
                 }

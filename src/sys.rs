@@ -7,7 +7,7 @@
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// The largest message a listener announces: an 8-byte connection id and
 /// "[v6 address]:port".
@@ -98,16 +98,6 @@ pub fn has_sa_onstack(signal: libc::c_int) -> io::Result<bool> {
         }
         Ok(action.sa_flags & libc::SA_ONSTACK != 0)
     }
-}
-
-/// Registers an owned descriptor with tokio's reactor (readable interest:
-/// both uses here only read), after making it non-blocking.
-pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    set_nonblocking(fd.as_fd())?;
-    // SAFETY: an OwnedFd is open for its whole lifetime and as_raw_fd always
-    // returns the same descriptor; the AsyncFd takes ownership of it.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
 }
 
 /// One end of an IP socket: its address (an IPv4-mapped IPv6 address

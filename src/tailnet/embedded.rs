@@ -8,7 +8,8 @@
 #![forbid(unsafe_code)]
 
 use super::conn::TailnetConn;
-use super::ffi::Handle;
+use super::ffi::{FdWatch, Handle};
+use super::wakers::Wakers;
 use super::{CertPair, NetmapEvent, NodeConfig, PeerIdentity, Status, Tailnet, TailnetError, TsnetLog};
 use crate::sys;
 use serde::Serialize;
@@ -16,7 +17,6 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::UnixStream;
 use zeroize::Zeroizing;
@@ -215,15 +215,25 @@ impl Tailnet for EmbeddedNode {
 const ANNOUNCE_LEN: usize = super::ffi::ANNOUNCE_LEN;
 
 /// Accepted tailnet connections, each with its peer's address.
+///
+/// The announcements' socket waits in the node's netpoller (a watched
+/// socket, like the database's): an accept loop polled on the node hears of
+/// a new connection from a goroutine, not through tokio's reactor.
 pub struct TailnetListener {
-    fd: AsyncFd<OwnedFd>,
+    // Declared (so dropped) before fd: the node's duplicate closes first,
+    // and closing fd then ends the listener.
+    watch: FdWatch<Wakers>,
+    wakers: Arc<Wakers>,
+    fd: OwnedFd,
     port: u16,
 }
 
 impl TailnetListener {
     fn new(fd: OwnedFd, port: u16) -> Result<Self, TailnetError> {
-        let fd = sys::async_fd(fd).map_err(TailnetError::Accept)?;
-        Ok(TailnetListener { fd, port })
+        sys::set_nonblocking(fd.as_fd()).map_err(TailnetError::Accept)?;
+        let wakers = Arc::new(Wakers::default());
+        let watch = FdWatch::new(fd.as_fd(), wakers.clone()).map_err(TailnetError::Accept)?;
+        Ok(TailnetListener { watch, wakers, fd, port })
     }
 }
 
@@ -240,15 +250,21 @@ impl super::Listener for TailnetListener {
     /// An error for one malformed announcement does not end the listener:
     /// call again. [`TailnetError::Closed`] means the node shut down.
     async fn accept(&self) -> Result<(TailnetConn, SocketAddr), TailnetError> {
-        loop {
-            let mut guard = self.fd.readable().await.map_err(TailnetError::Accept)?;
-            let msg = match guard.try_io(|fd| sys::recv_seqpacket(fd.get_ref().as_fd())) {
-                Ok(Ok(Some(msg))) => msg,
-                Ok(Ok(None)) => return Err(TailnetError::Closed),
-                Ok(Err(e)) => return Err(TailnetError::Accept(e)),
-                Err(_would_block) => continue,
-            };
-            return Self::connection(&msg);
+        let msg = std::future::poll_fn(|cx| {
+            self.wakers.read.poll(cx, || match sys::recv_seqpacket(self.fd.as_fd()) {
+                Ok(msg) => Ok(Some(msg)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.watch.wait(true, false)?;
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            })
+        })
+        .await
+        .map_err(TailnetError::Accept)?;
+        match msg {
+            Some(msg) => Self::connection(&msg),
+            None => Err(TailnetError::Closed),
         }
     }
 }

@@ -10,6 +10,7 @@ import "C"
 
 import (
 	"sync"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -20,25 +21,45 @@ import (
 // tsnet's own connections, instead of waking a thread of another runtime.
 // Nothing here looks at what the task does.
 
+// A task has a goroutine only while it is being polled: an idle session
+// (one waiting for its relay to end) holds none. A wake of an idle task
+// starts one; a wake while it is polled has it polled once more.
+const (
+	taskIdle     int32 = iota
+	taskPolling        // a goroutine polls it
+	taskNotified       // a goroutine polls it, and it was woken meanwhile
+)
+
 type task struct {
-	// wake holds one pending wake-up: a wake while the task is being
-	// polled makes the loop poll it once more, and any number of wakes
-	// before that are one.
-	wake chan struct{}
+	id    uint64
+	poll  C.tsffi_poll_fn
+	ctx   unsafe.Pointer
+	state atomic.Int32
 }
 
 var tasks sync.Map // id -> *task
 
 //export tsffi_task_start
 func tsffi_task_start(id C.ulonglong, poll C.tsffi_poll_fn, ctx unsafe.Pointer) {
-	t := &task{wake: make(chan struct{}, 1)}
-	tasks.Store(uint64(id), t)
-	go func() {
-		defer tasks.Delete(uint64(id))
-		for C.call_poll(poll, ctx) == 0 {
-			<-t.wake
+	t := &task{id: uint64(id), poll: poll, ctx: ctx}
+	t.state.Store(taskPolling)
+	tasks.Store(t.id, t)
+	go t.run()
+}
+
+// run polls the task until it is over or waits with no wake pending.
+func (t *task) run() {
+	for {
+		if C.call_poll(t.poll, t.ctx) != 0 {
+			tasks.Delete(t.id)
+			return
 		}
-	}()
+		if t.state.CompareAndSwap(taskPolling, taskIdle) {
+			return
+		}
+		// Woken while it was polled: poll again.
+		t.state.Store(taskPolling)
+	}
 }
 
 //export tsffi_task_wake
@@ -47,8 +68,20 @@ func tsffi_task_wake(id C.ulonglong) {
 	if !ok {
 		return // the task is over
 	}
-	select {
-	case v.(*task).wake <- struct{}{}:
-	default: // a wake-up is pending already
+	t := v.(*task)
+	for {
+		switch s := t.state.Load(); s {
+		case taskIdle:
+			if t.state.CompareAndSwap(taskIdle, taskPolling) {
+				go t.run()
+				return
+			}
+		case taskPolling:
+			if t.state.CompareAndSwap(taskPolling, taskNotified) {
+				return
+			}
+		default: // a wake is pending already
+			return
+		}
 	}
 }

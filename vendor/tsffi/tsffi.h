@@ -184,7 +184,8 @@ void tsffi_relay_kick(unsigned long long conn);
  * make one more poll), until it returns nonzero; then the task is over and
  * ctx is never used again. poll runs on one of the node's threads and may
  * call into tsffi (including tsffi_task_wake); it should not block for
- * long. id is the caller's, unique among running tasks. tsffi_task_wake
+ * long. Polls never overlap, and a task holds a goroutine only while it
+ * is polled. id is the caller's, unique among running tasks. tsffi_task_wake
  * may be called from any thread, at any time; an id with no running task
  * is ignored. */
 typedef int (*tsffi_poll_fn)(void *ctx);
