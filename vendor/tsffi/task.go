@@ -23,7 +23,14 @@ import (
 
 // A task has a goroutine only while it is being polled: an idle session
 // (one waiting for its relay to end) holds none. A wake of an idle task
-// starts one; a wake while it is polled has it polled once more.
+// hands it to a poller; a wake while it is polled has it polled once more.
+//
+// Pollers are goroutines kept for reuse rather than one started per wake:
+// a poll calls back into Go (the netstack, WhoIs) on the poller's stack,
+// which grows to tens of kilobytes, and a new goroutine starts small and
+// copies its stack as it grows, several times per poll. A poller waits for
+// work on taskRunq; when none is waiting, a new one is started, so there
+// are as many as polls ever ran at once, not one per session.
 const (
 	taskIdle     int32 = iota
 	taskPolling        // a goroutine polls it
@@ -44,7 +51,26 @@ func tsffi_task_start(id C.ulonglong, poll C.tsffi_poll_fn, ctx unsafe.Pointer) 
 	t := &task{id: uint64(id), poll: poll, ctx: ctx}
 	t.state.Store(taskPolling)
 	tasks.Store(t.id, t)
-	go t.run()
+	schedule(t)
+}
+
+// taskRunq hands a task to a poller waiting for one (unbuffered: a send
+// succeeds only if one waits).
+var taskRunq = make(chan *task)
+
+func schedule(t *task) {
+	select {
+	case taskRunq <- t:
+	default:
+		go poller(t)
+	}
+}
+
+func poller(t *task) {
+	for {
+		t.run()
+		t = <-taskRunq
+	}
 }
 
 // run polls the task until it is over or waits with no wake pending.
@@ -73,7 +99,7 @@ func tsffi_task_wake(id C.ulonglong) {
 		switch s := t.state.Load(); s {
 		case taskIdle:
 			if t.state.CompareAndSwap(taskIdle, taskPolling) {
-				go t.run()
+				schedule(t)
 				return
 			}
 		case taskPolling:
