@@ -29,8 +29,10 @@ import (
 // a poll calls back into Go (the netstack, WhoIs) on the poller's stack,
 // which grows to tens of kilobytes, and a new goroutine starts small and
 // copies its stack as it grows, several times per poll. A poller waits for
-// work on taskRunq; when none is waiting, a new one is started, so there
-// are as many as polls ever ran at once, not one per session.
+// work on taskRunq; when none is waiting, a new one is started. At most
+// maxIdlePollers wait at a time, the rest end: a burst of connections can
+// make hundreds at once, and kept, their stacks would stay with the idle
+// sessions (about 9 kB each in a 1000-session burst).
 const (
 	taskIdle     int32 = iota
 	taskPolling        // a goroutine polls it
@@ -66,10 +68,19 @@ func schedule(t *task) {
 	}
 }
 
+const maxIdlePollers = 16
+
+var idlePollers atomic.Int32
+
 func poller(t *task) {
 	for {
 		t.run()
+		if idlePollers.Add(1) > maxIdlePollers {
+			idlePollers.Add(-1)
+			return
+		}
 		t = <-taskRunq
+		idlePollers.Add(-1)
 	}
 }
 
