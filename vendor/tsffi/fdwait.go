@@ -45,11 +45,11 @@ var (
 
 //export tsffi_fd_watch
 func tsffi_fd_watch(fd C.int, wake C.tsffi_wake_fn, ctx unsafe.Pointer, outID *C.ulonglong) C.int {
-	dup, err := syscall.Dup(int(fd))
+	// Close-on-exec from the start (no window in which a fork inherits it).
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		return -C.int(errnoOf(err))
 	}
-	syscall.CloseOnExec(dup)
 	f := os.NewFile(uintptr(dup), "watched")
 	c, err := net.FileConn(f) // another duplicate; f's is closed next
 	f.Close()
