@@ -114,10 +114,7 @@ pub async fn serve<T: Tailnet>(
                         let via_service = matches!(stream, Client::Service(_));
                         // A Service connection is a host socket, served by
                         // tokio's reactor: its session stays on tokio.
-                        tasks.spawn(!via_service, async move {
-                            session::run(stream, addr, port, via_service, &*tailnet, &shared).await;
-                            drop(permit);
-                        });
+                        tasks.spawn(!via_service, holding(permit, stream, addr, port, tailnet, shared));
                     }
                     Err(_) => {
                         // Counted every time; recorded once a second per
@@ -269,6 +266,20 @@ async fn leave_service<T: Tailnet>(tailnet: &T, shared: &Shared, name: &str) {
 }
 
 /// Accepts on one listener until it closes; never exits on a transient error.
+/// One session, holding its `--max-sessions` permit to the end.
+async fn holding<T: Tailnet>(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    stream: Client<T::Conn>,
+    addr: std::net::SocketAddr,
+    port: u16,
+    tailnet: Arc<T>,
+    shared: Arc<Shared>,
+) {
+    let via_service = matches!(stream, Client::Service(_));
+    session::run(stream, addr, port, via_service, &*tailnet, &shared).await;
+    drop(permit);
+}
+
 /// What an accept loop on the node needs to start a session itself.
 struct Direct<T: Tailnet> {
     sessions: crate::tailnet::NodeTasks,
@@ -283,10 +294,7 @@ impl<T: Tailnet> Direct<T> {
     fn start(&self, stream: T::Conn, addr: std::net::SocketAddr, port: u16) -> Option<T::Conn> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else { return Some(stream) };
         let (tailnet, shared) = (self.tailnet.clone(), self.shared.clone());
-        self.sessions.spawn(async move {
-            session::run(Client::Tailnet(stream), addr, port, false, &*tailnet, &shared).await;
-            drop(permit);
-        });
+        self.sessions.spawn(holding(permit, Client::Tailnet(stream), addr, port, tailnet, shared));
         None
     }
 }
