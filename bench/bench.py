@@ -527,6 +527,68 @@ def soak(world, lab):
     }
 
 
+# ---------------------------------------------------------------- A/B
+
+def snmp_counters():
+    """This network namespace's IP-level counters (/proc/net/snmp), as
+    {"Udp.OutDatagrams": n, ...}: every packet of the benchmark is here."""
+    lines = open("/proc/net/snmp").read().splitlines()
+    out = {}
+    for head, vals in zip(lines[::2], lines[1::2]):
+        proto = head.split(":")[0]
+        for k, v in zip(head.split()[1:], vals.split()[1:]):
+            out[f"{proto}.{k}"] = int(v)
+    return out
+
+
+def data_ab(world, lab):
+    """--ab: select-only through each tailgres build given and the other
+    systems, alternating within each round (the machine drifts between
+    sittings), then the medians side by side. With --idle N, each system
+    first holds and closes N idle sessions, as in the full run. Also counts the namespace's
+    WireGuard datagrams per transaction: a relay that splits what it writes
+    shows up there before it shows up in tps."""
+    a = world.args
+    variants = [("tailgres:" + Path(b).name, "tailgres", Path(b)) for b in a.ab.split(",") if b]
+    variants += [(s, s, None) for s in a.systems if not s.startswith("tailgres")]
+    default_bin = world.bins["tailgres"]
+    rows = {}
+    for rnd in range(1, a.runs + 1):
+        for i, (label, name, binary) in enumerate(variants):
+            world.bins["tailgres"] = binary or default_bin
+            sys_ = TailnetSystem(lab, name, f"{rnd}{chr(ord('a') + i)}")
+            try:
+                pids = {"proxy": sys_.proc.pid}
+                warm_up(world, sys_)
+                if a.idle > 0:
+                    # As the full run does before select-only: opened, held, closed.
+                    idle_sessions(world, sys_, sys_.proc.pid, f"{label}-r{rnd}-idle")
+                for c in a.clients:
+                    before = snmp_counters()
+                    res = again_on_failure(sys_, lambda: select_only(world, sys_, c, a.duration, pids))
+                    after = snmp_counters()
+                    if res.get("failed"):
+                        log(f"{label} r{rnd} c{c}: failed: {res.get('error') or res.get('stderr', '')[-300:]}")
+                        continue
+                    n = res["transactions"]
+                    res["udp_per_txn"] = (after["Udp.OutDatagrams"] - before["Udp.OutDatagrams"]) / n
+                    rows.setdefault((label, c), []).append(res)
+                    log(f"{label:24s} r{rnd} c{c:<3d} tps {res['tps']:9.1f}  lat {res['lat_avg_ms']:.3f} ms"
+                        f"  p99 {res['lat_p99_ms']:.3f} ms  cpu/txn {res['proxy_cpu_us_per_txn']:6.1f} µs"
+                        f"  cs/txn {res['proxy_ctxsw_per_txn']:5.2f}  udp/txn {res['udp_per_txn']:.2f}")
+            finally:
+                sys_.stop()
+        variants = variants[1:] + variants[:1]  # rotate: nobody always goes first
+    world.bins["tailgres"] = default_bin
+    print(f"\nmedians of {a.runs} round(s), select-only, {a.duration} s each:")
+    print(f"  {'system':24s} {'clients':>7s} {'tps':>9s} {'lat ms':>7s} {'p99 ms':>7s} {'cpu/txn µs':>10s}"
+          f" {'cs/txn':>6s} {'udp/txn':>7s}")
+    for (label, c), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        med = lambda k: statistics.median(r[k] for r in rs)
+        print(f"  {label:24s} {c:7d} {med('tps'):9.1f} {med('lat_avg_ms'):7.3f} {med('lat_p99_ms'):7.3f}"
+              f" {med('proxy_cpu_us_per_txn'):10.1f} {med('proxy_ctxsw_per_txn'):6.2f} {med('udp_per_txn'):7.2f}")
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args():
@@ -552,6 +614,10 @@ def parse_args():
     ap.add_argument("--gc-wait", type=float, default=130)
     ap.add_argument("--tailgres-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for tailgres, e.g. GOMAXPROCS=1 (experiments; repeatable)")
+    ap.add_argument("--ab", metavar="BIN[,BIN...]",
+                    help="data-phase A/B instead of the full run: select-only at --clients through each of "
+                         "these tailgres builds and the other --systems (default pgproxy), alternating, "
+                         "--runs rounds on one lab")
     ap.add_argument("--perf", action="store_true",
                     help="profile each measurement with perf (bench/results/perf-<timestamp>/)")
     ap.add_argument("--soak-sessions", type=int, default=100_000)
@@ -567,8 +633,10 @@ def parse_args():
     a.duration = a.duration or (3 if q else 15)
     a.scale = a.scale or 10
     a.copy_mb = a.copy_mb or (50 if q else 512)
-    a.idle = a.idle if a.idle is not None else (100 if q else 1000)
+    a.idle = a.idle if a.idle is not None else (100 if q else 0 if a.ab else 1000)
     a.clients = [int(c) for c in (a.clients or "1,8,32").split(",")]
+    if a.ab and a.systems == ",".join(SYSTEMS):
+        a.systems = "pgproxy"
     a.systems = [s for s in a.systems.split(",") if s]
     if q:
         a.settle = min(a.settle, 3.0)
@@ -598,7 +666,10 @@ def main():
     try:
         lab = Lab(world)
         meta["postgres_settings"] = lab.pg_settings
-        lab.prepare_data(bulk=not a.soak)
+        lab.prepare_data(bulk=not (a.soak or a.ab))
+        if a.ab:
+            data_ab(world, lab)
+            return
         if a.soak:
             meta["soak"] = soak(world, lab)
             report_soak(meta, a)
