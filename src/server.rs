@@ -265,7 +265,6 @@ async fn leave_service<T: Tailnet>(tailnet: &T, shared: &Shared, name: &str) {
     }
 }
 
-/// Accepts on one listener until it closes; never exits on a transient error.
 /// One session, holding its `--max-sessions` permit to the end.
 async fn holding<T: Tailnet>(
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -299,6 +298,7 @@ impl<T: Tailnet> Direct<T> {
     }
 }
 
+/// Accepts on one listener until it closes; never exits on a transient error.
 async fn accept_loop<T: Tailnet>(
     listener: T::Listener,
     out: mpsc::Sender<(Client<T::Conn>, std::net::SocketAddr, u16)>,
