@@ -147,11 +147,8 @@ func tsffi_relay_start(id C.ulonglong, fd C.int, ops *C.tsffi_relay_ops, ctx uns
 		c.Close()
 		return -C.int(err.(syscall.Errno))
 	}
-	r := &relay{
-		id: uint64(id), tc: tc, up: up, raw: raw,
-		ops: cptr(unsafe.Pointer(ops)), ctx: cptr(ctx), grace: time.Duration(graceMS) * time.Millisecond,
-		stopped: make(chan struct{}), graceOver: make(chan struct{}),
-	}
+	r := newRelay(uint64(id), ops, ctx, graceMS)
+	r.tc, r.up, r.raw = tc, up, raw
 	r.readers.Store(2)
 	relays.Store(uint64(id), r)
 	r.startClient()
@@ -160,6 +157,15 @@ func tsffi_relay_start(id C.ulonglong, fd C.int, ops *C.tsffi_relay_ops, ctx uns
 }
 
 func cptr(p unsafe.Pointer) C.uintptr_t { return C.uintptr_t(uintptr(p)) }
+
+// newRelay is what both starts share: the engine, the grace, the wind-down.
+func newRelay(id uint64, ops *C.tsffi_relay_ops, ctx unsafe.Pointer, graceMS C.uint) *relay {
+	return &relay{
+		id: id, ops: cptr(unsafe.Pointer(ops)), ctx: cptr(ctx),
+		grace:   time.Duration(graceMS) * time.Millisecond,
+		stopped: make(chan struct{}), graceOver: make(chan struct{}),
+	}
+}
 
 // tcpOf adopts a socket descriptor (a dup is kept; fd is closed).
 func tcpOf(fd C.int) (*net.TCPConn, syscall.RawConn, syscall.Errno) {
@@ -199,11 +205,8 @@ func tsffi_relay_start_sockets(clientFD, upstreamFD C.int, ops *C.tsffi_relay_op
 		return -C.int(e2)
 	}
 	id := nextConnID.Add(1)
-	r := &relay{
-		id: id, up: up, raw: raw, cl: cl, clRaw: clRaw,
-		ops: cptr(unsafe.Pointer(ops)), ctx: cptr(ctx), grace: time.Duration(graceMS) * time.Millisecond,
-		stopped: make(chan struct{}), graceOver: make(chan struct{}),
-	}
+	r := newRelay(id, ops, ctx, graceMS)
+	r.up, r.raw, r.cl, r.clRaw = up, raw, cl, clRaw
 	// Not the netstack's idle/reading dance: a reader goroutine per side.
 	r.client.Store(clientReading)
 	r.readers.Store(2)
