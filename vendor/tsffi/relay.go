@@ -290,7 +290,7 @@ func (r *relay) startClient() {
 	r.clientEntry = waiter.NewFunctionEntry(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr,
 		func(waiter.EventMask) {
 			if r.client.CompareAndSwap(clientIdle, clientReading) {
-				go r.readClient()
+				goRun(r)
 			}
 		})
 	r.client.Store(clientReading)
@@ -300,9 +300,13 @@ func (r *relay) startClient() {
 			r.clientOver()
 			return
 		}
-		r.readClient()
+		worker(r)
 	}()
 }
+
+// run is a wake's work on the client side (goRun): read until the
+// netstack has nothing more.
+func (r *relay) run() { r.readClient() }
 
 // readClient reads the tailnet connection straight from the netstack until
 // it has nothing more (or the side is done).

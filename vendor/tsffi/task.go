@@ -23,16 +23,8 @@ import (
 
 // A task has a goroutine only while it is being polled: an idle session
 // (one waiting for its relay to end) holds none. A wake of an idle task
-// hands it to a poller; a wake while it is polled has it polled once more.
-//
-// Pollers are goroutines kept for reuse rather than one started per wake:
-// a poll calls back into Go (the netstack, WhoIs) on the poller's stack,
-// which grows to tens of kilobytes, and a new goroutine starts small and
-// copies its stack as it grows, several times per poll. A poller waits for
-// work on taskRunq; when none is waiting, a new one is started. At most
-// maxIdlePollers wait at a time, the rest end: a burst of connections can
-// make hundreds at once, and kept, their stacks would stay with the idle
-// sessions (about 9 kB each in a 1000-session burst).
+// hands it to a kept goroutine (goRun, pool.go); a wake while it is polled
+// has it polled once more.
 const (
 	taskIdle     int32 = iota
 	taskPolling        // a goroutine polls it
@@ -53,35 +45,7 @@ func tsffi_task_start(id C.ulonglong, poll C.tsffi_poll_fn, ctx unsafe.Pointer) 
 	t := &task{id: uint64(id), poll: poll, ctx: ctx}
 	t.state.Store(taskPolling)
 	tasks.Store(t.id, t)
-	schedule(t)
-}
-
-// taskRunq hands a task to a poller waiting for one (unbuffered: a send
-// succeeds only if one waits).
-var taskRunq = make(chan *task)
-
-func schedule(t *task) {
-	select {
-	case taskRunq <- t:
-	default:
-		go poller(t)
-	}
-}
-
-const maxIdlePollers = 16
-
-var idlePollers atomic.Int32
-
-func poller(t *task) {
-	for {
-		t.run()
-		if idlePollers.Add(1) > maxIdlePollers {
-			idlePollers.Add(-1)
-			return
-		}
-		t = <-taskRunq
-		idlePollers.Add(-1)
-	}
+	goRun(t)
 }
 
 // run polls the task until it is over or waits with no wake pending.
@@ -110,7 +74,7 @@ func tsffi_task_wake(id C.ulonglong) {
 		switch s := t.state.Load(); s {
 		case taskIdle:
 			if t.state.CompareAndSwap(taskIdle, taskPolling) {
-				schedule(t)
+				goRun(t)
 				return
 			}
 		case taskPolling:
