@@ -565,7 +565,8 @@ def data_ab(world, lab):
                     idle_sessions(world, sys_, sys_.proc.pid, f"{label}-r{rnd}-idle")
                 for c in a.clients:
                     before = snmp_counters()
-                    res = again_on_failure(sys_, lambda: select_only(world, sys_, c, a.duration, pids))
+                    with Perf(world, f"{label.replace(':', '-')}-r{rnd}-select_c{c}", pids):
+                        res = again_on_failure(sys_, lambda: select_only(world, sys_, c, a.duration, pids))
                     after = snmp_counters()
                     if res.get("failed"):
                         log(f"{label} r{rnd} c{c}: failed: {res.get('error') or res.get('stderr', '')[-300:]}")
@@ -617,7 +618,7 @@ def parse_args():
     ap.add_argument("--ab", metavar="BIN[,BIN...]",
                     help="data-phase A/B instead of the full run: select-only at --clients through each of "
                          "these tailgres builds and the other --systems (default pgproxy), alternating, "
-                         "--runs rounds on one lab")
+                         "--runs rounds on one lab (with --perf, each measurement profiled)")
     ap.add_argument("--perf", action="store_true",
                     help="profile each measurement with perf (bench/results/perf-<timestamp>/)")
     ap.add_argument("--soak-sessions", type=int, default=100_000)
