@@ -4,8 +4,8 @@ by component, from a `bench/run --perf` directory and its results JSON.
 perfsum.py gives shares of one process's samples; two shares do not compare
 when the totals differ, so this counts samples instead (one sample is
 1/499 s of CPU, as bench.py records) and divides by the work the
-measurement did: transactions for select-only, GB relayed (both
-directions) for COPY.
+measurement did: transactions for select-only, connections for the
+new-connection runs, GB relayed (both directions) for COPY.
 
     bench/perfcmp.py PERF_DIR RESULTS.json [ROUND] [--symbols COMPONENT] [--top N]
 
@@ -56,6 +56,8 @@ def work(res, measurement):
     r = res.get(measurement) or {}
     if measurement.startswith("select"):
         return r.get("transactions"), "µs per transaction", 1e6
+    if measurement.startswith("connect") and r.get("connections"):
+        return r["connections"], "µs per connection", 1e6
     if measurement == "copy" and r.get("copy_bytes_each_way"):
         return 2 * r["copy_bytes_each_way"] / 1e9, "ms per GB", 1e3
     return None, None, None
@@ -72,7 +74,7 @@ def main():
     pdir, results = Path(a.perf_dir), json.loads(Path(a.results).read_text())["results"]
     rnd = a.round
     systems = [s for s in ("floor", "tailgres", "pgproxy") if s in results]
-    for measurement in ("select_c1", "select_c8", "select_c32", "copy"):
+    for measurement in ("select_c1", "select_c8", "select_c32", "connect_scram", "connect_trust", "copy"):
         cols, syms, unit = {}, {}, None
         for s in systems:
             res = next((r for r in results[s] if r.get("round") == rnd), None)
